@@ -1,0 +1,298 @@
+"""Load and validate config.toml.
+
+How it works: the file is parsed with tomllib (tomli before 3.11) and checked against SCHEMA, a
+declarative table of sections -> keys -> Field(type, default, check, doc). Every problem is collected
+(unknown section or key, wrong type, impossible value) and raised together as one ConfigError, whose
+message names the file, the dotted key and what was expected. The CLI prints it without a traceback
+and exits with EXIT_CONFIG (2). The result is a frozen, plain `Config` object: the rest of the
+supervisor never touches raw TOML.
+
+Relative paths are resolved against the directory of the config file, so a config copied together
+with its data keeps working; `~` is expanded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(Exception):
+    """One or more problems with the configuration; str() is the full user-facing message."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        super().__init__(
+            f"configuration error in {self.path}:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+@dataclass(frozen=True)
+class Field:
+    type: type | tuple[type, ...]
+    default: Any
+    check: Callable[[Any], str | None] | None = None  # returns an expectation message when invalid
+    doc: str = ""
+
+
+def _positive(v):
+    return None if v > 0 else "a number > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "a number >= 0"
+
+
+def _unit_interval(v):
+    return None if 0 < v <= 1 else "a number in (0, 1]"
+
+
+def _unit_interval_or_zero(v):
+    return None if 0 <= v <= 1 else "a number in [0, 1]"
+
+
+def _argv(v):
+    if not v or not all(isinstance(x, str) and x for x in v):
+        return "a non-empty list of non-empty strings (an argv, not a shell string)"
+    return None
+
+
+def _str_list(v):
+    return None if all(isinstance(x, str) for x in v) else "a list of strings"
+
+
+def _fold(v):
+    if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        return None
+    return 'an integer >= 0 or "all"'
+
+
+def _device(v):
+    return None if v in ("cuda", "cpu", "mps") else 'one of "cuda", "cpu", "mps"'
+
+
+def _level(v):
+    return None if v.lower() in ("debug", "info", "warning", "error") else (
+        'one of "debug", "info", "warning", "error"')
+
+
+def _nonempty(v):
+    return None if v.strip() else "a non-empty string"
+
+
+_NONE = None  # a key whose default is "unset"; TOML has no null, so it is simply left out
+
+SCHEMA: dict[str, dict[str, Field]] = {
+    "training": {
+        "command": Field(list, ["nnUNetv2_train"], _argv,
+                         "argv prefix of the training program"),
+        "dataset": Field((str, int), _NONE, None, "dataset name or id, e.g. Dataset001_CardiacSeg"),
+        "configuration": Field(str, "3d_fullres", _nonempty, "nnU-Net configuration"),
+        "fold": Field((int, str), 0, _fold, "fold 0-4 or \"all\""),
+        "trainer": Field(str, "nnUNetTrainer", _nonempty, "trainer class (-tr)"),
+        "plans": Field(str, "nnUNetPlans", _nonempty, "plans identifier (-p)"),
+        "device": Field(str, "cuda", _device, "-device"),
+        "num_gpus": Field(int, 1, lambda v: None if v >= 1 else "an integer >= 1", "-num_gpus"),
+        "extra_args": Field(list, [], _str_list, "appended after the generated arguments"),
+        "expected_epochs": Field(int, 1000, _positive, "the trainer's num_epochs (for ETA only)"),
+    },
+    "paths": {
+        "raw": Field(str, _NONE, None, "nnUNet_raw"),
+        "preprocessed": Field(str, _NONE, None, "nnUNet_preprocessed"),
+        "results": Field(str, _NONE, None, "nnUNet_results"),
+        "state_dir": Field(str, _NONE, None, "supervisor state, per-attempt logs"),
+    },
+    "restart": {
+        "backoff_seconds": Field((int, float), 30, _non_negative, "first restart delay"),
+        "backoff_max_seconds": Field((int, float), 600, _non_negative, "delay cap"),
+        "max_restarts": Field(int, 10, _non_negative, "restarts allowed within the window"),
+        "window_minutes": Field((int, float), 360, _positive, "intensity window"),
+    },
+    "target": {
+        "ema_dice": Field((int, float), _NONE, _unit_interval, "EMA pseudo Dice to stop at"),
+        "min_class_dice": Field((int, float), _NONE, _unit_interval_or_zero,
+                                "every foreground class must reach this too"),
+    },
+    "stop": {
+        "timeout_seconds": Field((int, float), 120, _positive, "SIGINT -> SIGKILL escalation"),
+        "checkpoint_wait_seconds": Field((int, float), 300, _non_negative,
+                                         "longest wait for a checkpoint write before SIGINT"),
+    },
+    "logging": {
+        "level": Field(str, "info", _level, "log level"),
+    },
+}
+# [environment] is free-form: NAME = "value", passed verbatim to the trainer.
+FREE_FORM_SECTIONS = {"environment"}
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    # [training]
+    command: tuple[str, ...]
+    dataset: str
+    configuration: str
+    fold: int | str
+    trainer: str
+    plans: str
+    device: str
+    num_gpus: int
+    extra_args: tuple[str, ...]
+    expected_epochs: int
+    # [paths]
+    raw: Path | None
+    preprocessed: Path
+    results: Path
+    state_dir: Path
+    # [environment]
+    environment: dict[str, str] = field(default_factory=dict)
+    # [restart]
+    backoff_seconds: float = 30
+    backoff_max_seconds: float = 600
+    max_restarts: int = 10
+    window_minutes: float = 360
+    # [target]
+    ema_dice: float | None = None
+    min_class_dice: float | None = None
+    # [stop]
+    timeout_seconds: float = 120
+    checkpoint_wait_seconds: float = 300
+    # [logging]
+    level: str = "info"
+
+    def replace(self, **kw) -> "Config":
+        return dataclasses.replace(self, **kw)
+
+
+def _type_name(t) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", list: "a list", bool: "true/false"}
+    ts = t if isinstance(t, tuple) else (t,)
+    if set(ts) == {int, float}:
+        return "a number"
+    return " or ".join(names.get(x, x.__name__) for x in ts)
+
+
+def _type_ok(value, t) -> bool:
+    ts = t if isinstance(t, tuple) else (t,)
+    if isinstance(value, bool) and bool not in ts:  # TOML true is not the integer 1
+        return False
+    return isinstance(value, ts)
+
+
+def parse(raw: dict, path: Path, env: dict[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for section, body in raw.items():
+        if section in FREE_FORM_SECTIONS:
+            if not isinstance(body, dict):
+                problems.append(f"[{section}]: expected a table of NAME = \"value\"")
+                continue
+            for k, v in body.items():
+                if not isinstance(v, str):
+                    problems.append(f"environment.{k}: expected a string, got {v!r}")
+            continue
+        if section not in SCHEMA:
+            known = ", ".join(f"[{s}]" for s in [*SCHEMA, *FREE_FORM_SECTIONS])
+            problems.append(f"[{section}]: unknown section (known: {known})")
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"{section}: expected a table [{section}]")
+            continue
+        for key, value in body.items():
+            fld = SCHEMA[section].get(key)
+            if fld is None:
+                problems.append(f"{section}.{key}: unknown key (known: {', '.join(SCHEMA[section])})")
+                continue
+            if not _type_ok(value, fld.type):
+                problems.append(f"{section}.{key}: expected {_type_name(fld.type)}, got {value!r}")
+                continue
+            if fld.check and (why := fld.check(value)):
+                problems.append(f"{section}.{key}: expected {why}, got {value!r}")
+                continue
+            values[f"{section}.{key}"] = value
+
+    def get(dotted):
+        s, k = dotted.split(".")
+        return values.get(dotted, SCHEMA[s][k].default)
+
+    base = path.parent
+
+    def resolve(p: str | None) -> Path | None:
+        if p is None:
+            return None
+        q = Path(os.path.expanduser(p))
+        return q if q.is_absolute() else (base / q)
+
+    if get("training.dataset") is None:
+        problems.append("training.dataset: required, e.g. dataset = \"Dataset001_CardiacSeg\"")
+    paths = {}
+    for key, envname in (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed"),
+                         ("results", "nnUNet_results")):
+        p = get(f"paths.{key}") or env.get(envname)
+        if p is None and key != "raw":
+            problems.append(f"paths.{key}: required (or set {envname} in the environment)")
+        paths[key] = resolve(p)
+    state_dir = get("paths.state_dir") or env.get("STATE_DIRECTORY", "").split(":")[0] or "state"
+    bo, bmax = get("restart.backoff_seconds"), get("restart.backoff_max_seconds")
+    if bmax < bo:
+        problems.append(f"restart.backoff_max_seconds: expected >= restart.backoff_seconds ({bo}), got {bmax}")
+    if problems:
+        raise ConfigError(path, problems)
+    dataset = get("training.dataset")
+    return Config(
+        path=path,
+        command=tuple(get("training.command")),
+        dataset=str(dataset),
+        configuration=get("training.configuration"),
+        fold=get("training.fold"),
+        trainer=get("training.trainer"),
+        plans=get("training.plans"),
+        device=get("training.device"),
+        num_gpus=get("training.num_gpus"),
+        extra_args=tuple(get("training.extra_args")),
+        expected_epochs=get("training.expected_epochs"),
+        raw=paths["raw"],
+        preprocessed=paths["preprocessed"],
+        results=paths["results"],
+        state_dir=resolve(state_dir),
+        environment=dict(raw.get("environment", {})),
+        backoff_seconds=float(bo),
+        backoff_max_seconds=float(bmax),
+        max_restarts=get("restart.max_restarts"),
+        window_minutes=float(get("restart.window_minutes")),
+        ema_dice=get("target.ema_dice"),
+        min_class_dice=get("target.min_class_dice"),
+        timeout_seconds=float(get("stop.timeout_seconds")),
+        checkpoint_wait_seconds=float(get("stop.checkpoint_wait_seconds")),
+        level=get("logging.level").lower(),
+    )
+
+
+def load(path: str | Path, env: dict[str, str] | None = None) -> Config:
+    """Read and validate `path`. Raises ConfigError (never OSError/TOMLDecodeError)."""
+    path = Path(path).absolute()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found"]) from None
+    except OSError as e:
+        raise ConfigError(path, [f"cannot read: {e.strerror}"]) from None
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(path, ["not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, [f"not valid TOML: {e}"]) from None
+    return parse(raw, path, env)

@@ -1,0 +1,91 @@
+"""The training job as nnU-Net sees it: dataset name, fold folder, checkpoints, argv and environment.
+
+How it works: pure functions over the Config plus small, read-only filesystem lookups. The fold folder
+is `$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>/fold_<f>` (nnunetv2's
+get_output_folder); `--c` loads checkpoint_final, else checkpoint_latest, else checkpoint_best
+(nnunetv2/run/run_training.py: maybe_load_checkpoint), so `resume_checkpoint` mirrors that order.
+No nnunetv2 import here: the supervisor stays small and starts in milliseconds.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .config import Config
+
+CHECKPOINT_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+# Variables that belong to the supervisor's own service manager, never to the trainer.
+PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+               "LISTEN_FDNAMES")
+
+
+def dataset_name(cfg: Config) -> str:
+    """Dataset001_CardiacSeg stays; "1" or "001" is looked up like nnU-Net does (by DatasetXXX_ prefix)."""
+    ds = cfg.dataset
+    if not re.fullmatch(r"\d+", ds):
+        return ds
+    prefix = f"Dataset{int(ds):03d}_"
+    for base in (cfg.preprocessed, cfg.raw, cfg.results):
+        if base is None:
+            continue
+        try:
+            hits = sorted(p.name for p in Path(base).iterdir() if p.name.startswith(prefix))
+        except OSError:
+            continue
+        if hits:
+            return hits[0]
+    return f"Dataset{int(ds):03d}"  # unresolved; `check` reports it
+
+
+def fold_dir(cfg: Config) -> Path:
+    return (cfg.results / dataset_name(cfg) / f"{cfg.trainer}__{cfg.plans}__{cfg.configuration}"
+            / f"fold_{cfg.fold}")
+
+
+def plans_file(cfg: Config) -> Path:
+    return cfg.preprocessed / dataset_name(cfg) / f"{cfg.plans}.json"
+
+
+def existing_checkpoints(cfg: Config) -> list[Path]:
+    d = fold_dir(cfg)
+    return [d / n for n in CHECKPOINT_ORDER if (d / n).is_file()]
+
+
+def resume_checkpoint(cfg: Config) -> Path | None:
+    """The file `--c` would load, or None (then nnU-Net starts at epoch 0)."""
+    found = existing_checkpoints(cfg)
+    return found[0] if found else None
+
+
+def build_argv(cfg: Config, resume: bool) -> list[str]:
+    argv = [*cfg.command, dataset_name(cfg), cfg.configuration, str(cfg.fold),
+            "-tr", cfg.trainer, "-p", cfg.plans, "-device", cfg.device]
+    if cfg.num_gpus > 1:
+        argv += ["-num_gpus", str(cfg.num_gpus)]
+    if resume:
+        argv.append("--c")
+    argv += list(cfg.extra_args)
+    return argv
+
+
+def build_env(cfg: Config, base: dict[str, str] | None = None, overrides: dict[str, str] | None = None
+              ) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    for k in PRIVATE_ENV:
+        env.pop(k, None)
+    if cfg.raw is not None:
+        env["nnUNet_raw"] = str(cfg.raw)
+    env["nnUNet_preprocessed"] = str(cfg.preprocessed)
+    env["nnUNet_results"] = str(cfg.results)
+    env.update(cfg.environment)
+    env.update(overrides or {})
+    env.setdefault("PYTHONUNBUFFERED", "1")  # so progress lines reach us as they are printed
+    return env
+
+
+def job_identity(cfg: Config) -> dict:
+    """What makes a state.json belong to this job (a different one is moved aside, not reused)."""
+    return {"dataset": dataset_name(cfg), "configuration": cfg.configuration, "fold": cfg.fold,
+            "trainer": cfg.trainer, "plans": cfg.plans, "results": str(cfg.results)}

@@ -1,0 +1,287 @@
+"""The supervisor's decisions, as a pure function: decide(sup, event, now, cfg) -> (sup', actions).
+
+Nothing here does I/O, reads the clock or sleeps (the model is h11's _state.py). `daemon.py` turns what
+happened into Events, calls `decide`, and carries out the returned Actions. Every deadline (backoff,
+SIGKILL escalation, the wait for a checkpoint write) is a timestamp kept in `Sup` and checked when a
+`Tick` arrives, so the loop never sleeps on a decision and a supervisor restarted from state.json
+continues where it was.
+
+Restart budget: OTP-style intensity. At most `max_restarts` restarts within `window_minutes`; the
+restart that would exceed it makes the supervisor give up (exit 3). Backoff doubles per consecutive
+failure from `backoff_seconds` up to `backoff_max_seconds`; an attempt that finished at least one
+epoch resets the doubling, because it proved the set-up works.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import signal
+from dataclasses import dataclass, field
+
+from .classify import RESTARTABLE, Exit, Reason, classify
+from .config import Config
+from .logparse import EpochRecord
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_CONFIG = 2
+EXIT_GAVE_UP = 3
+EXIT_LOCKED = 4
+
+
+class State(str, enum.Enum):
+    """Where the supervised job stands.
+
+    Lifecycle::
+
+        IDLE --Start--> RUNNING --EpochDone(target met)--> STOP_PENDING --SafePoint/timeout--> STOPPING
+        RUNNING/STOP_PENDING --StopRequested--> STOPPING          (SIGINT to the process group)
+        STOPPING --Tick past stop deadline--> STOPPING (SIGKILL sent)
+        RUNNING/STOPPING --ChildExited--> DONE      (completed, target_reached, stopped)
+                                      --> BACKOFF   (crash, cuda_oom, host_oom, ... within budget)
+                                      --> FAILED    (config_error, budget exhausted)
+        BACKOFF --Tick past restart_at--> RUNNING   (spawned again with --c)
+        BACKOFF --StopRequested--> DONE
+
+    STOP_PENDING exists because SIGINT saves nothing in nnU-Net: after the epoch that meets the target,
+    the trainer may still be writing checkpoint_best.pth. The next "Epoch N" or "Training done." log
+    line (written after the saves) is the safe point to interrupt it.
+    """
+
+    IDLE = "idle"
+    RUNNING = "running"
+    STOP_PENDING = "stop_pending"
+    STOPPING = "stopping"
+    BACKOFF = "backoff"
+    DONE = "done"
+    FAILED = "failed"
+
+
+TERMINAL = frozenset({State.DONE, State.FAILED})
+
+
+@dataclass(frozen=True)
+class Sup:
+    state: State = State.IDLE
+    attempt: int = 0                       # attempts started so far
+    stop_intent: str | None = None         # "target" | "operator" while we are stopping it
+    safe_deadline: float | None = None     # STOP_PENDING: send SIGINT at the latest then
+    stop_deadline: float | None = None     # STOPPING: SIGKILL then
+    killed: bool = False                   # SIGKILL sent to this attempt
+    restart_at: float | None = None        # BACKOFF: spawn then
+    restart_times: tuple[float, ...] = ()  # wall-clock times of restarts (intensity window)
+    consecutive_failures: int = 0
+    progress: bool = False                 # this attempt finished an epoch
+    last_reason: Reason | None = None
+    outcome: str | None = None             # final: completed / target_reached / stopped / gave_up / config_error
+    message: str | None = None             # human explanation of the outcome
+    exit_code: int | None = None
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["state"] = self.state.value
+        d["last_reason"] = self.last_reason.value if self.last_reason else None
+        d["restart_times"] = list(self.restart_times)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Sup":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["state"] = State(d.get("state", "idle"))
+        d["last_reason"] = Reason(d["last_reason"]) if d.get("last_reason") else None
+        d["restart_times"] = tuple(d.get("restart_times", ()))
+        return cls(**d)
+
+
+# ---- events ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Start:
+    final_checkpoint: bool = False        # checkpoint_final.pth already there: nothing to train
+    last_epoch: EpochRecord | None = None  # history replayed from the logs
+
+
+@dataclass(frozen=True)
+class EpochDone:
+    record: EpochRecord
+
+
+@dataclass(frozen=True)
+class SafePoint:
+    """A log line written after the epoch's checkpoint saves ("Epoch N", "Training done.")."""
+
+
+@dataclass(frozen=True)
+class ChildExited:
+    exit: Exit
+
+
+@dataclass(frozen=True)
+class StopRequested:
+    signame: str = "SIGTERM"
+
+
+@dataclass(frozen=True)
+class Tick:
+    pass
+
+
+# ---- actions --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spawn:
+    pass
+
+
+@dataclass(frozen=True)
+class SignalGroup:
+    sig: int
+
+
+@dataclass(frozen=True)
+class Log:
+    event: str
+    level: str = "info"
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Finish:
+    code: int
+
+
+# ---- policy helpers (pure) -----------------------------------------------------------------------
+def target_met(rec: EpochRecord, cfg: Config) -> bool:
+    if cfg.ema_dice is None or math.isnan(rec.ema) or rec.ema < cfg.ema_dice:
+        return False
+    if cfg.min_class_dice is not None:
+        # nan (class absent from the validation batches) does not count as reached
+        return bool(rec.dice) and all(not math.isnan(d) and d >= cfg.min_class_dice for d in rec.dice)
+    return True
+
+
+def backoff_delay(consecutive_failures: int, cfg: Config) -> float:
+    """Delay before the restart that follows the n-th consecutive failure (n >= 1)."""
+    n = max(consecutive_failures - 1, 0)
+    return min(cfg.backoff_max_seconds, cfg.backoff_seconds * (2 ** min(n, 30)))
+
+
+def restarts_in_window(times: tuple[float, ...], now: float, cfg: Config) -> tuple[float, ...]:
+    horizon = now - cfg.window_minutes * 60
+    return tuple(t for t in times if t > horizon)
+
+
+def _stop(s: Sup, intent: str, now: float, cfg: Config, why: str) -> tuple[Sup, list]:
+    s = dataclasses.replace(s, state=State.STOPPING, stop_intent=intent, safe_deadline=None,
+                            stop_deadline=now + cfg.timeout_seconds)
+    return s, [SignalGroup(signal.SIGINT), Log("sigint_sent", fields={"why": why, "attempt": s.attempt})]
+
+
+def _finish(s: Sup, state: State, outcome: str, code: int, message: str, level="info"):
+    s = dataclasses.replace(s, state=state, outcome=outcome, exit_code=code, message=message,
+                            stop_deadline=None, safe_deadline=None, restart_at=None)
+    return s, [Log("finished", level, {"outcome": outcome, "exit_code": code, "message": message}),
+               Finish(code)]
+
+
+def _spawn(s: Sup, now: float, restart: bool) -> tuple[Sup, list]:
+    times = s.restart_times + ((now,) if restart else ())
+    s = dataclasses.replace(s, state=State.RUNNING, attempt=s.attempt + 1, stop_intent=None,
+                            killed=False, restart_at=None, stop_deadline=None, safe_deadline=None,
+                            progress=False, restart_times=times)
+    return s, [Spawn()]
+
+
+# ---- the decision function -----------------------------------------------------------------------
+def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
+    st = s.state
+    if isinstance(ev, Start):
+        if ev.final_checkpoint:
+            return _finish(s, State.DONE, "completed", EXIT_OK,
+                           "checkpoint_final.pth exists: training already completed")
+        if ev.last_epoch is not None and target_met(ev.last_epoch, cfg):
+            return _finish(s, State.DONE, "target_reached", EXIT_OK,
+                           f"target already reached at epoch {ev.last_epoch.epoch} "
+                           f"(EMA {ev.last_epoch.ema:.4f})")
+        if st == State.BACKOFF and s.restart_at is not None:
+            return s, [Log("resuming_backoff", fields={"restart_in_s": round(max(0, s.restart_at - now), 1)})]
+        return _spawn(s, now, restart=False)
+
+    if isinstance(ev, EpochDone):
+        if st not in (State.RUNNING, State.STOP_PENDING, State.STOPPING):
+            return s, []
+        s = dataclasses.replace(s, progress=True)
+        if st == State.RUNNING and target_met(ev.record, cfg):
+            s = dataclasses.replace(s, state=State.STOP_PENDING, stop_intent="target",
+                                    safe_deadline=now + cfg.checkpoint_wait_seconds)
+            return s, [Log("target_reached", fields={"epoch": ev.record.epoch,
+                                                     "ema": round(ev.record.ema, 4),
+                                                     "target": cfg.ema_dice})]
+        return s, []
+
+    if isinstance(ev, SafePoint):
+        if st == State.STOP_PENDING:
+            return _stop(s, "target", now, cfg, "target reached; checkpoint writes finished")
+        return s, []
+
+    if isinstance(ev, StopRequested):
+        if st in (State.RUNNING, State.STOP_PENDING):
+            s, acts = _stop(s, "operator", now, cfg, f"{ev.signame} to the supervisor")
+            return s, [Log("stop_requested", fields={"signal": ev.signame}), *acts]
+        if st == State.STOPPING:
+            if s.stop_intent == "target":  # already stopping; the operator's stop wins the label
+                s = dataclasses.replace(s, stop_intent="operator")
+            if not s.killed:
+                s = dataclasses.replace(s, killed=True)
+                return s, [Log("stop_escalated", "warning", {"signal": ev.signame}),
+                           SignalGroup(signal.SIGKILL)]
+            return s, []
+        if st in (State.IDLE, State.BACKOFF):
+            return _finish(s, State.DONE, "stopped", EXIT_OK, f"stopped by {ev.signame}")
+        return s, []
+
+    if isinstance(ev, Tick):
+        if st == State.STOP_PENDING and s.safe_deadline is not None and now >= s.safe_deadline:
+            return _stop(s, "target", now, cfg, "target reached; checkpoint wait timed out")
+        if st == State.STOPPING and not s.killed and s.stop_deadline is not None and now >= s.stop_deadline:
+            s = dataclasses.replace(s, killed=True)
+            return s, [Log("stop_timeout", "warning", {"timeout_s": cfg.timeout_seconds}),
+                       SignalGroup(signal.SIGKILL)]
+        if st == State.BACKOFF and s.restart_at is not None and now >= s.restart_at:
+            return _spawn(s, now, restart=True)
+        return s, []
+
+    if isinstance(ev, ChildExited):
+        if st not in (State.RUNNING, State.STOP_PENDING, State.STOPPING):
+            return s, []
+        x = dataclasses.replace(ev.exit, stop_intent=s.stop_intent if st == State.STOPPING else (
+            "target" if st == State.STOP_PENDING else None), we_killed=s.killed)
+        reason = classify(x)
+        s = dataclasses.replace(s, last_reason=reason, stop_deadline=None, safe_deadline=None)
+        ended = Log("attempt_ended", "info" if reason not in RESTARTABLE else "warning",
+                    {"attempt": s.attempt, "reason": reason.value, "exit_code": x.returncode})
+        if reason in (Reason.COMPLETED, Reason.TARGET_REACHED, Reason.STOPPED):
+            s, acts = _finish(s, State.DONE, reason.value, EXIT_OK, f"attempt {s.attempt}: {reason.value}")
+            return s, [ended, *acts]
+        if reason == Reason.CONFIG_ERROR:
+            s, acts = _finish(s, State.FAILED, "config_error", EXIT_CONFIG,
+                              "the trainer reported a configuration error (see its stderr above); "
+                              "restarting cannot help", "error")
+            return s, [ended, *acts]
+        # restartable
+        recent = restarts_in_window(s.restart_times, now, cfg)
+        if len(recent) >= cfg.max_restarts:
+            s = dataclasses.replace(s, restart_times=recent)
+            s, acts = _finish(s, State.FAILED, "gave_up", EXIT_GAVE_UP,
+                              f"{len(recent)} restarts within {cfg.window_minutes:g} min "
+                              f"(restart.max_restarts = {cfg.max_restarts}); last reason: {reason.value}",
+                              "error")
+            return s, [ended, *acts]
+        failures = 1 if s.progress else s.consecutive_failures + 1
+        delay = backoff_delay(failures, cfg)
+        s = dataclasses.replace(s, state=State.BACKOFF, restart_at=now + delay, restart_times=recent,
+                                consecutive_failures=failures, stop_intent=None)
+        return s, [ended, Log("restart_scheduled", "warning",
+                              {"reason": reason.value, "delay_s": round(delay, 1),
+                               "restart": len(recent) + 1, "max_restarts": cfg.max_restarts})]
+    raise TypeError(f"unknown event {ev!r}")

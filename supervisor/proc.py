@@ -1,0 +1,129 @@
+"""Start, signal and reap the trainer's whole process group.
+
+How it works
+- `spawn` starts the trainer with Popen(argv list, new session => its own process group whose id is
+  its pid), stdout/stderr as pipes, and every signal disposition reset to default in the child: a
+  daemon started from a non-interactive shell inherits SIGINT=ignored, and a trainer that ignores
+  SIGINT cannot be stopped gracefully (../shared/nnunet-facts.md).
+- The supervisor makes itself a child subreaper (prctl PR_SET_CHILD_SUBREAPER, as systemd does), so
+  augmentation workers orphaned by a dead trainer are reparented to us rather than to PID 1, stay
+  visible, and are reaped here.
+- `group_alive(pgid)` asks the kernel (killpg with signal 0) whether any process of the group is left;
+  `reap_zombies()` collects exited children that are ours, so they stop counting as members.
+- `cgroup_oom_kills()` reads the `oom_kill` counter of our cgroup (v2 memory.events) when there is one,
+  as evidence for telling a kernel OOM kill from someone's `kill -9`.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+
+_RESET_SIGNALS = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                              signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE, signal.SIGCHLD,
+                              signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGXFSZ)]
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    for s in _RESET_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def become_subreaper() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def spawn(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_child_setup, close_fds=True,
+    )
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, but not ours (pgid reused by another user): not our group
+        return False
+
+
+def group_members(pgid: int) -> list[int]:
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pgid:
+                out.append(p.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return out
+
+
+def reap_zombies(skip: set[int] = frozenset()) -> list[tuple[int, int]]:
+    """waitpid() our exited children (orphans reparented to us included), except pids in skip."""
+    reaped = []
+    try:
+        kids = psutil.Process().children()
+    except psutil.Error:
+        return reaped
+    for k in kids:
+        if k.pid in skip:
+            continue
+        try:
+            if k.status() != psutil.STATUS_ZOMBIE:
+                continue
+            pid, status = os.waitpid(k.pid, os.WNOHANG)
+            if pid:
+                reaped.append((pid, status))
+        except (ChildProcessError, psutil.Error):
+            continue
+    return reaped
+
+
+def process_start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def same_process(pid: int, create_time: float | None) -> bool:
+    """True when pid still names the process we started (pids are reused)."""
+    if not pid or create_time is None:
+        return False
+    t = process_start_time(pid)
+    return t is not None and abs(t - create_time) < 0.5
+
+
+def cgroup_oom_kills() -> int | None:
+    try:
+        rel = Path("/proc/self/cgroup").read_text().strip().split("\n")[0].split("::", 1)[1]
+        events = Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.events"
+        for line in events.read_text().splitlines():
+            k, v = line.split()
+            if k == "oom_kill":
+                return int(v)
+    except (OSError, IndexError, ValueError):
+        return None
+    return None

@@ -1,0 +1,161 @@
+"""`cardiacseg-train status`: where training stands, whether or not the daemon runs.
+
+How it works: read state.json (never modify it) and the lock (held = a daemon is running). When there is
+no state yet, the epoch history comes straight from the fold's training logs, so status also describes
+a run that was never supervised. ETAs: to the target from a least-squares line through the EMA of the
+last 10 epochs (none when the EMA is not rising); to the last epoch from the median epoch time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+
+from . import job
+from .config import Config
+from .logparse import EpochAssembler, EpochRecord, History, LogFollower, parse_line
+from .store import Lock, StateStore
+
+TREND_EPOCHS = 10
+
+
+def _history_from_logs(cfg: Config) -> History:
+    h, asm = History(), EpochAssembler()
+    for _n, line in LogFollower(job.fold_dir(cfg)).poll():
+        ev = parse_line(line)
+        if ev is not None and (rec := asm.feed(ev)) is not None:
+            h.add(rec)
+    return h
+
+
+def plan_batch_size(cfg: Config) -> int | None:
+    try:
+        plans = json.loads(job.plans_file(cfg).read_text())
+        c = plans["configurations"][cfg.configuration]
+        seen = set()
+        while "batch_size" not in c and c.get("inherits_from") and c["inherits_from"] not in seen:
+            seen.add(c["inherits_from"])
+            c = plans["configurations"][c["inherits_from"]]
+        return c.get("batch_size")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def eta_to_target(recs: list[EpochRecord], target: float | None, epoch_s: float | None) -> float | None:
+    pts = [(r.epoch, r.ema) for r in recs[-TREND_EPOCHS:] if not math.isnan(r.ema)]
+    if target is None or epoch_s is None or len(pts) < 3:
+        return None
+    if pts[-1][1] >= target:
+        return 0.0
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else 0.0
+    if slope <= 0:
+        return None
+    return math.ceil((target - pts[-1][1]) / slope) * epoch_s
+
+
+def _clean(x):
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def gather(cfg: Config) -> dict:
+    store = StateStore(cfg.state_dir)
+    problem = None
+    try:
+        data = store.read() or {}
+    except (ValueError, UnicodeDecodeError) as e:
+        data, problem = {}, f"state.json unreadable: {e}"
+    if data and data.get("job") != job.job_identity(cfg):
+        data, problem = {}, "state.json belongs to another job"
+    history = (History([EpochRecord.from_json(r) for r in data["epochs"]]) if data.get("epochs")
+               else _history_from_logs(cfg))
+    recs = history.ordered()
+    last = recs[-1] if recs else None
+    times = [r.epoch_time for r in recs[-TREND_EPOCHS:] if r.epoch_time]
+    epoch_s = statistics.median(times) if times else None
+    sup = data.get("sup", {})
+    attempts = data.get("attempts", [])
+    holder = Lock.holder(cfg.state_dir)
+    state = sup.get("state", "not started")
+    if not holder and state not in ("done", "failed", "not started"):
+        state = f"not running (last: {state})"
+    remaining = (cfg.expected_epochs - last.epoch - 1) if last else cfg.expected_epochs
+    restarts = [a for a in attempts[1:]]
+    return {
+        "state": state,
+        "running": bool(holder),
+        "supervisor": holder,
+        "outcome": sup.get("outcome"),
+        "message": sup.get("message") or problem,
+        "epoch": last.epoch if last else None,
+        "ema_dice": _clean(last.ema) if last else None,
+        "best_ema_dice": _clean(history.best_ema()),
+        "dice_per_class": [_clean(d) for d in last.dice] if last else [],
+        "target_ema_dice": cfg.ema_dice,
+        "min_class_dice": cfg.min_class_dice,
+        "last_epoch_time_s": last.epoch_time if last else None,
+        "median_epoch_time_s": epoch_s,
+        "expected_epochs": cfg.expected_epochs,
+        "eta_target_s": eta_to_target(recs, cfg.ema_dice, epoch_s),
+        "eta_last_epoch_s": remaining * epoch_s if epoch_s is not None and remaining >= 0 else None,
+        "batch_size": plan_batch_size(cfg),
+        "restart_at": sup.get("restart_at"),
+        "restarts": len(restarts),
+        "restart_reasons": [a.get("reason") for a in attempts[:-1]] if attempts else [],
+        "history": [{k: a.get(k) for k in ("n", "reason", "exit_code", "started_at", "ended_at",
+                                              "epoch_start", "epoch_reached", "resume_from", "log")}
+                    for a in attempts],
+        "fold_dir": str(job.fold_dir(cfg)),
+        "state_dir": str(cfg.state_dir),
+    }
+
+
+def _dur(s: float | None) -> str:
+    if s is None:
+        return "unknown"
+    s = int(s)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + (f"{h}h " if h or d else "") + f"{m}m {s:02d}s"
+
+
+def _ts(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _f4(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def render(i: dict) -> str:
+    lines = [f"state:        {i['state']}" + (f"  ({i['supervisor']})" if i["running"] else "")]
+    if i["outcome"]:
+        lines.append(f"outcome:      {i['outcome']}")
+    if i["message"]:
+        lines.append(f"message:      {i['message']}")
+    if i["restart_at"] and i["state"] == "backoff":
+        lines.append(f"restart in:   {_dur(max(0, i['restart_at'] - time.time()))}")
+    target = "" if i["target_ema_dice"] is None else f"  (target {i['target_ema_dice']})"
+    lines += [
+        f"epoch:        {'-' if i['epoch'] is None else i['epoch']} of {i['expected_epochs']}",
+        f"EMA Dice:     {_f4(i['ema_dice'])}{target}   best {_f4(i['best_ema_dice'])}",
+        "class Dice:   " + (" / ".join(_f4(d) for d in i["dice_per_class"]) or "-"),
+        f"epoch time:   last {i['last_epoch_time_s'] or '-'} s, median {i['median_epoch_time_s'] or '-'} s",
+        f"ETA target:   {_dur(i['eta_target_s']) if i['target_ema_dice'] else 'no target set'}",
+        f"ETA end:      {_dur(i['eta_last_epoch_s'])}",
+        f"batch size:   {i['batch_size'] if i['batch_size'] is not None else 'unknown'}",
+        f"restarts:     {i['restarts']}" + (f"  ({', '.join(str(r) for r in i['restart_reasons'])})"
+                                           if i["restart_reasons"] else ""),
+    ]
+    if i["history"]:
+        lines.append("attempts:")
+        for a in i["history"][-10:]:
+            lines.append(f"  #{a['n']}: {_ts(a['started_at'])} -> {_ts(a['ended_at'])}  "
+                         f"epochs {a['epoch_start']}..{a['epoch_reached'] if a['epoch_reached'] is not None else '-'}  "
+                         f"{a['reason'] or 'running'}  exit {a['exit_code']}")
+    lines.append(f"fold folder:  {i['fold_dir']}")
+    return "\n".join(lines)

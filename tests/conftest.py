@@ -1,0 +1,106 @@
+"""Shared fixtures: a job folder laid out like nnU-Net's, and the supervisor run as a real process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+REPO = HERE.parent
+FAKE = HERE / "fake_trainer.py"
+DATASET = "Dataset001_Fake"
+
+
+def toml_value(v):
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def write_config(path: Path, sections: dict) -> Path:
+    out = []
+    for sec, body in sections.items():
+        out.append(f"[{sec}]")
+        out += [f"{k} = {toml_value(v)}" for k, v in body.items()]
+        out.append("")
+    path.write_text("\n".join(out))
+    return path
+
+
+class Job:
+    """A tmp folder with nnUNet_preprocessed/<dataset>/nnUNetPlans.json and nnUNet_results."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.pre = root / "preprocessed"
+        self.results = root / "results"
+        self.state = root / "state"
+        (self.pre / DATASET).mkdir(parents=True)
+        self.results.mkdir()
+        self.plans = self.pre / DATASET / "nnUNetPlans.json"
+        self.plans.write_text(json.dumps({
+            "dataset_name": DATASET, "plans_name": "nnUNetPlans",
+            "configurations": {"3d_fullres": {"batch_size": 2, "patch_size": [48, 48, 48]},
+                               "3d_cascade_fullres": {"inherits_from": "3d_fullres"}},
+        }, indent=4))
+        (self.pre / DATASET / "dataset.json").write_text("{}")
+        self.fold = self.results / DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0"
+
+    def config(self, env: dict | None = None, **sections) -> Path:
+        base = {
+            "training": {"command": [sys.executable, str(FAKE)], "dataset": DATASET,
+                         "configuration": "3d_fullres", "fold": 0, "device": "cpu",
+                         "expected_epochs": 10},
+            "paths": {"preprocessed": str(self.pre), "results": str(self.results),
+                      "state_dir": str(self.state)},
+            "restart": {"backoff_seconds": 0, "backoff_max_seconds": 0, "max_restarts": 5,
+                        "window_minutes": 60},
+            "stop": {"timeout_seconds": 20, "checkpoint_wait_seconds": 30},
+            "environment": {"FAKE_EPOCH_S": "0.1", **(env or {})},
+        }
+        for sec, body in sections.items():
+            base.setdefault(sec, {}).update(body)
+        return write_config(self.root / "config.toml", base)
+
+    def state_json(self) -> dict:
+        return json.loads((self.state / "state.json").read_text())
+
+    def start(self, cfg: Path, extra_env: dict | None = None) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        return subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", str(cfg)],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    def run(self, cfg: Path, timeout: float = 120, extra_env: dict | None = None):
+        p = self.start(cfg, extra_env)
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+            raise AssertionError(f"supervisor did not finish in {timeout}s:\n{out}")
+        return p.returncode, out
+
+
+@pytest.fixture
+def job(tmp_path) -> Job:
+    return Job(tmp_path)
+
+
+def wait_for(pred, timeout=30.0, interval=0.05, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""A stand-in for nnUNetv2_train for fast fault-injection tests.
+
+It behaves like nnunetv2 2.8.1's trainer where the supervisor can see it:
+- the same arguments (DATASET CONFIGURATION FOLD -tr -p -device [-num_gpus] [--c]) and environment
+  (nnUNet_preprocessed, nnUNet_results); a missing dataset/plans or an unknown trainer fails with
+  nnU-Net's own messages;
+- the same results folder, a NEW training_log_Y_M_D_H_M_S.txt per start, the same per-epoch lines in the
+  same order (Epoch, learning rate, losses, Pseudo dice in numpy-2 repr, Epoch time, Yayy!);
+- real torch checkpoints with nnU-Net's keys; --c loads final, else latest, else best, and resumes at
+  the checkpoint's current_epoch with its logging (so the EMA continues as nnU-Net's does);
+  checkpoint_latest every FAKE_SAVE_EVERY epochs (nnU-Net: 50), best on EMA improvement, final at the
+  end (then latest is deleted), "Training done.", then "Mean Validation Dice:";
+- an augmentation worker child process in the same process group (like nnUNet_n_proc_DA workers);
+- SIGINT: default Python behaviour (KeyboardInterrupt, dies by SIGINT, saves nothing).
+
+Faults on cue, from the environment (each fires once per results folder, tracked in a marker file):
+  FAKE_FAULT="EPOCH:KIND[,EPOCH:KIND...]" with KIND one of
+    crash   - RuntimeError traceback, exit 1
+    oom     - torch.OutOfMemoryError traceback, exit 1
+    oomabrt - the same traceback, then SIGABRT (nnU-Net sometimes dies so)
+    hostoom - kill itself with SIGKILL (what the kernel OOM killer does)
+    hang    - stop printing and sleep forever mid-epoch
+    nan     - report nan losses and dice from then on
+  FAKE_OOM_ABOVE_BS=N  - OOM in the first epoch whenever the plans' batch size is above N
+  FAKE_EPOCHS (10), FAKE_EPOCH_S (0.2), FAKE_SAVE_EVERY (1), FAKE_DICE_STEP (0.05): pace and curve.
+"""
+import json
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+
+
+def env_f(name, default):
+    return float(os.environ.get(name, default))
+
+
+def parse_args(argv):
+    pos, opts, i = [], {"-tr": "nnUNetTrainer", "-p": "nnUNetPlans", "-device": "cuda",
+                        "-num_gpus": "1"}, 0
+    cont = False
+    while i < len(argv):
+        a = argv[i]
+        if a == "--c":
+            cont = True
+        elif a in opts:
+            opts[a] = argv[i + 1]
+            i += 1
+        elif a.startswith("-"):
+            pass
+        else:
+            pos.append(a)
+        i += 1
+    if len(pos) != 3:
+        print("usage: nnUNetv2_train [-h] dataset_name_or_id configuration fold ...", file=sys.stderr)
+        print("nnUNetv2_train: error: the following arguments are required: fold", file=sys.stderr)
+        sys.exit(2)
+    return pos[0], pos[1], pos[2], opts, cont
+
+
+class Logger:
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, *args):
+        line = " ".join([f"{datetime.fromtimestamp(time.time())}:", *[str(a) for a in args]]) + " "
+        with open(self.path, "a+") as f:
+            f.write(line + "\n")
+        print(line, flush=True)
+
+
+def dice_for(epoch, nan):
+    step = env_f("FAKE_DICE_STEP", 0.05)
+    if nan:
+        return [float("nan")] * 3
+    return [min(0.97, 0.50 + step * epoch + 0.00123), min(0.93, 0.30 + step * epoch + 0.00456), 0.0]
+
+
+def main():
+    dataset, configuration, fold, opts, cont = parse_args(sys.argv[1:])
+    trainer = opts["-tr"]
+    if not trainer.startswith("nnUNetTrainer"):
+        raise RuntimeError(f"Could not find requested nnunet trainer {trainer} in "
+                           f"nnunetv2.training.nnUNetTrainer. If the trainer is located elsewhere, ...")
+    pre = os.environ["nnUNet_preprocessed"]
+    plans_file = os.path.join(pre, dataset, opts["-p"] + ".json")
+    with open(plans_file) as f:  # FileNotFoundError with the plans path, as nnU-Net
+        plans = json.load(f)
+    conf = plans["configurations"].get(configuration)
+    if conf is None:
+        raise RuntimeError(f"Requested configuration {configuration} not found in plans. "
+                           f"Available configurations: {list(plans['configurations'])}")
+    bs = conf.get("batch_size")
+    if bs is None and conf.get("inherits_from"):
+        bs = plans["configurations"][conf["inherits_from"]].get("batch_size")
+
+    import torch  # after the argument checks, like nnU-Net's slow start
+
+    out = os.path.join(os.environ["nnUNet_results"], dataset, f"{trainer}__{opts['-p']}__{configuration}",
+                       f"fold_{fold}")
+    os.makedirs(out, exist_ok=True)
+    t = datetime.now()
+    log = Logger(os.path.join(out, f"training_log_{t.year}_{t.month}_{t.day}_{t.hour:02d}_{t.minute:02d}_{t.second:02d}.txt"))
+    log(f"batch size: {bs}, n_proc_DA: {os.environ.get('nnUNet_n_proc_DA', 'default')}")
+
+    num_epochs = int(env_f("FAKE_EPOCHS", 10))
+    epoch_s = env_f("FAKE_EPOCH_S", 0.2)
+    save_every = int(env_f("FAKE_SAVE_EVERY", 1))
+    faults = {}
+    for item in filter(None, os.environ.get("FAKE_FAULT", "").split(",")):
+        e, kind = item.split(":")
+        faults[int(e)] = kind
+    marker = os.path.join(out, ".fake_faults_fired")
+    fired = set(open(marker).read().split()) if os.path.exists(marker) else set()
+
+    def fire(e, kind):
+        key = f"{e}:{kind}"
+        if key in fired:
+            return False
+        with open(marker, "a") as f:
+            f.write(key + "\n")
+        return True
+
+    logging = {"mean_fg_dice": [], "ema_fg_dice": [], "dice_per_class_or_region": [],
+               "train_losses": [], "val_losses": [], "lrs": []}
+    best_ema, start = None, 0
+    if cont:
+        for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+            p = os.path.join(out, name)
+            if os.path.isfile(p):
+                ck = torch.load(p, weights_only=False)
+                logging = ck["logging"]
+                best_ema = ck["_best_ema"]
+                start = ck["current_epoch"]
+                for k in logging:  # nnU-Net's logger keeps lists of exactly current_epoch entries
+                    logging[k] = logging[k][:start]
+                break
+        else:
+            print("WARNING: Cannot continue training because there seems to be no checkpoint available "
+                  "to continue from. Starting a new training...")
+
+    # One augmentation worker in our process group, like nnU-Net's background workers.
+    worker = os.fork()
+    if worker == 0:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        while True:
+            time.sleep(1)
+
+    oom_above = os.environ.get("FAKE_OOM_ABOVE_BS")
+
+    def save(name, epoch):
+        ck = {"network_weights": {"w": torch.zeros(4)}, "optimizer_state": {}, "grad_scaler_state": None,
+              "logging": logging, "_best_ema": best_ema, "current_epoch": epoch + 1,
+              "init_args": {"batch_size": bs}, "trainer_name": trainer}
+        torch.save(ck, os.path.join(out, name))
+
+    def oom_traceback():
+        sys.stderr.write(
+            "Traceback (most recent call last):\n"
+            '  File "nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py", line 1245, in train_step\n'
+            "    l.backward()\n"
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+            "capacity of 23.65 GiB of which 1.12 GiB is free. Including non-PyTorch memory, this process "
+            "has 22.51 GiB memory in use.\n")
+        sys.stderr.flush()
+
+    nan = False
+    for epoch in range(start, num_epochs):
+        t0 = time.time()
+        log("")
+        log(f"Epoch {epoch}")
+        log(f"Current learning rate: {round(0.01 * (1 - epoch / num_epochs) ** 0.9, 5)}")
+        kind = faults.get(epoch)
+        if oom_above is not None and bs is not None and bs > int(oom_above):
+            oom_traceback()
+            sys.exit(1)
+        if kind and fire(epoch, kind):
+            time.sleep(epoch_s / 2)
+            if kind == "crash":
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            if kind in ("oom", "oomabrt"):
+                oom_traceback()
+                if kind == "oomabrt":
+                    sys.stderr.write("terminate called without an active exception\n")
+                    sys.stderr.flush()
+                    os.kill(os.getpid(), signal.SIGABRT)
+                sys.exit(1)
+            if kind == "hostoom":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "hang":
+                while True:
+                    time.sleep(1)
+            if kind == "nan":
+                nan = True
+        time.sleep(epoch_s)
+        dice = dice_for(epoch, nan)
+        vals = [d for d in dice if d == d]
+        mfd = sum(vals) / len(vals) if vals else float("nan")
+        logging["mean_fg_dice"].append(mfd)
+        ema = logging["ema_fg_dice"][epoch - 1] * 0.9 + 0.1 * mfd if logging["ema_fg_dice"] else mfd
+        logging["ema_fg_dice"].append(ema)
+        logging["dice_per_class_or_region"].append(dice)
+        tl = float("nan") if nan else round(-0.3 - 0.01 * epoch, 4)
+        logging["train_losses"].append(tl)
+        logging["val_losses"].append(tl)
+        log("train_loss", tl)
+        log("val_loss", tl)
+        log("Pseudo dice", "[" + ", ".join(f"np.float32({round(d, 4)})" for d in dice) + "]")
+        log(f"Epoch time: {round(time.time() - t0, 2)} s")
+        if (epoch + 1) % save_every == 0 and epoch != num_epochs - 1:
+            save("checkpoint_latest.pth", epoch)
+        if best_ema is None or ema > best_ema:
+            best_ema = ema
+            log(f"Yayy! New best EMA pseudo Dice: {round(best_ema, 4)}")
+            save("checkpoint_best.pth", epoch)
+    save("checkpoint_final.pth", num_epochs - 1)
+    latest = os.path.join(out, "checkpoint_latest.pth")
+    if os.path.exists(latest):
+        os.remove(latest)
+    os.kill(worker, signal.SIGTERM)
+    os.waitpid(worker, 0)
+    log("Training done.")
+    log("Mean Validation Dice: ", 0.61)
+
+
+if __name__ == "__main__":
+    main()
