@@ -174,7 +174,7 @@ def restarts_in_window(times: tuple[float, ...], now: float, cfg: Config) -> tup
 def _stop(s: Sup, intent: str, now: float, cfg: Config, why: str) -> tuple[Sup, list]:
     s = dataclasses.replace(s, state=State.STOPPING, stop_intent=intent, safe_deadline=None,
                             stop_deadline=now + cfg.timeout_seconds)
-    return s, [SignalGroup(signal.SIGINT), Log("sigint_sent", fields={"why": why, "attempt": s.attempt})]
+    return s, [Log("stopping_trainer", fields={"why": why, "attempt": s.attempt}), SignalGroup(signal.SIGINT)]
 
 
 def _finish(s: Sup, state: State, outcome: str, code: int, message: str, level="info"):

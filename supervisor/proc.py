@@ -116,14 +116,29 @@ def same_process(pid: int, create_time: float | None) -> bool:
     return t is not None and abs(t - create_time) < 0.5
 
 
-def cgroup_oom_kills() -> int | None:
+def cgroup_oom_kills(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The kernel's OOM-kill count for our cgroup (v2 memory.events, v1 memory.oom_control), or None."""
     try:
-        rel = Path("/proc/self/cgroup").read_text().strip().split("\n")[0].split("::", 1)[1]
-        events = Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.events"
-        for line in events.read_text().splitlines():
-            k, v = line.split()
-            if k == "oom_kill":
-                return int(v)
-    except (OSError, IndexError, ValueError):
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
         return None
+    candidates = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        rel = rel.lstrip("/")
+        if controllers == "":
+            candidates.append(Path(root) / rel / "memory.events")
+        elif "memory" in controllers.split(","):
+            candidates.append(Path(root) / "memory" / rel / "memory.oom_control")
+    for f in candidates:
+        try:
+            for row in f.read_text().splitlines():
+                k, _, v = row.partition(" ")
+                if k == "oom_kill":
+                    return int(v)
+        except (OSError, ValueError):
+            continue
     return None

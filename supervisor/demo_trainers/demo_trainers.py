@@ -1,0 +1,41 @@
+"""Tiny nnU-Net trainers for the CPU demo and end-to-end tests (loaded through nnUNet_extTrainer).
+
+nnUNetTrainerDemo: a few iterations per epoch, CARDIACSEG_DEMO_EPOCHS epochs (default 8), and a
+checkpoint every epoch (stock nnU-Net: every 50) so a resumed attempt continues where it stopped.
+CARDIACSEG_DEMO_CRASH_AT=k raises a RuntimeError at the start of epoch k, once per results folder
+(a marker file remembers it): the demo's injected crash.
+
+nnUNetTrainerDemoOOM: raises torch.OutOfMemoryError from its train step while the plan's batch size
+is above 1, like a real CUDA OOM (for the OOM step-down tests).
+"""
+import os
+
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainerDemo(nnUNetTrainer):
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_iterations_per_epoch = int(os.environ.get("CARDIACSEG_DEMO_ITERS", 6))
+        self.num_val_iterations_per_epoch = 2
+        self.num_epochs = int(os.environ.get("CARDIACSEG_DEMO_EPOCHS", 8))
+        self.save_every = 1
+
+    def on_epoch_start(self):
+        crash_at = os.environ.get("CARDIACSEG_DEMO_CRASH_AT")
+        if crash_at is not None and self.current_epoch == int(crash_at):
+            marker = os.path.join(self.output_folder, ".demo_crash_done")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                raise RuntimeError(f"demo: simulated crash at the start of epoch {self.current_epoch}")
+        super().on_epoch_start()
+
+
+class nnUNetTrainerDemoOOM(nnUNetTrainerDemo):
+    def train_step(self, batch: dict) -> dict:
+        if self.batch_size > 1:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated at batch size {self.batch_size})")
+        return super().train_step(batch)

@@ -1,0 +1,94 @@
+"""config.toml validation: every problem named with file, key and expectation; exit 2 from the CLI."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import ConfigError, load
+
+REPO = Path(__file__).parent.parent
+GOOD = """
+[training]
+dataset = "Dataset001_CardiacSeg"
+[paths]
+preprocessed = "pre"
+results = "/abs/results"
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "config.toml"
+    p.write_text(text)
+    return p
+
+
+def test_example_config_in_repo_is_valid():
+    cfg = load(REPO / "config.toml", env={})
+    assert cfg.dataset == "Dataset001_CardiacSeg" and cfg.ema_dice == 0.70
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    cfg = load(write(tmp_path, GOOD), env={})
+    assert cfg.command == ("nnUNetv2_train",)
+    assert cfg.preprocessed == tmp_path / "pre"          # relative to the config file
+    assert str(cfg.results) == "/abs/results"
+    assert cfg.state_dir == tmp_path / "state"
+    assert cfg.ema_dice is None and cfg.max_restarts == 10
+
+
+def test_paths_fall_back_to_nnunet_environment(tmp_path):
+    cfg = load(write(tmp_path, '[training]\ndataset = "Dataset001_X"\n'),
+               env={"nnUNet_preprocessed": "/p", "nnUNet_results": "/r", "STATE_DIRECTORY": "/var/lib/x"})
+    assert (str(cfg.preprocessed), str(cfg.results), str(cfg.state_dir)) == ("/p", "/r", "/var/lib/x")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ("[trainng]\nx = 1\n", "[trainng]: unknown section"),
+    ("[restart]\nbackof_seconds = 3\n", "restart.backof_seconds: unknown key"),
+    ("[restart]\nbackoff_seconds = -1\n", "restart.backoff_seconds: expected a number >= 0, got -1"),
+    ("[restart]\nmax_restarts = \"ten\"\n", "restart.max_restarts: expected an integer, got 'ten'"),
+    ("[restart]\nmax_restarts = true\n", "restart.max_restarts: expected an integer, got True"),
+    ("[target]\nema_dice = 1.5\n", "target.ema_dice: expected a number in (0, 1], got 1.5"),
+    ("[target]\nema_dice = 0\n", "target.ema_dice: expected a number in (0, 1], got 0"),
+    ("[training.x]\n", "unknown key"),
+    ("[environment]\nCUDA_VISIBLE_DEVICES = 0\n", "environment.CUDA_VISIBLE_DEVICES: expected a string"),
+    ("[restart]\nbackoff_seconds = 100\nbackoff_max_seconds = 10\n", "restart.backoff_max_seconds: expected >="),
+])
+def test_bad_values_are_named(tmp_path, extra, needle):
+    text = GOOD.replace("[paths]", "command = [\"nnUNetv2_train\"]\n[paths]") + extra
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, text), env={})
+    assert needle in str(e.value) and str(tmp_path / "config.toml") in str(e.value)
+
+
+def test_shell_string_command_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"training.command: expected a list"):
+        load(write(tmp_path, GOOD.replace("[paths]", 'command = "nnUNetv2_train 1 3d 0"\n[paths]')), env={})
+
+
+def test_all_problems_at_once(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, "[restart]\nmax_restarts = -1\n[target]\nema_dice = 2.0\n"), env={})
+    msg = str(e.value)
+    for key in ("training.dataset", "paths.preprocessed", "paths.results", "restart.max_restarts",
+                "target.ema_dice"):
+        assert key in msg
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(write(tmp_path, "[training\n"), env={})
+    with pytest.raises(ConfigError, match="file not found"):
+        load(tmp_path / "nope.toml", env={})
+
+
+@pytest.mark.parametrize("cmd", ["run", "status", "check"])
+def test_cli_exit_2_without_traceback(tmp_path, cmd):
+    p = write(tmp_path, GOOD + "[target]\nema_dice = 7\n")
+    r = subprocess.run([sys.executable, "-m", "supervisor", cmd, "--config", str(p)], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "target.ema_dice" in r.stderr and str(p) in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "state").exists()  # nothing was started or created
