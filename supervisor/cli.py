@@ -35,6 +35,9 @@ def cmd_run(args) -> int:
     logs.setup(cfg.level)
     try:
         return Daemon(cfg).run()
+    except config_mod.ConfigError as e:  # found at start-up (e.g. the plans file), before training
+        print(f"cardiacseg-train: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except LockedError as e:
         print(f"cardiacseg-train: {e}", file=sys.stderr)
         return EXIT_LOCKED

@@ -127,6 +127,19 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "checkpoint_wait_seconds": Field((int, float), 300, _non_negative,
                                          "longest wait for a checkpoint write before SIGINT"),
     },
+    "oom": {
+        "enabled": Field(bool, True, None, "step the batch size down after a CUDA OOM"),
+        "min_batch_size": Field(int, 1, lambda v: None if v >= 1 else "an integer >= 1",
+                                "never below this"),
+        "strategy": Field(str, "subtract", lambda v: None if v in ("subtract", "multiply") else
+                          'one of "subtract", "multiply"', "how to step down"),
+        "subtract": Field(int, 1, lambda v: None if v >= 1 else "an integer >= 1",
+                          "strategy = subtract: batch size - N"),
+        "factor": Field((int, float), 0.5, lambda v: None if 0 < v < 1 else "a number in (0, 1)",
+                        "strategy = multiply: floor(batch size * factor)"),
+        "gpu_release_timeout_seconds": Field((int, float), 120, _non_negative,
+                                             "wait for the GPU memory of the last attempt to be freed"),
+    },
     "logging": {
         "level": Field(str, "info", _level, "log level"),
     },
@@ -167,6 +180,13 @@ class Config:
     # [stop]
     timeout_seconds: float = 120
     checkpoint_wait_seconds: float = 300
+    # [oom]
+    oom_enabled: bool = True
+    oom_min_batch_size: int = 1
+    oom_strategy: str = "subtract"
+    oom_subtract: int = 1
+    oom_factor: float = 0.5
+    oom_gpu_release_timeout: float = 120
     # [logging]
     level: str = "info"
 
@@ -276,6 +296,12 @@ def parse(raw: dict, path: Path, env: dict[str, str] | None = None) -> Config:
         min_class_dice=get("target.min_class_dice"),
         timeout_seconds=float(get("stop.timeout_seconds")),
         checkpoint_wait_seconds=float(get("stop.checkpoint_wait_seconds")),
+        oom_enabled=get("oom.enabled"),
+        oom_min_batch_size=get("oom.min_batch_size"),
+        oom_strategy=get("oom.strategy"),
+        oom_subtract=get("oom.subtract"),
+        oom_factor=float(get("oom.factor")),
+        oom_gpu_release_timeout=float(get("oom.gpu_release_timeout_seconds")),
         level=get("logging.level").lower(),
     )
 

@@ -11,6 +11,11 @@ How it works (after gunicorn's arbiter and torch.distributed.elastic's agent)
 - When the trainer's main process exits, the rest of its process group (augmentation workers, DDP ranks)
   gets SIGKILL and the loop waits until the group is empty before it reports ChildExited: the next
   attempt must never meet GPU memory held by a previous one (nnU-Net issues #469, #2814).
+- Every process of the attempt seen while it ran (sampled every few seconds, so one that left the group
+  with setsid is known too) must be gone, and, where NVML is available, none of them may still hold
+  GPU memory, before the next attempt starts (bounded by [oom].gpu_release_timeout_seconds).
+- Batch size (plans file) and augmentation workers are changed only through SetBatchSize/SetWorkers
+  actions decided by the policy, and every change is recorded in state.json ("changes").
 - State is saved atomically after every decision that changed something and after every epoch.
 """
 from __future__ import annotations
@@ -23,17 +28,21 @@ import time
 from collections import deque
 from pathlib import Path
 
-from . import job, logs, proc
+from . import job, logs, plans, proc
 from .classify import Exit
-from .config import Config
+from .config import Config, ConfigError
+from .gpu import Nvml
 from .logparse import EpochAssembler, EpochRecord, History, LogFollower, parse_line
-from .policy import (TERMINAL, ChildExited, EpochDone, Finish, Log, SafePoint, SignalGroup, Spawn,
-                     Start, State, StopRequested, Sup, Tick, decide)
+from .policy import (TERMINAL, ActionFailed, ChildExited, EpochDone, Finish, Log, SafePoint,
+                     SetBatchSize, SetWorkers, SignalGroup, Spawn, Start, State, StopRequested, Sup,
+                     Tick, decide)
 from .store import Lock, StateStore
 
 LOG_POLL_S = 0.25
 REAP_POLL_S = 0.05
 REAP_LIMIT_S = 30.0
+DESCENDANT_SAMPLE_S = 2.0
+NNUNET_DEFAULT_N_PROC_DA = 12  # nnunetv2.utilities.default_n_proc_DA, capped at the CPU count
 STDERR_TAIL_BYTES = 64 * 1024
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
@@ -52,6 +61,9 @@ class Attempt:
         self.open_streams = 2
         self.returncode: int | None = None
         self.reap_deadline: float | None = None
+        self.gpu_deadline: float | None = None
+        self.known: dict[int, float | None] = {self.pid: proc.process_start_time(self.pid)}
+        self.next_sample = 0.0
 
 
 class Daemon:
@@ -71,6 +83,8 @@ class Daemon:
         self.sig_queue: deque[int] = deque()
         self.finish_code: int | None = None
         self.started_at = clock()
+        self.changes: list[dict] = []
+        self.nvml: Nvml | None = None
 
     # ---- set-up --------------------------------------------------------------------------------
     def _warn(self, event, **kw):
@@ -86,6 +100,7 @@ class Daemon:
             self.sup = Sup.from_json(data.get("sup", {}))
             self.attempts = data.get("attempts", [])
             self.history = History([EpochRecord.from_json(r) for r in data.get("epochs", [])])
+            self.changes = data.get("changes", [])
         self._stop_leftover_trainer()
         if self.sup.state in TERMINAL or self.sup.state in (State.RUNNING, State.STOP_PENDING,
                                                             State.STOPPING):
@@ -93,6 +108,28 @@ class Daemon:
             self.sup = Sup(attempt=self.sup.attempt, restart_times=self.sup.restart_times,
                            consecutive_failures=self.sup.consecutive_failures)
         self._replay_logs()
+
+    def current_batch_size(self) -> int | None:
+        """The plan's batch size, validated at start-up (ConfigError names the file and key)."""
+        if not self.cfg.oom_enabled:
+            return None
+        try:
+            bs = plans.read_batch_size(job.plans_file(self.cfg), self.cfg.configuration)
+        except plans.PlansError as e:
+            raise ConfigError(self.cfg.path, [f"[oom] needs the plans file: {e}"]) from None
+        if self.cfg.oom_min_batch_size > bs:
+            raise ConfigError(self.cfg.path, [
+                f"oom.min_batch_size: expected <= the plan's batch size {bs} "
+                f"({job.plans_file(self.cfg)}: configurations.{self.cfg.configuration}.batch_size), "
+                f"got {self.cfg.oom_min_batch_size}"])
+        return bs
+
+    def configured_workers(self) -> int:
+        v = job.build_env(self.cfg).get("nnUNet_n_proc_DA")
+        try:
+            return max(1, int(v)) if v is not None else min(NNUNET_DEFAULT_N_PROC_DA, os.cpu_count() or 1)
+        except ValueError:
+            return min(NNUNET_DEFAULT_N_PROC_DA, os.cpu_count() or 1)
 
     def _stop_leftover_trainer(self) -> None:
         """A supervisor killed by SIGKILL leaves its trainer running: stop it before starting anew."""
@@ -133,19 +170,25 @@ class Daemon:
 
     # ---- main loop -----------------------------------------------------------------------------
     def run(self) -> int:
+        bs = self.current_batch_size()  # bad plans: exit 2 before anything is locked or started
         self.prepare()
         self._install_signals()
         proc.become_subreaper()
+        self.nvml = Nvml.open()
         self.log.info("supervisor_started", pid=os.getpid(), config=str(self.cfg.path),
-                      fold_dir=str(job.fold_dir(self.cfg)), target=self.cfg.ema_dice)
+                      fold_dir=str(job.fold_dir(self.cfg)), target=self.cfg.ema_dice, batch_size=bs,
+                      nvml=self.nvml is not None)
         try:
             self.dispatch(Start(final_checkpoint=(job.fold_dir(self.cfg) / "checkpoint_final.pth")
-                                .is_file(), last_epoch=self.history.last()))
+                                .is_file(), last_epoch=self.history.last(), batch_size=bs,
+                                n_proc_da=self.configured_workers()))
             while self.finish_code is None:
                 self.turn()
         finally:
             self.save()
             self.lock.release()
+            if self.nvml is not None:
+                self.nvml.close()
         return self.finish_code
 
     def turn(self) -> None:
@@ -211,6 +254,18 @@ class Daemon:
         if text.strip():
             self.log.info(text, src="trainer", attempt=a.n, stream=stream)
 
+    def _sample_descendants(self, a: Attempt) -> None:
+        now = self.clock()
+        if now < a.next_sample:
+            return
+        a.next_sample = now + DESCENDANT_SAMPLE_S
+        for pid in proc.descendants(a.pid):
+            if pid not in a.known:
+                a.known[pid] = proc.process_start_time(pid)
+
+    def _survivors(self, a: Attempt) -> list[int]:
+        return [pid for pid, t in a.known.items() if pid != a.pid and proc.same_process(pid, t)]
+
     def _check_child(self) -> None:
         a = self.child
         if a is None:
@@ -218,16 +273,22 @@ class Daemon:
         if a.returncode is None:
             rc = a.popen.poll()
             if rc is None:
+                self._sample_descendants(a)
                 return
             a.returncode = rc
             a.reap_deadline = self.clock() + REAP_LIMIT_S
             # The trainer is gone; whatever is left of its group is useless and may hold GPU memory.
             proc.signal_group(a.pgid, signal.SIGKILL)
+            for pid in self._survivors(a):  # left the group (setsid) but still ours
+                proc.kill_pid(pid)
         proc.reap_zombies(skip={a.pid})
-        if (proc.group_alive(a.pgid) or a.open_streams) and self.clock() < a.reap_deadline:
+        if (proc.group_alive(a.pgid) or a.open_streams or self._survivors(a)) \
+                and self.clock() < a.reap_deadline:
             return
         if proc.group_alive(a.pgid):
             self.log.error("group_not_empty", pgid=a.pgid, members=proc.group_members(a.pgid))
+        if not self._gpu_released(a):
+            return
         for fobj in [k.fileobj for k in self.sel.get_map().values() if k.data != "wakeup"]:
             self.sel.unregister(fobj)
             fobj.close()
@@ -245,6 +306,22 @@ class Daemon:
                                        final_checkpoint=final, oom_kills_delta=delta)))
         rec["reason"] = self.sup.last_reason.value if self.sup.last_reason else None
         self.save()
+
+    def _gpu_released(self, a: Attempt) -> bool:
+        """True once no process of the attempt holds GPU memory (or NVML cannot tell)."""
+        if self.nvml is None:
+            return True
+        holders = self.nvml.compute_pids() & set(a.known)
+        if not holders:
+            return True
+        if a.gpu_deadline is None:
+            a.gpu_deadline = self.clock() + self.cfg.oom_gpu_release_timeout
+            self.log.warning("waiting_for_gpu_memory", pids=sorted(holders))
+        if self.clock() < a.gpu_deadline:
+            return False
+        self.log.error("gpu_memory_still_held", pids=sorted(holders),
+                       timeout_s=self.cfg.oom_gpu_release_timeout)
+        return True
 
     def _poll_log(self) -> None:
         changed = False
@@ -286,16 +363,34 @@ class Daemon:
                 self.log.info("signal_sent", signal=signal.Signals(act.sig).name, pgid=self.child.pgid)
         elif isinstance(act, Finish):
             self.finish_code = act.code
+        elif isinstance(act, SetBatchSize):
+            path = job.plans_file(self.cfg)
+            try:
+                old, backup = plans.set_batch_size(path, self.cfg.configuration, act.new)
+            except (plans.PlansError, OSError) as e:
+                self.dispatch(ActionFailed(f"could not lower the batch size in {path}: {e}"))
+                return
+            self._record_change("batch_size", old, act.new, file=str(path), backup=str(backup))
+        elif isinstance(act, SetWorkers):
+            self._record_change("nnUNet_n_proc_DA", act.old, act.new)
         else:  # pragma: no cover - a new action type without an executor is a bug
             raise TypeError(f"unknown action {act!r}")
 
     _oom_kills_at_spawn: int | None = None
 
+    def _record_change(self, what: str, old, new, **extra) -> None:
+        ch = {"at": self.clock(), "attempt": self.sup.attempt, "what": what, "old": old, "new": new,
+              "reason": self.sup.last_reason.value if self.sup.last_reason else None, **extra}
+        self.changes.append(ch)
+        self.log.warning("changed", **ch)
+        self.save()
+
     def _spawn(self) -> None:
         n = self.sup.attempt
         ckpt = job.resume_checkpoint(self.cfg)
         argv = job.build_argv(self.cfg, resume=ckpt is not None)
-        env = job.build_env(self.cfg)
+        overrides = {"nnUNet_n_proc_DA": str(self.sup.n_proc_da)} if self.sup.n_proc_da else {}
+        env = job.build_env(self.cfg, overrides=overrides)
         log_path = self.cfg.state_dir / "attempts" / f"attempt-{n:04d}.log"
         last = self.history.last()
         rec = {"n": n, "argv": argv, "started_at": self.clock(), "ended_at": None,
@@ -334,6 +429,8 @@ class Daemon:
             "sup": self.sup.to_json(),
             "attempts": self.attempts,
             "epochs": [r.to_json() for r in self.history.ordered()],
+            "changes": self.changes,
+            "oom": {"min_batch_size": self.cfg.oom_min_batch_size, "enabled": self.cfg.oom_enabled},
         })
 
 

@@ -10,6 +10,12 @@ Restart budget: OTP-style intensity. At most `max_restarts` restarts within `win
 restart that would exceed it makes the supervisor give up (exit 3). Backoff doubles per consecutive
 failure from `backoff_seconds` up to `backoff_max_seconds`; an attempt that finished at least one
 epoch resets the doubling, because it proved the set-up works.
+
+Out of memory has its own budget: a CUDA OOM steps the batch size down (SetBatchSize, then a restart
+that does not count against the crash budget); since every step lowers the batch size, the budget is
+bounded by the step sequence, and an OOM at `[oom].min_batch_size` gives up (exit 3). A host OOM halves
+nnU-Net's augmentation workers (nnUNet_n_proc_DA) the same way; at one worker it is an ordinary,
+counted restart.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 from .classify import RESTARTABLE, Exit, Reason, classify
 from .config import Config
 from .logparse import EpochRecord
+from .plans import next_batch_size, step_sequence
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -70,6 +77,7 @@ class Sup:
     stop_deadline: float | None = None     # STOPPING: SIGKILL then
     killed: bool = False                   # SIGKILL sent to this attempt
     restart_at: float | None = None        # BACKOFF: spawn then
+    restart_counts: bool = True            # BACKOFF: the coming restart counts against the crash budget
     restart_times: tuple[float, ...] = ()  # wall-clock times of restarts (intensity window)
     consecutive_failures: int = 0
     progress: bool = False                 # this attempt finished an epoch
@@ -77,6 +85,10 @@ class Sup:
     outcome: str | None = None             # final: completed / target_reached / stopped / gave_up / config_error
     message: str | None = None             # human explanation of the outcome
     exit_code: int | None = None
+    batch_size: int | None = None          # current, as written in the plans file
+    original_batch_size: int | None = None  # before the supervisor changed anything
+    oom_steps: int = 0
+    n_proc_da: int | None = None           # augmentation workers passed to the trainer
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -100,6 +112,14 @@ class Sup:
 class Start:
     final_checkpoint: bool = False        # checkpoint_final.pth already there: nothing to train
     last_epoch: EpochRecord | None = None  # history replayed from the logs
+    batch_size: int | None = None         # what the plans file says now
+    n_proc_da: int | None = None          # what the trainer would use now
+
+
+@dataclass(frozen=True)
+class ActionFailed:
+    """Carrying out an action failed in a way that restarting cannot fix (e.g. plans not writable)."""
+    message: str
 
 
 @dataclass(frozen=True)
@@ -150,6 +170,18 @@ class Finish:
     code: int
 
 
+@dataclass(frozen=True)
+class SetBatchSize:
+    old: int
+    new: int
+
+
+@dataclass(frozen=True)
+class SetWorkers:
+    old: int
+    new: int
+
+
 # ---- policy helpers (pure) -----------------------------------------------------------------------
 def target_met(rec: EpochRecord, cfg: Config) -> bool:
     if cfg.ema_dice is None or math.isnan(rec.ema) or rec.ema < cfg.ema_dice:
@@ -185,17 +217,51 @@ def _finish(s: Sup, state: State, outcome: str, code: int, message: str, level="
 
 
 def _spawn(s: Sup, now: float, restart: bool) -> tuple[Sup, list]:
-    times = s.restart_times + ((now,) if restart else ())
+    times = s.restart_times + ((now,) if restart and s.restart_counts else ())
     s = dataclasses.replace(s, state=State.RUNNING, attempt=s.attempt + 1, stop_intent=None,
                             killed=False, restart_at=None, stop_deadline=None, safe_deadline=None,
-                            progress=False, restart_times=times)
+                            progress=False, restart_times=times, restart_counts=True)
     return s, [Spawn()]
+
+
+def _oom_restart(s: Sup, now: float, cfg: Config, ended: Log, act, event: str, fields: dict):
+    """Restart after an OOM remedy: base backoff, not counted against the crash budget."""
+    s = dataclasses.replace(s, state=State.BACKOFF, restart_at=now + cfg.backoff_seconds,
+                            restart_counts=False, stop_intent=None)
+    return s, [ended, act, Log(event, "warning", fields),
+               Log("restart_scheduled", "warning", {"reason": s.last_reason.value,
+                                                    "delay_s": cfg.backoff_seconds, "counted": False})]
+
+
+def _on_cuda_oom(s: Sup, now: float, cfg: Config, ended: Log):
+    bs = s.batch_size
+    new = next_batch_size(bs, cfg.oom_min_batch_size, cfg.oom_strategy, cfg.oom_subtract, cfg.oom_factor)
+    if new is None:
+        tried = " -> ".join(str(b) for b in step_sequence(
+            s.original_batch_size or bs, cfg.oom_min_batch_size, cfg.oom_strategy, cfg.oom_subtract,
+            cfg.oom_factor))
+        s, acts = _finish(
+            s, State.FAILED, "gave_up", EXIT_GAVE_UP,
+            f"CUDA out of memory at the minimum batch size {bs} (batch sizes tried: {tried}). "
+            "What can help: free the GPU of other processes (nvidia-smi), a smaller patch size or the "
+            "3d_lowres configuration (a new plans/configuration), or a lower [oom].min_batch_size.",
+            "error")
+        return s, [ended, *acts]
+    s = dataclasses.replace(s, batch_size=new, oom_steps=s.oom_steps + 1)
+    return _oom_restart(s, now, cfg, ended, SetBatchSize(bs, new), "batch_size_reduced",
+                        {"old": bs, "new": new, "min": cfg.oom_min_batch_size, "step": s.oom_steps})
 
 
 # ---- the decision function -----------------------------------------------------------------------
 def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
     st = s.state
     if isinstance(ev, Start):
+        s = dataclasses.replace(
+            s, batch_size=ev.batch_size,
+            original_batch_size=s.original_batch_size or ev.batch_size,
+            # a reduction made by an earlier run of the supervisor stays in force
+            n_proc_da=min(x for x in (s.n_proc_da, ev.n_proc_da) if x is not None)
+            if (s.n_proc_da or ev.n_proc_da) else None)
         if ev.final_checkpoint:
             return _finish(s, State.DONE, "completed", EXIT_OK,
                            "checkpoint_final.pth exists: training already completed")
@@ -206,6 +272,9 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
         if st == State.BACKOFF and s.restart_at is not None:
             return s, [Log("resuming_backoff", fields={"restart_in_s": round(max(0, s.restart_at - now), 1)})]
         return _spawn(s, now, restart=False)
+
+    if isinstance(ev, ActionFailed):
+        return _finish(s, State.FAILED, "config_error", EXIT_CONFIG, ev.message, "error")
 
     if isinstance(ev, EpochDone):
         if st not in (State.RUNNING, State.STOP_PENDING, State.STOPPING):
@@ -269,6 +338,13 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
                               "restarting cannot help", "error")
             return s, [ended, *acts]
         # restartable
+        if reason == Reason.CUDA_OOM and cfg.oom_enabled and s.batch_size is not None:
+            return _on_cuda_oom(s, now, cfg, ended)
+        if reason == Reason.HOST_OOM and s.n_proc_da is not None and s.n_proc_da > 1:
+            old, new = s.n_proc_da, max(1, s.n_proc_da // 2)
+            s = dataclasses.replace(s, n_proc_da=new)
+            return _oom_restart(s, now, cfg, ended, SetWorkers(old, new), "workers_reduced",
+                                {"variable": "nnUNet_n_proc_DA", "old": old, "new": new})
         recent = restarts_in_window(s.restart_times, now, cfg)
         if len(recent) >= cfg.max_restarts:
             s = dataclasses.replace(s, restart_times=recent)
@@ -280,7 +356,7 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
         failures = 1 if s.progress else s.consecutive_failures + 1
         delay = backoff_delay(failures, cfg)
         s = dataclasses.replace(s, state=State.BACKOFF, restart_at=now + delay, restart_times=recent,
-                                consecutive_failures=failures, stop_intent=None)
+                                consecutive_failures=failures, stop_intent=None, restart_counts=True)
         return s, [ended, Log("restart_scheduled", "warning",
                               {"reason": reason.value, "delay_s": round(delay, 1),
                                "restart": len(recent) + 1, "max_restarts": cfg.max_restarts})]

@@ -101,6 +101,20 @@ def reap_zombies(skip: set[int] = frozenset()) -> list[tuple[int, int]]:
     return reaped
 
 
+def descendants(pid: int) -> list[int]:
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def process_start_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()

@@ -102,6 +102,10 @@ def gather(cfg: Config) -> dict:
         "eta_target_s": eta_to_target(recs, cfg.ema_dice, epoch_s),
         "eta_last_epoch_s": remaining * epoch_s if epoch_s is not None and remaining >= 0 else None,
         "batch_size": plan_batch_size(cfg),
+        "original_batch_size": sup.get("original_batch_size") or plan_batch_size(cfg),
+        "min_batch_size": cfg.oom_min_batch_size,
+        "n_proc_da": sup.get("n_proc_da"),
+        "changes": data.get("changes", []),
         "restart_at": sup.get("restart_at"),
         "restarts": len(restarts),
         "restart_reasons": [a.get("reason") for a in attempts[:-1]] if attempts else [],
@@ -147,10 +151,15 @@ def render(i: dict) -> str:
         f"epoch time:   last {i['last_epoch_time_s'] or '-'} s, median {i['median_epoch_time_s'] or '-'} s",
         f"ETA target:   {_dur(i['eta_target_s']) if i['target_ema_dice'] else 'no target set'}",
         f"ETA end:      {_dur(i['eta_last_epoch_s'])}",
-        f"batch size:   {i['batch_size'] if i['batch_size'] is not None else 'unknown'}",
+        f"batch size:   {i['batch_size'] if i['batch_size'] is not None else 'unknown'}"
+        f"  (original {i['original_batch_size']}, minimum {i['min_batch_size']})",
+        f"DA workers:   {i['n_proc_da'] or 'default'}",
         f"restarts:     {i['restarts']}" + (f"  ({', '.join(str(r) for r in i['restart_reasons'])})"
                                            if i["restart_reasons"] else ""),
     ]
+    for ch in i["changes"][-5:]:
+        lines.append(f"changed:      {_ts(ch['at'])} {ch['what']} {ch['old']} -> {ch['new']} "
+                     f"after {ch['reason']}")
     if i["history"]:
         lines.append("attempts:")
         for a in i["history"][-10:]:

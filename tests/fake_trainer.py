@@ -19,7 +19,8 @@ Faults on cue, from the environment (each fires once per results folder, tracked
     crash   - RuntimeError traceback, exit 1
     oom     - torch.OutOfMemoryError traceback, exit 1
     oomabrt - the same traceback, then SIGABRT (nnU-Net sometimes dies so)
-    hostoom - kill itself with SIGKILL (what the kernel OOM killer does)
+    hostoom - "DefaultCPUAllocator: can't allocate memory" traceback, exit 1 (host RAM)
+    sigkill - kill itself with SIGKILL (what the kernel OOM killer does)
     hang    - stop printing and sleep forever mid-epoch
     nan     - report nan losses and dice from then on
   FAKE_OOM_ABOVE_BS=N  - OOM in the first epoch whenever the plans' batch size is above N
@@ -188,6 +189,11 @@ def main():
                     os.kill(os.getpid(), signal.SIGABRT)
                 sys.exit(1)
             if kind == "hostoom":
+                sys.stderr.write("RuntimeError: [enforce fail at alloc_cpu.cpp:117] data. "
+                                 "DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                 "2147483648 bytes. Error code 12 (Cannot allocate memory)\n")
+                sys.exit(1)
+            if kind == "sigkill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if kind == "hang":
                 while True:

@@ -10,6 +10,8 @@ FIX = Path(__file__).parent / "fixtures"
 
 
 @pytest.mark.parametrize("fixture,rc,expected", [
+    # captured from real nnU-Net 2.8.1 on this machine (the OOM raised by the demo OOM trainer):
+    ("real_nnunet_oom_sigabrt.txt", -signal.SIGABRT, Reason.CUDA_OOM),
     ("oom_exit1.txt", 1, Reason.CUDA_OOM),
     ("oom_abort.txt", -signal.SIGABRT, Reason.CUDA_OOM),   # same OOM, death by SIGABRT
     ("cublas.txt", 1, Reason.CUDA_OOM),

@@ -111,3 +111,25 @@ def test_target_stops_with_sigint_and_checkpoint_best_loads(workdir):
     ck = assert_ema_matches_checkpoint(st, fold(workdir) / "checkpoint_best.pth")
     assert ck["current_epoch"] == hit["epoch"] + 1  # best of the target epoch was fully written
     assert ck["_best_ema"] >= target
+
+
+def test_real_oom_steps_batch_size_down_and_completes(workdir):
+    import json
+    from supervisor.plans import BACKUP_SUFFIX
+
+    plans = workdir / "preprocessed" / demo.DEMO_NAME / "nnUNetPlans.json"
+    original = plans.read_text()
+    assert json.loads(original)["configurations"]["3d_fullres"]["batch_size"] == 2
+    cfg = demo.demo_config(workdir, trainer="nnUNetTrainerDemoOOM", target=None, crash_at=None, epochs=2,
+                           restart={"backoff_seconds": 1})
+    p = start(cfg)
+    out, _ = p.communicate(timeout=400)
+    assert p.returncode == 0, out[-5000:]
+    st = state(workdir)
+    assert [a["reason"] for a in st["attempts"]] == ["cuda_oom", "completed"]
+    assert json.loads(plans.read_text())["configurations"]["3d_fullres"]["batch_size"] == 1
+    assert (plans.parent / (plans.name + BACKUP_SUFFIX)).read_text() == original
+    ck = torch.load(fold(workdir).parent.parent.parent / demo.DEMO_NAME
+                    / "nnUNetTrainerDemoOOM__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth",
+                    map_location="cpu", weights_only=False)
+    assert ck["current_epoch"] == 2

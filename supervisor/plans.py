@@ -1,0 +1,103 @@
+"""The batch size in nnU-Net's plans file, and the OOM step-down sequence.
+
+How it works
+- nnU-Net reads `$nnUNet_preprocessed/<dataset>/<plans>.json` -> configurations.<cfg>.batch_size at every
+  start, so editing it before a `--c` restart changes the batch size of any training command (a custom
+  script too) without touching the results folder.
+- A configuration may `inherits_from` another and have no batch_size of its own: reading follows the
+  chain; writing sets batch_size on the configuration itself, so the parent (and its other children)
+  keep theirs.
+- `set_batch_size` re-serialises the document the way nnU-Net's save_json does (json, indent=4, key order
+  kept, floats round-trip exactly), so every other key keeps its value; the original file is copied once
+  to `<name>.json.cardiacseg-backup` (never overwritten later) and the new one is written atomically
+  (store.atomic_write: temp + fsync + rename, same permissions).
+- `next_batch_size` is the pure step function: subtract N or multiply by a factor (rounded down), never
+  below the minimum; None when already at the minimum.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from .store import atomic_write
+
+BACKUP_SUFFIX = ".cardiacseg-backup"
+
+
+class PlansError(Exception):
+    """A plans file that cannot be used; str() names the file and key."""
+
+
+def _load(path: Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise PlansError(f"{path}: plans file not found (run nnUNetv2_plan_and_preprocess, or check "
+                         "[paths].preprocessed / [training].plans)") from None
+    except OSError as e:
+        raise PlansError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise PlansError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("configurations"), dict):
+        raise PlansError(f"{path}: key 'configurations': expected an object of configurations")
+    return doc
+
+
+def read_batch_size(path: Path, configuration: str) -> int:
+    doc = _load(path)
+    confs = doc["configurations"]
+    name, seen = configuration, []
+    while True:
+        conf = confs.get(name)
+        if not isinstance(conf, dict):
+            where = f"configurations.{name}" + (f" (inherited by {seen[0]})" if seen else "")
+            raise PlansError(f"{path}: key '{where}' not found (has: {', '.join(confs)})")
+        if "batch_size" in conf:
+            bs = conf["batch_size"]
+            if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+                raise PlansError(f"{path}: key 'configurations.{name}.batch_size': expected an integer "
+                                 f">= 1, got {bs!r}")
+            return bs
+        seen.append(name)
+        parent = conf.get("inherits_from")
+        if not parent or parent in seen:
+            raise PlansError(f"{path}: key 'configurations.{configuration}.batch_size' not found "
+                             "(nor in any configuration it inherits from)")
+        name = parent
+
+
+def set_batch_size(path: Path, configuration: str, new: int) -> tuple[int, Path]:
+    """Write `new` for `configuration`; returns (old value, backup path). Atomic; backs up once."""
+    path = Path(path)
+    old = read_batch_size(path, configuration)
+    doc = _load(path)
+    doc["configurations"][configuration]["batch_size"] = int(new)
+    backup = path.with_name(path.name + BACKUP_SUFFIX)
+    if not backup.exists():
+        shutil.copy2(path, backup)
+    atomic_write(path, json.dumps(doc, indent=4).encode())
+    return old, backup
+
+
+def next_batch_size(bs: int, minimum: int, strategy: str, subtract: int, factor: float) -> int | None:
+    """The batch size to try after a CUDA OOM at `bs`, or None when `bs` is already the minimum."""
+    if bs <= minimum:
+        return None
+    if strategy == "multiply":
+        new = math.floor(bs * factor)
+        new = min(new, bs - 1)  # a factor close to 1 must still make progress
+    else:
+        new = bs - subtract
+    return max(minimum, new)
+
+
+def step_sequence(bs: int, minimum: int, strategy: str, subtract: int, factor: float) -> list[int]:
+    """Every batch size the supervisor would try, starting from `bs` (for status and messages)."""
+    out = [bs]
+    while (n := next_batch_size(out[-1], minimum, strategy, subtract, factor)) is not None:
+        out.append(n)
+    return out
