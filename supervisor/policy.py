@@ -117,6 +117,13 @@ class Start:
 
 
 @dataclass(frozen=True)
+class Reconfigured:
+    """The config was reloaded; the decision function re-checks the target against the last epoch."""
+    last_epoch: EpochRecord | None = None
+    mid_epoch: bool = False  # a newer epoch has started: its checkpoint saves are behind us
+
+
+@dataclass(frozen=True)
 class ActionFailed:
     """Carrying out an action failed in a way that restarting cannot fix (e.g. plans not writable)."""
     message: str
@@ -272,6 +279,18 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
         if st == State.BACKOFF and s.restart_at is not None:
             return s, [Log("resuming_backoff", fields={"restart_in_s": round(max(0, s.restart_at - now), 1)})]
         return _spawn(s, now, restart=False)
+
+    if isinstance(ev, Reconfigured):
+        if st == State.RUNNING and ev.last_epoch is not None and target_met(ev.last_epoch, cfg):
+            fields = {"epoch": ev.last_epoch.epoch, "ema": round(ev.last_epoch.ema, 4),
+                      "target": cfg.ema_dice, "via": "reload"}
+            if ev.mid_epoch:  # no checkpoint write can be in progress: stop now
+                s, acts = _stop(s, "target", now, cfg, "target reached (lowered by reload)")
+                return s, [Log("target_reached", fields=fields), *acts]
+            s = dataclasses.replace(s, state=State.STOP_PENDING, stop_intent="target",
+                                    safe_deadline=now + cfg.checkpoint_wait_seconds)
+            return s, [Log("target_reached", fields=fields)]
+        return s, []
 
     if isinstance(ev, ActionFailed):
         return _finish(s, State.FAILED, "config_error", EXIT_CONFIG, ev.message, "error")

@@ -19,6 +19,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -113,6 +114,19 @@ def kill_pid(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def stop_group(pgid: int, grace_s: float, limit_s: float = 30.0) -> None:
+    """SIGINT the group, SIGKILL what is left after grace_s, wait (bounded) until it is empty."""
+    signal_group(pgid, signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + limit_s
+    while group_alive(pgid) and time.monotonic() < deadline:
+        reap_zombies()
+        time.sleep(0.1)
 
 
 def process_start_time(pid: int) -> float | None:

@@ -117,6 +117,29 @@ def gather(cfg: Config) -> dict:
     }
 
 
+def summary_line(sup, last: EpochRecord | None, cfg: Config, now: float) -> str:
+    """One line for systemd's STATUS= (`systemctl status`): where the job stands right now."""
+    st = sup.state.value
+    if st == "backoff" and sup.restart_at is not None:
+        n = len(sup.restart_times) + 1
+        return (f"waiting {max(0, sup.restart_at - now):.0f} s before restart {n}/{cfg.max_restarts} "
+                f"after {sup.last_reason.value if sup.last_reason else 'exit'}")
+    if st in ("done", "failed"):
+        return f"{st}: {sup.outcome}" + (f" ({sup.message})" if sup.message else "")
+    parts = []
+    if st != "running":
+        parts.append(st.replace("_", " ") + ":")
+    if last is not None:
+        parts.append(f"epoch {last.epoch}/{cfg.expected_epochs}")
+        ema = "n/a" if math.isnan(last.ema) else f"{last.ema:.3f}"
+        parts.append(f"EMA {ema}" + (f" (target {cfg.ema_dice:g})" if cfg.ema_dice else ""))
+    else:
+        parts.append(f"attempt {sup.attempt} starting")
+    if sup.batch_size is not None:
+        parts.append(f"bs {sup.batch_size}")
+    return " ".join(parts)
+
+
 def _dur(s: float | None) -> str:
     if s is None:
         return "unknown"

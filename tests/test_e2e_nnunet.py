@@ -36,8 +36,8 @@ def workdir(prepared, tmp_path):
     return tmp_path
 
 
-def fold(root):
-    return root / "results" / demo.DEMO_NAME / "nnUNetTrainerDemo__nnUNetPlans__3d_fullres" / "fold_0"
+def fold(root, trainer="nnUNetTrainerDemo"):
+    return root / "results" / demo.DEMO_NAME / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
 
 
 def state(root):
@@ -129,7 +129,6 @@ def test_real_oom_steps_batch_size_down_and_completes(workdir):
     assert [a["reason"] for a in st["attempts"]] == ["cuda_oom", "completed"]
     assert json.loads(plans.read_text())["configurations"]["3d_fullres"]["batch_size"] == 1
     assert (plans.parent / (plans.name + BACKUP_SUFFIX)).read_text() == original
-    ck = torch.load(fold(workdir).parent.parent.parent / demo.DEMO_NAME
-                    / "nnUNetTrainerDemoOOM__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth",
-                    map_location="cpu", weights_only=False)
+    ck = torch.load(fold(workdir, "nnUNetTrainerDemoOOM") / "checkpoint_final.pth", map_location="cpu",
+                    weights_only=False)
     assert ck["current_epoch"] == 2

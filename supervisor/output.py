@@ -1,0 +1,89 @@
+"""The trainer's output: per-attempt log file, stderr evidence, and lines for the supervisor's log.
+
+How it works: `TrainerOutput.feed(stream, data)` receives raw chunks read from the trainer's pipes. Bytes
+go unchanged to `<state_dir>/attempts/attempt-NNNN.log`; the last 64 KiB of stderr are kept as the
+evidence `classify` reads; complete lines are split out and passed through a `TracebackGrouper`, which
+holds a Python traceback ("Traceback (most recent call last):" ... up to the first unindented line, the
+exception itself) together, so it becomes one log event (one journal entry) instead of thirty. A group
+still open after `GROUP_HOLD_S` (a trainer hung mid-traceback) or at the end of the stream is flushed.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+STDERR_TAIL_BYTES = 64 * 1024
+GROUP_HOLD_S = 1.0
+GROUP_MAX_LINES = 400
+_STARTS = ("Traceback (most recent call last):", "Exception in thread ")
+_CONTINUES = ("Traceback (most recent call last):", "During handling of the above exception",
+              "The above exception was the direct cause")
+
+
+class TracebackGrouper:
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.buf: list[str] | None = None
+        self.since = 0.0
+
+    def feed(self, line: str) -> list[str]:
+        if self.buf is None:
+            if line.startswith(_STARTS):
+                self.buf, self.since = [line], self.clock()
+                return []
+            return [line]
+        self.buf.append(line)
+        if line.startswith((" ", "\t")) or line.startswith(_CONTINUES) or not line.strip() \
+                or (len(self.buf) == 2 and self.buf[0].startswith("Exception in thread")):
+            if len(self.buf) < GROUP_MAX_LINES:
+                return []
+        return self.flush()  # the unindented exception line closes the traceback
+
+    def flush(self) -> list[str]:
+        if self.buf is None:
+            return []
+        text, self.buf = "\n".join(self.buf).rstrip("\n"), None
+        return [text]
+
+    def stale(self) -> bool:
+        return self.buf is not None and self.clock() - self.since > GROUP_HOLD_S
+
+
+class TrainerOutput:
+    def __init__(self, log_path: Path):
+        self.fh = open(log_path, "ab")
+        self.partial = {"stdout": b"", "stderr": b""}
+        self.groupers = {"stdout": TracebackGrouper(), "stderr": TracebackGrouper()}
+        self.stderr_tail = bytearray()
+
+    def feed(self, stream: str, data: bytes) -> list[tuple[str, str]]:
+        """Take a chunk; return [(stream, text)] entries ready to log."""
+        self.fh.write(data)
+        self.fh.flush()
+        if stream == "stderr":
+            self.stderr_tail += data
+            del self.stderr_tail[:-STDERR_TAIL_BYTES]
+        *lines, self.partial[stream] = (self.partial[stream] + data).split(b"\n")
+        return self._group(stream, lines)
+
+    def end(self, stream: str) -> list[tuple[str, str]]:
+        """The stream closed: flush its partial line and any open group."""
+        rest, self.partial[stream] = self.partial[stream], b""
+        out = self._group(stream, [rest] if rest else [])
+        return out + [(stream, t) for t in self.groupers[stream].flush()]
+
+    def flush_stale(self) -> list[tuple[str, str]]:
+        return [(s, t) for s, g in self.groupers.items() if g.stale() for t in g.flush()]
+
+    def _group(self, stream: str, lines: list[bytes]) -> list[tuple[str, str]]:
+        out = []
+        for raw in lines:
+            text = raw.decode("utf-8", "replace").rstrip("\r")
+            out += [(stream, t) for t in self.groupers[stream].feed(text)]
+        return [(s, t) for s, t in out if t.strip()]
+
+    def evidence(self) -> str:
+        return self.stderr_tail.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self.fh.close()
