@@ -1,4 +1,4 @@
-"""The `cardiacseg-train` command: run | status | check | demo.
+"""The `cardiacseg-train` command: run | status | check | install-unit | uninstall-unit | demo.
 
 Exit codes of `run` (the systemd unit depends on them):
   0  done: target reached, training completed, or stopped on request
@@ -68,6 +68,18 @@ def cmd_check(args) -> int:
     return EXIT_CONFIG if any(p.fatal for p in problems) else 0
 
 
+def cmd_install(args) -> int:
+    from .install import install
+
+    return install(args.root, user=args.user, create_user=not args.no_create_user)
+
+
+def cmd_uninstall(args) -> int:
+    from .install import uninstall
+
+    return uninstall(args.root)
+
+
 def cmd_demo(args) -> int:
     from .demo import main as demo_main
 
@@ -88,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="preflight: list every problem at once")
     c.add_argument("--config", required=True)
     c.set_defaults(fn=cmd_check)
+    i = sub.add_parser("install-unit", help="install the systemd units, user and /etc config")
+    i.add_argument("--root", default="/", help="install below this root (default /)")
+    i.add_argument("--user", default="cardiacseg", help="service user (default cardiacseg)")
+    i.add_argument("--no-create-user", action="store_true", help="do not run useradd")
+    i.set_defaults(fn=cmd_install)
+    u = sub.add_parser("uninstall-unit", help="move the unit files aside (config and state are kept)")
+    u.add_argument("--root", default="/")
+    u.set_defaults(fn=cmd_uninstall)
     d = sub.add_parser("demo", help="synthetic dataset + real nnU-Net on the CPU under the supervisor")
     d.add_argument("--dir", default="demo-run", help="working folder (default ./demo-run)")
     d.add_argument("--no-crash", action="store_true", help="skip the injected crash")

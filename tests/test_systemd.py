@@ -1,0 +1,247 @@
+"""systemd integration: unit files, install-unit, sd_notify on real sockets, journald format, reload."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, wait_for
+from supervisor import install, logs
+from supervisor.sdnotify import Notifier
+
+ANALYZE = shutil.which("systemd-analyze")
+MAX_EXPOSURE = 3.0  # `systemd-analyze security --offline=true` measured 2.0 ("OK") on systemd 252
+
+
+def test_packaged_units_and_example_are_the_repository_files():
+    for name in install.UNITS:
+        assert (install.DATA / name).read_bytes() == (REPO / "systemd" / name).read_bytes(), name
+    assert (install.DATA / "config.example.toml").read_bytes() == (REPO / "config.toml").read_bytes()
+
+
+def test_unit_has_the_required_settings():
+    text = (REPO / "systemd" / "cardiacseg-train.service").read_text()
+    for line in ("Type=notify", "NotifyAccess=main", "ExecReload=/bin/kill -HUP $MAINPID",
+                 "Restart=on-failure", "RestartPreventExitStatus=2 3", "KillMode=mixed",
+                 "OOMPolicy=continue", "StateDirectory=cardiacseg-train", "PrivateDevices=no",
+                 "DeviceAllow=/dev/nvidiactl rw", "DeviceAllow=char-nvidia-uvm rw"):
+        assert re.search(rf"^{re.escape(line)}$", text, re.M), line
+    stop = int(re.search(r"^TimeoutStopSec=(\d+)min$", text, re.M).group(1)) * 60
+    assert stop > 120 + 30  # longer than the default stop.timeout_seconds plus reaping
+    assert re.search(r"^WatchdogSec=\d+", text, re.M)
+
+
+@pytest.fixture
+def installed(tmp_path):
+    lines = []
+    install.install(tmp_path, create_user=False, out=lines.append)
+    return tmp_path, "\n".join(lines)
+
+
+def test_install_unit_writes_units_and_config_and_prints_next_steps(installed):
+    root, out = installed
+    unit = (root / "etc/systemd/system/cardiacseg-train.service").read_text()
+    assert f"ExecStart={install.executable()} run --config /etc/cardiacseg-train/config.toml" in unit
+    assert (root / "etc/cardiacseg-train/config.toml").read_bytes() == (REPO / "config.toml").read_bytes()
+    assert "systemctl enable --now cardiacseg-train" in out and "journalctl -fu cardiacseg-train" in out
+
+
+def test_install_never_overwrites_an_edited_config_and_moves_old_units_aside(installed):
+    root, _ = installed
+    conf = root / "etc/cardiacseg-train/config.toml"
+    conf.write_text("# mine\n")
+    unit = root / "etc/systemd/system/cardiacseg-train.service"
+    unit.write_text("[Service]\nExecStart=/old\n")
+    lines = []
+    install.install(root, create_user=False, out=lines.append)
+    assert conf.read_text() == "# mine\n"
+    assert [p.read_text() for p in unit.parent.glob("cardiacseg-train.service.replaced-*")] == [
+        "[Service]\nExecStart=/old\n"]
+    install.uninstall(root, out=lines.append)
+    assert not unit.exists() and conf.exists()
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("name,as_name", [("cardiacseg-train.service", "cardiacseg-train.service"),
+                                          ("cardiacseg-train@.service", "cardiacseg-train@gpu0.service")])
+def test_systemd_analyze_verify_is_silent_and_security_is_ok(installed, tmp_path, name, as_name):
+    root, _ = installed
+    d = tmp_path / "verify"
+    d.mkdir()
+    shutil.copy(root / "etc/systemd/system" / name, d / as_name)
+    r = subprocess.run([ANALYZE, "verify", str(d / as_name)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr  # it exits 0 on unknown keys
+    r = subprocess.run([ANALYZE, "security", "--offline=true", str(d / as_name)], capture_output=True,
+                       text=True, timeout=120)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout + r.stderr)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= MAX_EXPOSURE
+
+
+# ---- sd_notify against real datagram sockets ---------------------------------------------------------
+class Listener:
+    def __init__(self, addr):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(addr)
+        self.sock.settimeout(0.05)
+        self.msgs = []
+
+    def drain(self):
+        while True:
+            try:
+                self.msgs.append(dict(line.split("=", 1) for line in self.sock.recv(4096).decode().split("\n")))
+            except (socket.timeout, BlockingIOError):
+                return self.msgs
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_notifier_messages_on_path_and_abstract_sockets(tmp_path, abstract):
+    name = f"cardiacseg-test-{os.getpid()}-{time.monotonic_ns()}"
+    addr, env_addr = (("\0" + name), "@" + name) if abstract else (str(tmp_path / "notify"),) * 2
+    lis = Listener(addr)
+    t = [100.0]
+    n = Notifier({"NOTIFY_SOCKET": env_addr, "WATCHDOG_USEC": "2000000"}, clock=lambda: t[0])
+    n.ready("starting")
+    n.status("epoch 1")
+    n.status("epoch 1")  # unchanged: not sent again
+    n.status("epoch 2")
+    for step in range(5):  # 5 s at 1 s per ping -> watchdog every 1 s (half of 2 s)
+        n.watchdog()
+        t[0] += 0.5
+        n.watchdog()
+        t[0] += 0.5
+    before = time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6
+    n.reloading()
+    n.stopping()
+    n.extend_timeout(90)
+    m = lis.drain()
+    assert m[0] == {"READY": "1", "STATUS": "starting"}
+    assert [x["STATUS"] for x in m if set(x) == {"STATUS"}] == ["epoch 1", "epoch 2"]
+    assert sum(1 for x in m if x == {"WATCHDOG": "1"}) == 5
+    rel = next(x for x in m if "RELOADING" in x)
+    assert abs(int(rel["MONOTONIC_USEC"]) - before) < 5e6
+    assert {"STOPPING": "1"} in m and {"EXTEND_TIMEOUT_USEC": "90000000"} in m
+
+
+def test_notifier_is_silent_without_socket_and_respects_watchdog_pid():
+    n = Notifier({})
+    assert not n.enabled and not n.send(READY=1)
+    n.ready(); n.watchdog(); n.stopping()  # no-ops, no exceptions
+    assert Notifier({"NOTIFY_SOCKET": "/nonexistent/sock", "WATCHDOG_USEC": "1000000",
+                     "WATCHDOG_PID": str(os.getpid() + 1)}).watchdog_interval is None
+    gone = Notifier({"NOTIFY_SOCKET": "/nonexistent/sock"})
+    assert gone.send(READY=1) is False  # dropped, never raised
+
+
+def test_daemon_notifies_ready_status_watchdog_reload_stopping(job, tmp_path):
+    lis = Listener(str(tmp_path / "notify.sock"))
+    cfg = job.config(env={"FAKE_EPOCHS": "500", "FAKE_EPOCH_S": "0.2"})
+    p = job.start(cfg, extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"})
+    try:
+        wait_for(lambda: any(x.get("STATUS", "").startswith("epoch 3/") for x in lis.drain()), timeout=60,
+                 what="STATUS with epoch 3")
+        pid = job.state_json()["attempts"][-1]["pid"]
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        assert not any(e.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_")) for e in environ)
+        t0 = time.monotonic()
+        n0 = sum(1 for x in lis.drain() if "WATCHDOG" in x)
+        time.sleep(2.0)
+        pings = sum(1 for x in lis.drain() if "WATCHDOG" in x) - n0
+        assert 2 <= pings <= 6, pings  # every 0.5 s (half of WATCHDOG_USEC)
+        k = len(lis.drain())
+        p.send_signal(signal.SIGHUP)
+        wait_for(lambda: any("READY" in x for x in lis.drain()[k:]), timeout=10, what="READY after reload")
+        after = lis.drain()[k:]
+        i_rel = next(i for i, x in enumerate(after) if "RELOADING" in x)
+        i_ready = next(i for i, x in enumerate(after) if "READY" in x)
+        assert i_rel < i_ready and int(after[i_rel]["MONOTONIC_USEC"]) > 0
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+    m = lis.drain()
+    assert m[0].get("READY") == "1"
+    assert any("STOPPING" in x for x in m)
+    assert p.returncode == 0, out
+
+
+# ---- reload end to end ---------------------------------------------------------------------------------
+def test_reload_lowers_the_target_and_a_broken_file_changes_nothing(job):
+    cfg = job.config(env={"FAKE_EPOCHS": "500", "FAKE_EPOCH_S": "0.2"}, target={"ema_dice": 0.95})
+    good = cfg.read_text()
+    p = job.start(cfg)
+    try:
+        wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 3,
+                 timeout=60, what="epochs")
+        cfg.write_text(good.replace("[restart]", "[restart]\nbogus_key = 1"))
+        p.send_signal(signal.SIGHUP)
+        n = len(job.state_json()["epochs"])
+        wait_for(lambda: len(job.state_json()["epochs"]) >= n + 3, timeout=60, what="training goes on")
+        assert job.state_json()["sup"]["state"] == "running"
+        cfg.write_text(good.replace("ema_dice = 0.95", "ema_dice = 0.3"))
+        p.send_signal(signal.SIGHUP)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, out
+    assert "reload_failed" in out and "restart.bogus_key" in out
+    st = job.state_json()
+    assert st["sup"]["outcome"] == "target_reached" and len(st["attempts"]) == 1
+    assert st["attempts"][0]["reason"] == "target_reached"
+
+
+def test_reload_reports_keys_that_need_a_restart(job):
+    cfg = job.config(env={"FAKE_EPOCHS": "500", "FAKE_EPOCH_S": "0.2"})
+    p = job.start(cfg)
+    try:
+        wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 1,
+                 timeout=60, what="an epoch")
+        text = cfg.read_text().replace("fold = 0", "fold = 1").replace('"FAKE_EPOCH_S" = "0.2"', "")
+        cfg.write_text(text.replace("[environment]", '[environment]\nEXTRA = "1"'))
+        p.send_signal(signal.SIGHUP)
+        time.sleep(1.5)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+    assert re.search(r"reload_needs_supervisor_restart keys=\['training.fold'\]", out), out[-3000:]
+    assert re.search(r"reloaded applied=\[\] next_restart=\['\[environment\]'\]", out), out[-3000:]
+    assert job.state_json()["job"]["fold"] == 0
+
+
+# ---- journald format ------------------------------------------------------------------------------------
+def test_journal_format_priorities_and_one_line_tracebacks(job, tmp_path):
+    cfg = job.config(env={"FAKE_EPOCHS": "4", "FAKE_FAULT": "2:crash"})
+    err = tmp_path / "journal.txt"
+    with open(err, "w") as fh:
+        st = os.fstat(fh.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        r = subprocess.run([sys.executable, "-m", "supervisor", "run", "--config", str(cfg)], cwd=REPO,
+                           env=env, stderr=fh, stdout=subprocess.DEVNULL, timeout=120)
+    assert r.returncode == 0
+    lines = err.read_text().splitlines()
+    assert lines and all(re.match(r"^<[2-7]>", ln) for ln in lines), lines[:5]
+    assert not any(re.match(r"^<\d>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[", ln) for ln in lines)  # no timestamps
+    assert not any("\x1b[" in ln for ln in lines)  # no colour
+    warn = [ln for ln in lines if ln.startswith("<4>")]
+    assert any("attempt_ended" in ln and "reason=crash" in ln for ln in warn)
+    assert any(ln.startswith("<6>epoch epoch=") for ln in lines)
+    trainer = [ln for ln in lines if "src=trainer" in ln]
+    assert trainer and all(ln.startswith("<6>") and "attempt=" in ln for ln in trainer)
+    tb = [ln for ln in trainer if "Traceback (most recent call last):" in ln]
+    assert len(tb) == 1 and "\\n" in tb[0] and "RuntimeError: CUDA error: an illegal memory access" in tb[0]
+
+
+def test_journald_detection_needs_matching_inode(tmp_path):
+    with open(tmp_path / "x", "w") as fh:
+        st = os.fstat(fh.fileno())
+        assert logs.under_journald(fh, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        assert not logs.under_journald(fh, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
+        assert not logs.under_journald(fh, {})
