@@ -30,9 +30,16 @@ class Reason(str, enum.Enum):
     HOST_OOM = "host_oom"              # host RAM: allocator failure or a SIGKILL nobody sent
     CONFIG_ERROR = "config_error"      # dataset/trainer/plans missing, bad arguments
     CORRUPT_CHECKPOINT = "corrupt_checkpoint"  # --c could not read the checkpoint
+    HANG = "hang"                      # no epoch progress and an idle process tree: we stopped it
+    DIVERGED = "diverged"              # non-finite loss/Dice epochs in a row: we stopped it
+    PLATEAU = "plateau"                # no new best EMA for patience_epochs: we stopped it
 
 
-RESTARTABLE = frozenset({Reason.CRASH, Reason.CUDA_OOM, Reason.HOST_OOM, Reason.CORRUPT_CHECKPOINT})
+RESTARTABLE = frozenset({Reason.CRASH, Reason.CUDA_OOM, Reason.HOST_OOM, Reason.CORRUPT_CHECKPOINT,
+                         Reason.HANG})
+# Why WE stopped an attempt -> the reason it ended with, whatever its exit status says.
+INTENTS = {"target": Reason.TARGET_REACHED, "operator": Reason.STOPPED, "hang": Reason.HANG,
+           "diverged": Reason.DIVERGED, "plateau": Reason.PLATEAU}
 
 # (reason, pattern) in priority order. Patterns are matched against the stderr tail (and stdout tail,
 # because nnU-Net prints some errors there).
@@ -46,7 +53,7 @@ SIGNATURES: list[tuple[Reason, re.Pattern]] = [
         r"Requested configuration \S+ not found in plans",
         r"(?i)FileNotFoundError: .*(?:plans\w*|dataset|dataset_fingerprint|splits_final)\.json",
         r"Unable to convert given value for fold",
-        r"nnUNetv2_train: error:",          # argparse usage error
+        r"(?m)^\S+: error: (?:the following arguments are required|unrecognized arguments|argument )",
         r"(?m)^cannot execute ",            # the training command itself could not be started
     )
 ] + [
@@ -85,7 +92,7 @@ class Exit:
 
     returncode: int | None          # Popen convention: -N for death by signal N
     stderr_tail: str = ""
-    stop_intent: str | None = None  # "target", "operator", ... set when WE asked it to stop
+    stop_intent: str | None = None  # a key of INTENTS, set when WE asked it to stop
     we_killed: bool = False         # we sent SIGKILL (stop escalation)
     final_checkpoint: bool = False  # checkpoint_final.pth exists after the exit
     oom_kills_delta: int | None = None  # cgroup memory.events oom_kill increase, None = unknown
@@ -99,10 +106,8 @@ def match_signature(text: str) -> Reason | None:
 
 
 def classify(x: Exit) -> Reason:
-    if x.stop_intent == "target":
-        return Reason.TARGET_REACHED
-    if x.stop_intent == "operator":
-        return Reason.STOPPED
+    if x.stop_intent in INTENTS:
+        return INTENTS[x.stop_intent]
     if x.returncode == 0 and x.final_checkpoint:
         return Reason.COMPLETED
     found = match_signature(x.stderr_tail)

@@ -93,7 +93,7 @@ _NONE = None  # a key whose default is "unset"; TOML has no null, so it is simpl
 
 SCHEMA: dict[str, dict[str, Field]] = {
     "training": {
-        "command": Field(list, ["nnUNetv2_train"], _argv,
+        "command": Field(list, ["cardiacseg-train-nnunet"], _argv,
                          "argv prefix of the training program"),
         "dataset": Field((str, int), _NONE, None, "dataset name or id, e.g. Dataset001_CardiacSeg"),
         "configuration": Field(str, "3d_fullres", _nonempty, "nnU-Net configuration"),
@@ -121,6 +121,20 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "ema_dice": Field((int, float), _NONE, _unit_interval, "EMA pseudo Dice to stop at"),
         "min_class_dice": Field((int, float), _NONE, _unit_interval_or_zero,
                                 "every foreground class must reach this too"),
+        "max_nonfinite_epochs": Field(int, 3, _non_negative,
+                                      "stop as diverged after N non-finite epochs in a row (0: off)"),
+        "patience_epochs": Field(int, 0, _non_negative,
+                                 "stop as plateau after N epochs without a new best EMA (0: off)"),
+    },
+    "hang": {
+        "enabled": Field(bool, True, None, "stop and restart a trainer that makes no progress"),
+        "timeout_minutes": Field((int, float), 0, _non_negative,
+                                 "no-progress limit; 0 derives it: 3 x the median epoch time"),
+        "min_timeout_minutes": Field((int, float), 20, _positive, "floor of the derived limit"),
+        "first_epoch_minutes": Field((int, float), 90, _positive,
+                                     "allowance for start-up and the first epoch of an attempt"),
+        "idle_cpu_percent": Field((int, float), 10, _non_negative,
+                                  "the process tree counts as idle below this CPU use (of one core)"),
     },
     "stop": {
         "timeout_seconds": Field((int, float), 120, _positive, "SIGINT -> SIGKILL escalation"),
@@ -139,6 +153,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
                         "strategy = multiply: floor(batch size * factor)"),
         "gpu_release_timeout_seconds": Field((int, float), 120, _non_negative,
                                              "wait for the GPU memory of the last attempt to be freed"),
+    },
+    "checkpoint": {
+        "every_epochs": Field(int, 1, lambda v: None if v >= 1 else "an integer >= 1",
+                              "checkpoint_latest.pth every N epochs (default launcher only)"),
+        "verify": Field(bool, True, None, "check the checkpoint --c will load before each start"),
+        "allow_fresh_start": Field(bool, False, None,
+                                   "start at epoch 0 when every checkpoint is unreadable"),
     },
     "logging": {
         "level": Field(str, "info", _level, "log level"),
@@ -177,6 +198,14 @@ class Config:
     # [target]
     ema_dice: float | None = None
     min_class_dice: float | None = None
+    max_nonfinite_epochs: int = 3
+    patience_epochs: int = 0
+    # [hang]
+    hang_enabled: bool = True
+    hang_timeout_minutes: float = 0
+    hang_min_timeout_minutes: float = 20
+    hang_first_epoch_minutes: float = 90
+    hang_idle_cpu_percent: float = 10
     # [stop]
     timeout_seconds: float = 120
     checkpoint_wait_seconds: float = 300
@@ -187,6 +216,10 @@ class Config:
     oom_subtract: int = 1
     oom_factor: float = 0.5
     oom_gpu_release_timeout: float = 120
+    # [checkpoint]
+    checkpoint_every: int = 1
+    checkpoint_verify: bool = True
+    allow_fresh_start: bool = False
     # [logging]
     level: str = "info"
 
@@ -294,6 +327,13 @@ def parse(raw: dict, path: Path, env: dict[str, str] | None = None) -> Config:
         window_minutes=float(get("restart.window_minutes")),
         ema_dice=get("target.ema_dice"),
         min_class_dice=get("target.min_class_dice"),
+        max_nonfinite_epochs=get("target.max_nonfinite_epochs"),
+        patience_epochs=get("target.patience_epochs"),
+        hang_enabled=get("hang.enabled"),
+        hang_timeout_minutes=float(get("hang.timeout_minutes")),
+        hang_min_timeout_minutes=float(get("hang.min_timeout_minutes")),
+        hang_first_epoch_minutes=float(get("hang.first_epoch_minutes")),
+        hang_idle_cpu_percent=float(get("hang.idle_cpu_percent")),
         timeout_seconds=float(get("stop.timeout_seconds")),
         checkpoint_wait_seconds=float(get("stop.checkpoint_wait_seconds")),
         oom_enabled=get("oom.enabled"),
@@ -302,6 +342,9 @@ def parse(raw: dict, path: Path, env: dict[str, str] | None = None) -> Config:
         oom_subtract=get("oom.subtract"),
         oom_factor=float(get("oom.factor")),
         oom_gpu_release_timeout=float(get("oom.gpu_release_timeout_seconds")),
+        checkpoint_every=get("checkpoint.every_epochs"),
+        checkpoint_verify=get("checkpoint.verify"),
+        allow_fresh_start=get("checkpoint.allow_fresh_start"),
         level=get("logging.level").lower(),
     )
 

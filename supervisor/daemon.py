@@ -25,15 +25,16 @@ import socket
 import time
 from collections import deque
 
-from . import job, logs, plans, proc
-from .classify import Exit
+from . import checkpoints, job, logs, plans, proc
+from .attempt import Attempt
+from .classify import Exit, Reason
 from .config import Config, ConfigError, load
 from .gpu import Nvml
 from .logparse import EpochAssembler, EpochRecord, History, LogFollower, parse_line
 from .output import TrainerOutput
-from .policy import (TERMINAL, ActionFailed, ChildExited, EpochDone, Finish, Log, Reconfigured, SafePoint,
-                     SetBatchSize, SetWorkers, SignalGroup, Spawn, Start, State, StopRequested, Sup, Tick,
-                     decide)
+from .policy import (TERMINAL, ActionFailed, ChildExited, EpochDone, Finish, Log, NoCheckpoint, Reconfigured,
+                     SafePoint, SetBatchSize, SetWorkers, SignalGroup, Spawn, Stalled, Start, State,
+                     StopRequested, Sup, Tick, decide, hang_limit)
 from .reload import plan_reload
 from .sdnotify import Notifier
 from .status import summary_line
@@ -42,24 +43,8 @@ from .store import Lock, StateStore
 LOG_POLL_S = 0.25
 REAP_POLL_S = 0.05
 REAP_LIMIT_S = 30.0
-DESCENDANT_SAMPLE_S = 2.0
 NNUNET_DEFAULT_N_PROC_DA = 12  # nnunetv2.utilities.default_n_proc_DA, capped at the CPU count
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
-
-
-class Attempt:
-    """The running trainer: its process, output, and every process of it seen so far."""
-
-    def __init__(self, n: int, popen, output: TrainerOutput):
-        self.n, self.popen, self.output = n, popen, output
-        self.pid = self.pgid = popen.pid  # start_new_session: the trainer leads its own group
-        self.open_streams = 2
-        self.returncode: int | None = None
-        self.reap_deadline: float | None = None
-        self.gpu_deadline: float | None = None
-        self.known: dict[int, float | None] = {self.pid: proc.process_start_time(self.pid)}
-        self.next_sample = 0.0
-        self.oom_kills_at_start = proc.cgroup_oom_kills()
 
 
 class Daemon:
@@ -83,6 +68,8 @@ class Daemon:
         self.nvml: Nvml | None = None
         self.notify = Notifier()
         self.next_extend = 0.0
+        self.last_progress = clock()
+        self.final_phase = False  # "Training done." seen: final validation, no hang detection
 
     # ---- set-up --------------------------------------------------------------------------------
     def current_batch_size(self) -> int | None:
@@ -195,6 +182,7 @@ class Daemon:
             self._forward(self.child, self.child.output.flush_stale())
         self._check_child()
         self._poll_log()
+        self._check_hang()
         self.dispatch(Tick())
         self.notify.status(self._summary())
         self.notify.watchdog()
@@ -261,18 +249,15 @@ class Daemon:
         if a.returncode is None:
             rc = a.popen.poll()
             if rc is None:
-                if now >= a.next_sample:
-                    a.next_sample = now + DESCENDANT_SAMPLE_S
-                    for pid in proc.descendants(a.pid):
-                        a.known.setdefault(pid, proc.process_start_time(pid))
+                a.sample(now)
                 return
             a.returncode, a.reap_deadline = rc, now + REAP_LIMIT_S
             # The trainer is gone; what is left of it is useless and may hold GPU memory.
             proc.signal_group(a.pgid, signal.SIGKILL)
-            for pid in self._survivors(a):
+            for pid in a.survivors():
                 proc.kill_pid(pid)
         proc.reap_zombies(skip={a.pid})
-        if (proc.group_alive(a.pgid) or a.open_streams or self._survivors(a)) and now < a.reap_deadline:
+        if (proc.group_alive(a.pgid) or a.open_streams or a.survivors()) and now < a.reap_deadline:
             return
         if proc.group_alive(a.pgid):
             self.log.error("group_not_empty", pgid=a.pgid, members=proc.group_members(a.pgid))
@@ -295,8 +280,23 @@ class Daemon:
         rec["reason"] = self.sup.last_reason.value if self.sup.last_reason else None
         self.save()
 
-    def _survivors(self, a: Attempt) -> list[int]:
-        return [pid for pid, t in a.known.items() if pid != a.pid and proc.same_process(pid, t)]
+    def _check_hang(self) -> None:
+        a = self.child
+        if a is None or a.returncode is not None or not self.cfg.hang_enabled or self.final_phase \
+                or self.sup.state != State.RUNNING:
+            return
+        since = max(self.last_progress, a.started)
+        this_attempt = sum(1 for r in self.history.records.values() if r.epoch >= self.attempts[-1]["epoch_start"])
+        limit = hang_limit([r.epoch_time for r in self.history.ordered()[-20:]], this_attempt, self.cfg)
+        quiet = self.clock() - since
+        share = a.cpu_share()
+        if quiet > limit and share is not None and share * 100 < self.cfg.hang_idle_cpu_percent \
+                and not self._gpu_busy(a):
+            self.dispatch(Stalled(quiet, limit))
+
+    def _gpu_busy(self, a: Attempt) -> bool:
+        util = self.nvml.utilization_for(set(a.known)) if self.nvml is not None else None
+        return util is not None and util > self.cfg.hang_idle_cpu_percent
 
     def _gpu_released(self, a: Attempt) -> bool:
         """True once no process of the attempt holds GPU memory (or NVML cannot tell)."""
@@ -320,6 +320,8 @@ class Daemon:
             if ev is None:
                 continue
             if ev[0] in ("epoch", "done"):
+                self.last_progress = self.clock()
+                self.final_phase = ev[0] == "done"
                 self.dispatch(SafePoint())
             rec = self.assembler.feed(ev)
             if rec is not None:
@@ -372,9 +374,40 @@ class Daemon:
         self.log.warning("changed", **ch)
         self.save()
 
+    def _pick_checkpoint(self) -> tuple[bool, object]:
+        """(ok, checkpoint path or None): verify what --c would load, move bad ones aside."""
+        fold = job.fold_dir(self.cfg)
+        for name in checkpoints.remove_stale_temp_files(fold):
+            self.log.info("removed_stale_temp_file", file=name)
+        prev = self.attempts[-2] if len(self.attempts) >= 2 else None
+        suspect = prev["resume_from"] if prev and prev.get("reason") == Reason.CORRUPT_CHECKPOINT.value else None
+        pick = checkpoints.pick_resume(fold, suspect=suspect, check=self.cfg.checkpoint_verify)
+        for name, dest, why in pick.moved:
+            self.log.error("checkpoint_moved_aside", file=name, moved_to=dest, why=why)
+            self._record_change("checkpoint", name, dest, why=why)
+        if pick.moved and pick.resume is not None:
+            best_epochs = [r.epoch for r in self.history.ordered() if r.new_best]
+            last = self.history.last()
+            lost = (last.epoch - best_epochs[-1]) if last and best_epochs and "best" in pick.resume.name else None
+            self.log.warning("checkpoint_fallback", resume_from=pick.resume.name, epochs_lost=lost)
+        if pick.had_any and pick.resume is None:
+            if not self.cfg.allow_fresh_start:
+                return False, None
+            self.log.warning("fresh_start", why="no readable checkpoint left; checkpoint.allow_fresh_start = true")
+        return True, pick.resume
+
     def _spawn(self) -> None:
         n = self.sup.attempt
-        ckpt = job.resume_checkpoint(self.cfg)
+        ok, ckpt = self._pick_checkpoint()
+        if not ok:
+            self.attempts.append({"n": n, "argv": None, "started_at": self.clock(), "ended_at": self.clock(),
+                                  "exit_code": None, "reason": "no_checkpoint", "resume_from": None,
+                                  "epoch_start": None, "epoch_reached": None, "log": None})
+            self.dispatch(NoCheckpoint(
+                "every checkpoint in the fold folder was unreadable and has been moved aside (*.corrupt-*); "
+                "set [checkpoint].allow_fresh_start = true to start again from epoch 0, or put a good "
+                "checkpoint back"))
+            return
         argv = job.build_argv(self.cfg, resume=ckpt is not None)
         overrides = {"nnUNet_n_proc_DA": str(self.sup.n_proc_da)} if self.sup.n_proc_da else {}
         log_path = self.cfg.state_dir / "attempts" / f"attempt-{n:04d}.log"
@@ -392,7 +425,8 @@ class Daemon:
             self.dispatch(ChildExited(Exit(returncode=127, stderr_tail=f"cannot execute {argv[0]}: {e}")))
             rec["reason"] = self.sup.last_reason.value if self.sup.last_reason else None
             return
-        self.child = Attempt(n, popen, TrainerOutput(log_path))
+        self.child = Attempt(n, popen, TrainerOutput(log_path), self.clock())
+        self.last_progress, self.final_phase = self.clock(), False
         for name, fobj in (("stdout", popen.stdout), ("stderr", popen.stderr)):
             os.set_blocking(fobj.fileno(), False)
             self.sel.register(fobj, selectors.EVENT_READ, name)

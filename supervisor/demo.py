@@ -75,7 +75,8 @@ def preprocess(root: Path) -> Path:
     return plans
 
 
-def demo_config(root: Path, *, trainer="nnUNetTrainerDemo", target: float | None = DEMO_TARGET,
+def demo_config(root: Path, *, trainer="nnUNetTrainerDemo", command="cardiacseg-train-nnunet",
+                target: float | None = DEMO_TARGET,
                 crash_at: int | None = 2, epochs: int = 10, state_dir: str = "state",
                 extra_env: dict | None = None, restart: dict | None = None) -> Path:
     from .demo_trainers import DIR
@@ -90,7 +91,7 @@ def demo_config(root: Path, *, trainer="nnUNetTrainerDemo", target: float | None
     lines = [
         "# Written by `cardiacseg-train demo`: real nnU-Net on the CPU, synthetic data.",
         "[training]",
-        f"command = [{q(_bin('nnUNetv2_train'))}]",
+        f"command = [{q(_bin(command))}]",
         f"dataset = {q(DEMO_NAME)}", 'configuration = "3d_fullres"', "fold = 0",
         f"trainer = {q(trainer)}", 'device = "cpu"', f"expected_epochs = {epochs}",
         "", "[paths]", 'raw = "raw"', 'preprocessed = "preprocessed"', 'results = "results"',

@@ -46,3 +46,17 @@ class Nvml:
             except self.nv.NVMLError:
                 continue
         return pids
+
+    def utilization_for(self, pids: set[int]) -> int | None:
+        """Highest GPU utilisation (%) among devices where one of `pids` runs; None when unknown."""
+        best = None
+        for i in range(self.count):
+            try:
+                h = self.nv.nvmlDeviceGetHandleByIndex(i)
+                if not {int(p.pid) for p in self.nv.nvmlDeviceGetComputeRunningProcesses(h)} & pids:
+                    continue
+                u = self.nv.nvmlDeviceGetUtilizationRates(h).gpu
+            except self.nv.NVMLError:
+                continue
+            best = u if best is None else max(best, u)
+        return best

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import sys
 from pathlib import Path
 
 from .config import Config
@@ -59,8 +61,19 @@ def resume_checkpoint(cfg: Config) -> Path | None:
     return found[0] if found else None
 
 
+def resolve_command(cfg: Config, path: str | None = None) -> list[str]:
+    """The configured argv prefix; a bare program name missing from PATH is looked for next to the
+    supervisor's own interpreter (a venv install under systemd, whose PATH lacks the venv)."""
+    exe, rest = cfg.command[0], list(cfg.command[1:])
+    if "/" not in exe and shutil.which(exe, path=path) is None:
+        local = Path(sys.executable).parent / exe
+        if local.exists():
+            return [str(local), *rest]
+    return [exe, *rest]
+
+
 def build_argv(cfg: Config, resume: bool) -> list[str]:
-    argv = [*cfg.command, dataset_name(cfg), cfg.configuration, str(cfg.fold),
+    argv = [*resolve_command(cfg, build_env(cfg).get("PATH")), dataset_name(cfg), cfg.configuration, str(cfg.fold),
             "-tr", cfg.trainer, "-p", cfg.plans, "-device", cfg.device]
     if cfg.num_gpus > 1:
         argv += ["-num_gpus", str(cfg.num_gpus)]
@@ -79,6 +92,7 @@ def build_env(cfg: Config, base: dict[str, str] | None = None, overrides: dict[s
         env["nnUNet_raw"] = str(cfg.raw)
     env["nnUNet_preprocessed"] = str(cfg.preprocessed)
     env["nnUNet_results"] = str(cfg.results)
+    env["CARDIACSEG_CHECKPOINT_EVERY"] = str(cfg.checkpoint_every)  # read by the default launcher
     env.update(cfg.environment)
     env.update(overrides or {})
     env.setdefault("PYTHONUNBUFFERED", "1")  # so progress lines reach us as they are printed

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from .classify import RESTARTABLE, Exit, Reason, classify
 from .config import Config
-from .logparse import EpochRecord
+from .logparse import EpochRecord, nanmean
 from .plans import next_batch_size, step_sequence
 
 EXIT_OK = 0
@@ -89,6 +89,8 @@ class Sup:
     original_batch_size: int | None = None  # before the supervisor changed anything
     oom_steps: int = 0
     n_proc_da: int | None = None           # augmentation workers passed to the trainer
+    nonfinite_streak: int = 0              # epochs in a row with non-finite loss or Dice
+    since_best: int = 0                    # epochs since the last new best EMA
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -121,6 +123,19 @@ class Reconfigured:
     """The config was reloaded; the decision function re-checks the target against the last epoch."""
     last_epoch: EpochRecord | None = None
     mid_epoch: bool = False  # a newer epoch has started: its checkpoint saves are behind us
+
+
+@dataclass(frozen=True)
+class Stalled:
+    """No epoch progress for longer than the hang limit, and the process tree is idle."""
+    quiet_s: float
+    limit_s: float
+
+
+@dataclass(frozen=True)
+class NoCheckpoint:
+    """Every checkpoint was unreadable and moved aside, and a fresh start is not allowed."""
+    message: str
 
 
 @dataclass(frozen=True)
@@ -190,6 +205,23 @@ class SetWorkers:
 
 
 # ---- policy helpers (pure) -----------------------------------------------------------------------
+def nonfinite(rec: EpochRecord) -> bool:
+    """A nan/inf train loss, or a pseudo Dice that is nan for every class. Missing values are unknown."""
+    dice = nanmean(rec.dice) if rec.dice else None
+    return any(v is not None and not math.isfinite(v) for v in (rec.train_loss, dice))
+
+
+def hang_limit(epoch_times: list[float], epochs_this_attempt: int, cfg: Config) -> float:
+    """Seconds without an epoch after which an idle trainer counts as hung."""
+    if epochs_this_attempt == 0:
+        return cfg.hang_first_epoch_minutes * 60
+    if cfg.hang_timeout_minutes > 0:
+        return cfg.hang_timeout_minutes * 60
+    times = sorted(t for t in epoch_times if t)
+    median = times[len(times) // 2] if times else 0.0
+    return max(cfg.hang_min_timeout_minutes * 60, 3 * median)
+
+
 def target_met(rec: EpochRecord, cfg: Config) -> bool:
     if cfg.ema_dice is None or math.isnan(rec.ema) or rec.ema < cfg.ema_dice:
         return False
@@ -295,11 +327,36 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
     if isinstance(ev, ActionFailed):
         return _finish(s, State.FAILED, "config_error", EXIT_CONFIG, ev.message, "error")
 
+    if isinstance(ev, NoCheckpoint):
+        return _finish(s, State.FAILED, "gave_up", EXIT_GAVE_UP, ev.message, "error")
+
+    if isinstance(ev, Stalled):
+        if st != State.RUNNING:
+            return s, []
+        s, acts = _stop(s, "hang", now, cfg, f"no epoch progress for {ev.quiet_s:.0f} s and the trainer is idle")
+        return s, [Log("hang_detected", "warning", {"quiet_s": round(ev.quiet_s), "limit_s": round(ev.limit_s)}),
+                   *acts]
+
     if isinstance(ev, EpochDone):
         if st not in (State.RUNNING, State.STOP_PENDING, State.STOPPING):
             return s, []
-        s = dataclasses.replace(s, progress=True)
-        if st == State.RUNNING and target_met(ev.record, cfg):
+        rec = ev.record
+        s = dataclasses.replace(s, progress=True,
+                                nonfinite_streak=s.nonfinite_streak + 1 if nonfinite(rec) else 0,
+                                since_best=0 if rec.new_best else s.since_best + 1)
+        if st != State.RUNNING:
+            return s, []
+        if cfg.max_nonfinite_epochs and s.nonfinite_streak >= cfg.max_nonfinite_epochs:
+            s, acts = _stop(s, "diverged", now, cfg,
+                            f"non-finite loss or Dice for {s.nonfinite_streak} epochs in a row")
+            return s, [Log("diverged", "error", {"epoch": rec.epoch, "train_loss": rec.train_loss,
+                                                 "streak": s.nonfinite_streak}), *acts]
+        if cfg.patience_epochs and s.since_best >= cfg.patience_epochs:
+            s = dataclasses.replace(s, state=State.STOP_PENDING, stop_intent="plateau",
+                                    safe_deadline=now + cfg.checkpoint_wait_seconds)
+            return s, [Log("plateau", fields={"epoch": rec.epoch, "epochs_without_new_best": s.since_best,
+                                              "best_ema": None if math.isnan(rec.ema) else round(rec.ema, 4)})]
+        if target_met(ev.record, cfg):
             s = dataclasses.replace(s, state=State.STOP_PENDING, stop_intent="target",
                                     safe_deadline=now + cfg.checkpoint_wait_seconds)
             return s, [Log("target_reached", fields={"epoch": ev.record.epoch,
@@ -309,7 +366,8 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
 
     if isinstance(ev, SafePoint):
         if st == State.STOP_PENDING:
-            return _stop(s, "target", now, cfg, "target reached; checkpoint writes finished")
+            return _stop(s, s.stop_intent or "target", now, cfg,
+                         f"{s.stop_intent or 'target'} reached; checkpoint writes finished")
         return s, []
 
     if isinstance(ev, StopRequested):
@@ -330,7 +388,7 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
 
     if isinstance(ev, Tick):
         if st == State.STOP_PENDING and s.safe_deadline is not None and now >= s.safe_deadline:
-            return _stop(s, "target", now, cfg, "target reached; checkpoint wait timed out")
+            return _stop(s, s.stop_intent or "target", now, cfg, "checkpoint wait timed out")
         if st == State.STOPPING and not s.killed and s.stop_deadline is not None and now >= s.stop_deadline:
             s = dataclasses.replace(s, killed=True)
             return s, [Log("stop_timeout", "warning", {"timeout_s": cfg.timeout_seconds}),
@@ -342,13 +400,19 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
     if isinstance(ev, ChildExited):
         if st not in (State.RUNNING, State.STOP_PENDING, State.STOPPING):
             return s, []
-        x = dataclasses.replace(ev.exit, stop_intent=s.stop_intent if st == State.STOPPING else (
-            "target" if st == State.STOP_PENDING else None), we_killed=s.killed)
+        x = dataclasses.replace(ev.exit, stop_intent=s.stop_intent if st in (State.STOPPING, State.STOP_PENDING)
+                                else None, we_killed=s.killed)
         reason = classify(x)
         s = dataclasses.replace(s, last_reason=reason, stop_deadline=None, safe_deadline=None)
         ended = Log("attempt_ended", "info" if reason not in RESTARTABLE else "warning",
                     {"attempt": s.attempt, "reason": reason.value, "exit_code": x.returncode})
-        if reason in (Reason.COMPLETED, Reason.TARGET_REACHED, Reason.STOPPED):
+        if reason == Reason.DIVERGED:
+            s, acts = _finish(s, State.FAILED, "diverged", EXIT_GAVE_UP,
+                              f"training diverged: non-finite loss or pseudo Dice for {s.nonfinite_streak} epochs "
+                              "in a row. Not restarted into the same divergence: check the data and the "
+                              "learning rate, move the bad checkpoints aside, then start again.", "error")
+            return s, [ended, *acts]
+        if reason in (Reason.COMPLETED, Reason.TARGET_REACHED, Reason.STOPPED, Reason.PLATEAU):
             s, acts = _finish(s, State.DONE, reason.value, EXIT_OK, f"attempt {s.attempt}: {reason.value}")
             return s, [ended, *acts]
         if reason == Reason.CONFIG_ERROR:

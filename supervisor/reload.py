@@ -33,8 +33,14 @@ KEY_NAMES = {
     "oom_enabled": "oom.enabled", "oom_min_batch_size": "oom.min_batch_size",
     "oom_strategy": "oom.strategy", "oom_subtract": "oom.subtract", "oom_factor": "oom.factor",
     "oom_gpu_release_timeout": "oom.gpu_release_timeout_seconds", "level": "logging.level",
+    "checkpoint_every": "checkpoint.every_epochs", "checkpoint_verify": "checkpoint.verify",
+    "allow_fresh_start": "checkpoint.allow_fresh_start",
+    "max_nonfinite_epochs": "target.max_nonfinite_epochs", "patience_epochs": "target.patience_epochs",
+    "hang_enabled": "hang.enabled", "hang_timeout_minutes": "hang.timeout_minutes",
+    "hang_min_timeout_minutes": "hang.min_timeout_minutes",
+    "hang_first_epoch_minutes": "hang.first_epoch_minutes", "hang_idle_cpu_percent": "hang.idle_cpu_percent",
 }
-NEXT_ATTEMPT = frozenset({"command", "extra_args", "environment", "device", "num_gpus"})
+NEXT_ATTEMPT = frozenset({"command", "extra_args", "environment", "device", "num_gpus", "checkpoint_every"})
 SUPERVISOR_RESTART = frozenset({"dataset", "configuration", "fold", "trainer", "plans", "raw",
                                 "preprocessed", "results", "state_dir"})
 

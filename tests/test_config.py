@@ -30,7 +30,7 @@ def test_example_config_in_repo_is_valid():
 
 def test_defaults_and_relative_paths(tmp_path):
     cfg = load(write(tmp_path, GOOD), env={})
-    assert cfg.command == ("nnUNetv2_train",)
+    assert cfg.command == ("cardiacseg-train-nnunet",)
     assert cfg.preprocessed == tmp_path / "pre"          # relative to the config file
     assert str(cfg.results) == "/abs/results"
     assert cfg.state_dir == tmp_path / "state"

@@ -1,7 +1,8 @@
 """Tiny nnU-Net trainers for the CPU demo and end-to-end tests (loaded through nnUNet_extTrainer).
 
-nnUNetTrainerDemo: a few iterations per epoch, CARDIACSEG_DEMO_EPOCHS epochs (default 8), and a
-checkpoint every epoch (stock nnU-Net: every 50) so a resumed attempt continues where it stopped.
+nnUNetTrainerDemo: a few iterations per epoch and CARDIACSEG_DEMO_EPOCHS epochs (default 8). Its
+checkpointing is stock nnU-Net's (checkpoint_latest every 50 epochs): the supervisor's default launcher
+(cardiacseg-train-nnunet) is what makes it save every epoch.
 CARDIACSEG_DEMO_CRASH_AT=k raises a RuntimeError at the start of epoch k, once per results folder
 (a marker file remembers it): the demo's injected crash.
 
@@ -21,7 +22,6 @@ class nnUNetTrainerDemo(nnUNetTrainer):
         self.num_iterations_per_epoch = int(os.environ.get("CARDIACSEG_DEMO_ITERS", 6))
         self.num_val_iterations_per_epoch = 2
         self.num_epochs = int(os.environ.get("CARDIACSEG_DEMO_EPOCHS", 8))
-        self.save_every = 1
 
     def on_epoch_start(self):
         crash_at = os.environ.get("CARDIACSEG_DEMO_CRASH_AT")

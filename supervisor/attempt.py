@@ -1,0 +1,56 @@
+"""One running training attempt: its process, output, every process of it, and how busy they are.
+
+How it works: the trainer leads its own process group (start_new_session), so pgid == pid. Every few
+seconds `sample()` records the trainer's descendants (pid + start time, so a reused pid is never
+mistaken for ours, and a worker that left the group with setsid is still known) and the CPU seconds the
+whole tree has used; `idle()` says whether the tree used less than a given share of one core since the
+previous sample (a trainer stuck in a deadlock or on a dead NFS mount). `survivors()` lists processes of
+the attempt that are still alive after the trainer itself exited.
+"""
+from __future__ import annotations
+
+import psutil
+
+from . import proc
+from .output import TrainerOutput
+
+SAMPLE_S = 5.0
+
+
+class Attempt:
+    def __init__(self, n: int, popen, output: TrainerOutput, now: float):
+        self.n, self.popen, self.output = n, popen, output
+        self.pid = self.pgid = popen.pid
+        self.started = now
+        self.open_streams = 2
+        self.returncode: int | None = None
+        self.reap_deadline: float | None = None
+        self.gpu_deadline: float | None = None
+        self.known: dict[int, float | None] = {self.pid: proc.process_start_time(self.pid)}
+        self.oom_kills_at_start = proc.cgroup_oom_kills()
+        self.next_sample = 0.0
+        self.cpu: list[tuple[float, float]] = []  # (wall time, CPU seconds of the tree), last two
+
+    def sample(self, now: float) -> None:
+        if now < self.next_sample:
+            return
+        self.next_sample = now + SAMPLE_S
+        total = 0.0
+        for pid in [self.pid, *proc.descendants(self.pid)]:
+            self.known.setdefault(pid, proc.process_start_time(pid))
+            try:
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                continue
+        self.cpu = (self.cpu + [(now, total)])[-2:]
+
+    def cpu_share(self) -> float | None:
+        """CPU cores used by the tree between the last two samples; None before two samples."""
+        if len(self.cpu) < 2 or self.cpu[1][0] <= self.cpu[0][0]:
+            return None
+        (t0, c0), (t1, c1) = self.cpu
+        return max(0.0, c1 - c0) / (t1 - t0)
+
+    def survivors(self) -> list[int]:
+        return [pid for pid, t in self.known.items() if pid != self.pid and proc.same_process(pid, t)]
