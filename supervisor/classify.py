@@ -33,13 +33,17 @@ class Reason(str, enum.Enum):
     HANG = "hang"                      # no epoch progress and an idle process tree: we stopped it
     DIVERGED = "diverged"              # non-finite loss/Dice epochs in a row: we stopped it
     PLATEAU = "plateau"                # no new best EMA for patience_epochs: we stopped it
+    THERMAL_STOP = "thermal_stop"      # too hot (or paused too long): we stopped it; restart when cool
+    SENSOR_LOST = "sensor_lost"        # no temperature readings: we stopped it; restart when readable
+    GPU_LOST = "gpu_lost"              # NVML: the GPU fell off the bus: we stopped it
 
 
 RESTARTABLE = frozenset({Reason.CRASH, Reason.CUDA_OOM, Reason.HOST_OOM, Reason.CORRUPT_CHECKPOINT,
-                         Reason.HANG})
+                         Reason.HANG, Reason.GPU_LOST})
 # Why WE stopped an attempt -> the reason it ended with, whatever its exit status says.
 INTENTS = {"target": Reason.TARGET_REACHED, "operator": Reason.STOPPED, "hang": Reason.HANG,
-           "diverged": Reason.DIVERGED, "plateau": Reason.PLATEAU}
+           "diverged": Reason.DIVERGED, "plateau": Reason.PLATEAU, "thermal": Reason.THERMAL_STOP,
+           "sensor": Reason.SENSOR_LOST, "gpu_lost": Reason.GPU_LOST}
 
 # (reason, pattern) in priority order. Patterns are matched against the stderr tail (and stdout tail,
 # because nnU-Net prints some errors there).

@@ -154,6 +154,23 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "gpu_release_timeout_seconds": Field((int, float), 120, _non_negative,
                                              "wait for the GPU memory of the last attempt to be freed"),
     },
+    "thermal": {
+        "enabled": Field(bool, _NONE, None, "default: true when training.device is cuda"),
+        "source": Field(str, "nvml", lambda v: None if v in ("nvml", "command") else 'one of "nvml", "command"',
+                        "where temperatures come from"),
+        "command": Field(list, [], _str_list, "source = command: argv printing '<index> <celsius>' lines"),
+        "command_timeout_seconds": Field((int, float), 5, _positive, "longest a sensor command may run"),
+        "poll_seconds": Field((int, float), 2, _positive, "how often temperatures are read"),
+        "pause_celsius": Field((int, float), 86, _positive, "SIGSTOP the training above this"),
+        "resume_celsius": Field((int, float), 78, _positive, "SIGCONT once every GPU is at or below this"),
+        "stop_celsius": Field((int, float), 91, _positive, "graceful stop at or above this"),
+        "max_pause_minutes": Field((int, float), 15, _positive, "a longer pause becomes a graceful stop"),
+        "max_failed_reads": Field(int, 5, lambda v: None if v >= 1 else "an integer >= 1",
+                                  "polls in a row without readings before a graceful stop"),
+        "gpus": Field(list, [], lambda v: None if all(isinstance(x, (int, str)) and not isinstance(x, bool)
+                                                      for x in v) else "a list of GPU indices",
+                      "GPUs to watch; default: those the training uses"),
+    },
     "checkpoint": {
         "every_epochs": Field(int, 1, lambda v: None if v >= 1 else "an integer >= 1",
                               "checkpoint_latest.pth every N epochs (default launcher only)"),
@@ -216,6 +233,18 @@ class Config:
     oom_subtract: int = 1
     oom_factor: float = 0.5
     oom_gpu_release_timeout: float = 120
+    # [thermal]
+    thermal_enabled: bool = False
+    thermal_source: str = "nvml"
+    thermal_command: tuple[str, ...] = ()
+    thermal_command_timeout: float = 5
+    thermal_poll: float = 2
+    thermal_pause: float = 86
+    thermal_resume: float = 78
+    thermal_stop: float = 91
+    thermal_max_pause_minutes: float = 15
+    thermal_max_failed_reads: int = 5
+    thermal_gpus: tuple[str, ...] = ()
     # [checkpoint]
     checkpoint_every: int = 1
     checkpoint_verify: bool = True
@@ -301,6 +330,16 @@ def parse(raw: dict, path: Path, env: dict[str, str] | None = None) -> Config:
     bo, bmax = get("restart.backoff_seconds"), get("restart.backoff_max_seconds")
     if bmax < bo:
         problems.append(f"restart.backoff_max_seconds: expected >= restart.backoff_seconds ({bo}), got {bmax}")
+    tp, tr, ts = get("thermal.pause_celsius"), get("thermal.resume_celsius"), get("thermal.stop_celsius")
+    if tr >= tp:
+        problems.append(f"thermal.resume_celsius: expected lower than thermal.pause_celsius ({tp}), got {tr}")
+    if tp >= ts:
+        problems.append(f"thermal.pause_celsius: expected lower than thermal.stop_celsius ({ts}), got {tp}")
+    if get("thermal.source") == "command" and not get("thermal.command"):
+        problems.append('thermal.command: required when thermal.source = "command" (an argv list)')
+    thermal_on = get("thermal.enabled")
+    if thermal_on is None:
+        thermal_on = get("training.device") == "cuda"
     if problems:
         raise ConfigError(path, problems)
     dataset = get("training.dataset")
@@ -342,6 +381,15 @@ def parse(raw: dict, path: Path, env: dict[str, str] | None = None) -> Config:
         oom_subtract=get("oom.subtract"),
         oom_factor=float(get("oom.factor")),
         oom_gpu_release_timeout=float(get("oom.gpu_release_timeout_seconds")),
+        thermal_enabled=thermal_on,
+        thermal_source=get("thermal.source"),
+        thermal_command=tuple(get("thermal.command")),
+        thermal_command_timeout=float(get("thermal.command_timeout_seconds")),
+        thermal_poll=float(get("thermal.poll_seconds")),
+        thermal_pause=float(tp), thermal_resume=float(tr), thermal_stop=float(ts),
+        thermal_max_pause_minutes=float(get("thermal.max_pause_minutes")),
+        thermal_max_failed_reads=get("thermal.max_failed_reads"),
+        thermal_gpus=tuple(str(g) for g in get("thermal.gpus")),
         checkpoint_every=get("checkpoint.every_epochs"),
         checkpoint_verify=get("checkpoint.verify"),
         allow_fresh_start=get("checkpoint.allow_fresh_start"),

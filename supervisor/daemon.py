@@ -18,6 +18,7 @@ How it works (after gunicorn's arbiter and torch.distributed.elastic's agent)
 """
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
@@ -25,7 +26,7 @@ import socket
 import time
 from collections import deque
 
-from . import checkpoints, job, logs, plans, proc
+from . import checkpoints, job, logs, plans, proc, thermal
 from .attempt import Attempt
 from .classify import Exit, Reason
 from .config import Config, ConfigError, load
@@ -34,11 +35,11 @@ from .logparse import EpochAssembler, EpochRecord, History, LogFollower, parse_l
 from .output import TrainerOutput
 from .policy import (TERMINAL, ActionFailed, ChildExited, EpochDone, Finish, Log, NoCheckpoint, Reconfigured,
                      SafePoint, SetBatchSize, SetWorkers, SignalGroup, Spawn, Stalled, Start, State,
-                     StopRequested, Sup, Tick, decide, hang_limit)
+                     StopRequested, Sup, Temperatures, Tick, decide, hang_limit)
 from .reload import plan_reload
 from .sdnotify import Notifier
 from .status import summary_line
-from .store import Lock, StateStore
+from .store import Lock, StateStore, atomic_write
 
 LOG_POLL_S = 0.25
 REAP_POLL_S = 0.05
@@ -70,6 +71,8 @@ class Daemon:
         self.next_extend = 0.0
         self.last_progress = clock()
         self.final_phase = False  # "Training done." seen: final validation, no hang detection
+        self.sensor = None        # thermal.NvmlSource | thermal.CommandSource
+        self.sensor_error: str | None = None
 
     # ---- set-up --------------------------------------------------------------------------------
     def current_batch_size(self) -> int | None:
@@ -93,6 +96,61 @@ class Daemon:
             return max(1, int(job.build_env(self.cfg).get("nnUNet_n_proc_DA", default)))
         except ValueError:
             return default
+
+    def open_sensor(self) -> None:
+        """The thermal guard's source; a guard that cannot read anything is a configuration error."""
+        cfg = self.cfg
+        if not cfg.thermal_enabled:
+            return
+        if cfg.thermal_source == "command":
+            src = thermal.CommandSource(list(cfg.thermal_command), cfg.thermal_command_timeout, cfg.thermal_poll,
+                                        list(cfg.thermal_gpus) or None)
+            readings, err = src.read_once()
+            if err or not readings or any(r.celsius is None for r in readings):
+                raise ConfigError(cfg.path, [f"thermal.command: {err or 'no reading for every GPU'} "
+                                             f"(running {list(cfg.thermal_command)})"])
+            self.sensor = src
+            return
+        self.nvml = self.nvml or Nvml.open()
+        if self.nvml is None:
+            raise ConfigError(cfg.path, [f"thermal.enabled: NVML is not available ({Nvml.open_error()}); "
+                                         "install the NVIDIA driver, or set [thermal] enabled = false, "
+                                         "or source = \"command\""])
+        if cfg.thermal_gpus:
+            bad = [g for g in cfg.thermal_gpus if not g.isdigit() or int(g) >= self.nvml.count]
+            if bad:
+                raise ConfigError(cfg.path, [f"thermal.gpus: {bad} are not NVML indices 0..{self.nvml.count - 1}"])
+            idx = [int(g) for g in cfg.thermal_gpus]
+        else:
+            idx, why = self.nvml.select(job.build_env(cfg).get("CUDA_VISIBLE_DEVICES"), cfg.num_gpus)
+            if why or not idx:
+                raise ConfigError(cfg.path, [f"thermal.gpus: {why or 'no GPU found'}; list them explicitly"])
+        self.sensor = thermal.NvmlSource(self.nvml, idx, cfg.thermal_poll)
+
+    def _poll_sensor(self) -> None:
+        if self.sensor is None:
+            return
+        now = self.clock()
+        res = self.sensor.poll(now)
+        if res is None:
+            return
+        readings, err = res
+        if err != self.sensor_error:  # say it once, not every 2 s
+            (self.log.warning("sensor_read_failed", error=err) if err else self.log.info("sensor_ok"))
+            self.sensor_error = err
+        failed = err is not None or not readings or any(r.celsius is None for r in readings)
+        v = thermal.verdict(self.sup.state.value, readings, now, self.cfg, self.sup.paused_at,
+                            self.sup.failed_reads + (1 if failed else 0), self.cfg.num_gpus)
+        self.dispatch(Temperatures(v, {r.gpu: r.celsius for r in readings}, failed))
+        try:
+            atomic_write(self.cfg.state_dir / "thermal.json", json.dumps({
+                "at": now, "readings": [r.to_json() for r in readings], "error": err,
+                "paused": self.sup.state == State.PAUSED, "paused_at": self.sup.paused_at,
+                "paused_total_s": self.sup.paused_total,
+                "limits": {"pause": self.cfg.thermal_pause, "resume": self.cfg.thermal_resume,
+                           "stop": self.cfg.thermal_stop}}).encode())
+        except OSError:
+            pass
 
     def prepare(self) -> None:
         """Lock, load state, stop a trainer a killed supervisor left behind, rebuild the epoch history."""
@@ -140,10 +198,11 @@ class Daemon:
     # ---- main loop -----------------------------------------------------------------------------
     def run(self) -> int:
         bs = self.current_batch_size()  # bad plans: exit 2 before anything is locked or started
+        self.open_sensor()
         self.prepare()
         self._install_signals()
         proc.become_subreaper()
-        self.nvml = Nvml.open()
+        self.nvml = self.nvml or Nvml.open()
         self.log.info("supervisor_started", pid=os.getpid(), config=str(self.cfg.path),
                       fold_dir=str(job.fold_dir(self.cfg)), target=self.cfg.ema_dice, batch_size=bs,
                       nvml=self.nvml is not None, systemd=self.notify.enabled)
@@ -155,6 +214,8 @@ class Daemon:
             while self.finish_code is None:
                 self.turn()
         finally:
+            if isinstance(self.sensor, thermal.CommandSource):
+                self.sensor.close()
             self.notify.stopping(self._summary())
             self.save()
             self.lock.release()
@@ -182,6 +243,7 @@ class Daemon:
             self._forward(self.child, self.child.output.flush_stale())
         self._check_child()
         self._poll_log()
+        self._poll_sensor()
         self._check_hang()
         self.dispatch(Tick())
         self.notify.status(self._summary())
@@ -256,7 +318,7 @@ class Daemon:
             proc.signal_group(a.pgid, signal.SIGKILL)
             for pid in a.survivors():
                 proc.kill_pid(pid)
-        proc.reap_zombies(skip={a.pid})
+        proc.reap_zombies(skip={a.pid, getattr(self.sensor, "pid", None)})
         if (proc.group_alive(a.pgid) or a.open_streams or a.survivors()) and now < a.reap_deadline:
             return
         if proc.group_alive(a.pgid):
@@ -338,6 +400,8 @@ class Daemon:
     def dispatch(self, ev) -> None:
         before = self.sup
         self.sup, actions = decide(self.sup, ev, self.clock(), self.cfg)
+        if before.state == State.PAUSED and self.sup.state != State.PAUSED and before.paused_at is not None:
+            self.last_progress += self.clock() - before.paused_at  # a pause is never a stall
         for act in actions:
             self.execute(act)
         if self.sup != before:

@@ -93,6 +93,9 @@ def build_env(cfg: Config, base: dict[str, str] | None = None, overrides: dict[s
     env["nnUNet_preprocessed"] = str(cfg.preprocessed)
     env["nnUNet_results"] = str(cfg.results)
     env["CARDIACSEG_CHECKPOINT_EVERY"] = str(cfg.checkpoint_every)  # read by the default launcher
+    # CUDA's default order (fastest first) may differ from NVML's and nvidia-smi's; PCI bus order makes
+    # a CUDA index mean the GPU the thermal guard watches. [environment] can still override it.
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env.update(cfg.environment)
     env.update(overrides or {})
     env.setdefault("PYTHONUNBUFFERED", "1")  # so progress lines reach us as they are printed

@@ -25,8 +25,11 @@ import math
 import signal
 from dataclasses import dataclass, field
 
-from .classify import RESTARTABLE, Exit, Reason, classify
+from .classify import RESTARTABLE, Reason, classify
 from .config import Config
+from .events import (ActionFailed, ChildExited, EpochDone, Finish, Log, NoCheckpoint, Reconfigured,  # noqa: F401
+                     SafePoint, SetBatchSize, SetWorkers, SignalGroup, Spawn, Stalled, Start, StopRequested,
+                     Temperatures, Tick)
 from .logparse import EpochRecord, nanmean
 from .plans import next_batch_size, step_sequence
 
@@ -50,6 +53,9 @@ class State(str, enum.Enum):
                                       --> FAILED    (config_error, budget exhausted)
         BACKOFF --Tick past restart_at--> RUNNING   (spawned again with --c)
         BACKOFF --StopRequested--> DONE
+        RUNNING --Temperatures(pause)--> PAUSED (SIGSTOP) --Temperatures(resume)--> RUNNING (SIGCONT)
+        RUNNING/PAUSED/STOP_PENDING --Temperatures(stop_*)--> STOPPING --ChildExited--> COOLING
+        COOLING --Temperatures(cooled)--> RUNNING   (spawned again with --c; thermal stops are free)
 
     STOP_PENDING exists because SIGINT saves nothing in nnU-Net: after the epoch that meets the target,
     the trainer may still be writing checkpoint_best.pth. The next "Epoch N" or "Training done." log
@@ -58,6 +64,8 @@ class State(str, enum.Enum):
 
     IDLE = "idle"
     RUNNING = "running"
+    PAUSED = "paused"
+    COOLING = "cooling"
     STOP_PENDING = "stop_pending"
     STOPPING = "stopping"
     BACKOFF = "backoff"
@@ -89,6 +97,10 @@ class Sup:
     original_batch_size: int | None = None  # before the supervisor changed anything
     oom_steps: int = 0
     n_proc_da: int | None = None           # augmentation workers passed to the trainer
+    paused_at: float | None = None         # PAUSED since
+    paused_total: float = 0.0              # seconds paused for heat, all attempts
+    failed_reads: int = 0                  # thermal polls in a row without every reading
+    temps: dict = field(default_factory=dict)  # last thermal poll: gpu -> celsius
     nonfinite_streak: int = 0              # epochs in a row with non-finite loss or Dice
     since_best: int = 0                    # epochs since the last new best EMA
 
@@ -107,101 +119,6 @@ class Sup:
         d["last_reason"] = Reason(d["last_reason"]) if d.get("last_reason") else None
         d["restart_times"] = tuple(d.get("restart_times", ()))
         return cls(**d)
-
-
-# ---- events ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Start:
-    final_checkpoint: bool = False        # checkpoint_final.pth already there: nothing to train
-    last_epoch: EpochRecord | None = None  # history replayed from the logs
-    batch_size: int | None = None         # what the plans file says now
-    n_proc_da: int | None = None          # what the trainer would use now
-
-
-@dataclass(frozen=True)
-class Reconfigured:
-    """The config was reloaded; the decision function re-checks the target against the last epoch."""
-    last_epoch: EpochRecord | None = None
-    mid_epoch: bool = False  # a newer epoch has started: its checkpoint saves are behind us
-
-
-@dataclass(frozen=True)
-class Stalled:
-    """No epoch progress for longer than the hang limit, and the process tree is idle."""
-    quiet_s: float
-    limit_s: float
-
-
-@dataclass(frozen=True)
-class NoCheckpoint:
-    """Every checkpoint was unreadable and moved aside, and a fresh start is not allowed."""
-    message: str
-
-
-@dataclass(frozen=True)
-class ActionFailed:
-    """Carrying out an action failed in a way that restarting cannot fix (e.g. plans not writable)."""
-    message: str
-
-
-@dataclass(frozen=True)
-class EpochDone:
-    record: EpochRecord
-
-
-@dataclass(frozen=True)
-class SafePoint:
-    """A log line written after the epoch's checkpoint saves ("Epoch N", "Training done.")."""
-
-
-@dataclass(frozen=True)
-class ChildExited:
-    exit: Exit
-
-
-@dataclass(frozen=True)
-class StopRequested:
-    signame: str = "SIGTERM"
-
-
-@dataclass(frozen=True)
-class Tick:
-    pass
-
-
-# ---- actions --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Spawn:
-    pass
-
-
-@dataclass(frozen=True)
-class SignalGroup:
-    sig: int
-
-
-@dataclass(frozen=True)
-class Log:
-    event: str
-    level: str = "info"
-    fields: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Finish:
-    code: int
-
-
-@dataclass(frozen=True)
-class SetBatchSize:
-    old: int
-    new: int
-
-
-@dataclass(frozen=True)
-class SetWorkers:
-    old: int
-    new: int
 
 
 # ---- policy helpers (pure) -----------------------------------------------------------------------
@@ -291,6 +208,48 @@ def _on_cuda_oom(s: Sup, now: float, cfg: Config, ended: Log):
                         {"old": bs, "new": new, "min": cfg.oom_min_batch_size, "step": s.oom_steps})
 
 
+def _unpause(s: Sup, now: float) -> list:
+    return [SignalGroup(signal.SIGCONT)]
+
+
+def _resumed(s: Sup, now: float) -> Sup:
+    paused = (now - s.paused_at) if s.paused_at is not None else 0.0
+    return dataclasses.replace(s, state=State.RUNNING, paused_at=None, paused_total=s.paused_total + paused)
+
+
+def _on_temperatures(s: Sup, ev: Temperatures, now: float, cfg: Config):
+    s = dataclasses.replace(s, temps=dict(ev.summary), failed_reads=s.failed_reads + 1 if ev.failed else 0)
+    v, st, fields = ev.verdict, s.state, {"temps": dict(ev.summary)}
+    if v == "pause" and st == State.RUNNING:
+        s = dataclasses.replace(s, state=State.PAUSED, paused_at=now)
+        return s, [Log("thermal_pause", "warning", {**fields, "above": cfg.thermal_pause}),
+                   SignalGroup(signal.SIGSTOP)]
+    if v == "resume" and st == State.PAUSED:
+        paused_s = round(now - s.paused_at, 1) if s.paused_at is not None else None
+        s = _resumed(s, now)
+        return s, [Log("thermal_resume", fields={**fields, "paused_s": paused_s}), SignalGroup(signal.SIGCONT)]
+    if v in ("stop_hot", "stop_pause", "stop_sensor", "gpu_lost") and st in (State.RUNNING, State.PAUSED,
+                                                                             State.STOP_PENDING):
+        intent = {"stop_hot": "thermal", "stop_pause": "thermal", "stop_sensor": "sensor",
+                  "gpu_lost": "gpu_lost"}[v]
+        if st == State.STOP_PENDING:
+            intent = s.stop_intent or "target"  # already stopping for the target: keep that outcome
+        cont = _unpause(s, now) if st == State.PAUSED else []
+        s = _resumed(s, now) if st == State.PAUSED else s
+        why = {"stop_hot": f"GPU too hot (stop at {cfg.thermal_stop:g} C; a multi-GPU run is never paused)",
+               "stop_pause": f"paused longer than {cfg.thermal_max_pause_minutes:g} min",
+               "stop_sensor": f"no temperature readings for {s.failed_reads} polls",
+               "gpu_lost": "NVML reports the GPU lost"}[v]
+        s, acts = _stop(s, intent, now, cfg, why)
+        return s, [Log("thermal_stop", "error" if v == "gpu_lost" else "warning", {**fields, "why": why}),
+                   *cont, *acts]
+    if v == "cooled" and st == State.COOLING:
+        s = dataclasses.replace(s, restart_counts=False)
+        s, acts = _spawn(s, now, restart=True)
+        return s, [Log("cooled", fields={**fields, "at_or_below": cfg.thermal_resume}), *acts]
+    return s, []
+
+
 # ---- the decision function -----------------------------------------------------------------------
 def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
     st = s.state
@@ -323,6 +282,9 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
                                     safe_deadline=now + cfg.checkpoint_wait_seconds)
             return s, [Log("target_reached", fields=fields)]
         return s, []
+
+    if isinstance(ev, Temperatures):
+        return _on_temperatures(s, ev, now, cfg)
 
     if isinstance(ev, ActionFailed):
         return _finish(s, State.FAILED, "config_error", EXIT_CONFIG, ev.message, "error")
@@ -371,9 +333,11 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
         return s, []
 
     if isinstance(ev, StopRequested):
-        if st in (State.RUNNING, State.STOP_PENDING):
+        if st in (State.RUNNING, State.STOP_PENDING, State.PAUSED):
+            cont = _unpause(s, now) if st == State.PAUSED else []
+            s = _resumed(s, now) if st == State.PAUSED else s
             s, acts = _stop(s, "operator", now, cfg, f"{ev.signame} to the supervisor")
-            return s, [Log("stop_requested", fields={"signal": ev.signame}), *acts]
+            return s, [Log("stop_requested", fields={"signal": ev.signame}), *cont, *acts]
         if st == State.STOPPING:
             if s.stop_intent == "target":  # already stopping; the operator's stop wins the label
                 s = dataclasses.replace(s, stop_intent="operator")
@@ -382,7 +346,7 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
                 return s, [Log("stop_escalated", "warning", {"signal": ev.signame}),
                            SignalGroup(signal.SIGKILL)]
             return s, []
-        if st in (State.IDLE, State.BACKOFF):
+        if st in (State.IDLE, State.BACKOFF, State.COOLING):
             return _finish(s, State.DONE, "stopped", EXIT_OK, f"stopped by {ev.signame}")
         return s, []
 
@@ -398,8 +362,10 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
         return s, []
 
     if isinstance(ev, ChildExited):
-        if st not in (State.RUNNING, State.STOP_PENDING, State.STOPPING):
+        if st not in (State.RUNNING, State.STOP_PENDING, State.STOPPING, State.PAUSED):
             return s, []
+        if st == State.PAUSED:
+            s = _resumed(s, now)
         x = dataclasses.replace(ev.exit, stop_intent=s.stop_intent if st in (State.STOPPING, State.STOP_PENDING)
                                 else None, we_killed=s.killed)
         reason = classify(x)
@@ -420,6 +386,10 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
                               "the trainer reported a configuration error (see its stderr above); "
                               "restarting cannot help", "error")
             return s, [ended, *acts]
+        if reason in (Reason.THERMAL_STOP, Reason.SENSOR_LOST):
+            s = dataclasses.replace(s, state=State.COOLING, stop_intent=None)
+            return s, [ended, Log("cooling", "warning", {"reason": reason.value, "resume_below": cfg.thermal_resume,
+                                                         "temps": s.temps})]
         # restartable
         if reason == Reason.CUDA_OOM and cfg.oom_enabled and s.batch_size is not None:
             return _on_cuda_oom(s, now, cfg, ended)

@@ -35,6 +35,12 @@ KEY_NAMES = {
     "oom_gpu_release_timeout": "oom.gpu_release_timeout_seconds", "level": "logging.level",
     "checkpoint_every": "checkpoint.every_epochs", "checkpoint_verify": "checkpoint.verify",
     "allow_fresh_start": "checkpoint.allow_fresh_start",
+    "thermal_enabled": "thermal.enabled", "thermal_source": "thermal.source",
+    "thermal_command": "thermal.command", "thermal_command_timeout": "thermal.command_timeout_seconds",
+    "thermal_poll": "thermal.poll_seconds", "thermal_pause": "thermal.pause_celsius",
+    "thermal_resume": "thermal.resume_celsius", "thermal_stop": "thermal.stop_celsius",
+    "thermal_max_pause_minutes": "thermal.max_pause_minutes",
+    "thermal_max_failed_reads": "thermal.max_failed_reads", "thermal_gpus": "thermal.gpus",
     "max_nonfinite_epochs": "target.max_nonfinite_epochs", "patience_epochs": "target.patience_epochs",
     "hang_enabled": "hang.enabled", "hang_timeout_minutes": "hang.timeout_minutes",
     "hang_min_timeout_minutes": "hang.min_timeout_minutes",
@@ -42,7 +48,9 @@ KEY_NAMES = {
 }
 NEXT_ATTEMPT = frozenset({"command", "extra_args", "environment", "device", "num_gpus", "checkpoint_every"})
 SUPERVISOR_RESTART = frozenset({"dataset", "configuration", "fold", "trainer", "plans", "raw",
-                                "preprocessed", "results", "state_dir"})
+                                "preprocessed", "results", "state_dir",
+                                # the sensor source is opened once at start-up; limits are live
+                                "thermal_enabled", "thermal_source", "thermal_command", "thermal_gpus"})
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,14 @@ def summary_line(sup, last: EpochRecord | None, cfg: Config, now: float) -> str:
         parts.append(f"attempt {sup.attempt} starting")
     if sup.batch_size is not None:
         parts.append(f"bs {sup.batch_size}")
+    known = [c for c in (sup.temps or {}).values() if c is not None]
+    if known:
+        parts.append(f"GPU {max(known):.0f}C")
+    if st == "paused":
+        return f"paused: GPU {max(known):.0f}C" if known else "paused for heat"
+    if st == "cooling":
+        return f"cooling: GPU {max(known):.0f}C, restart at or below {cfg.thermal_resume:g}C" if known else \
+            "waiting for temperature readings before restarting"
     return " ".join(parts)
 
 

@@ -1,0 +1,285 @@
+"""Thermal guard: the pure verdict, the NVML adapter (fake at the boundary), and end to end with a
+sensor command fed from a file: paused (process state really 'T'), resumed, stopped and restarted."""
+import os
+import signal
+import sys
+import time
+from types import SimpleNamespace
+
+import psutil
+import pynvml
+import pytest
+
+from conftest import wait_for
+from supervisor.gpu import Nvml, Reading
+from supervisor.thermal import parse_command_output, verdict
+from test_policy import cfg as make_cfg
+
+
+def cfg(**kw):
+    return make_cfg(**{"thermal__pause_celsius": 85, "thermal__resume_celsius": 75, "thermal__stop_celsius": 92,
+                       "thermal__max_pause_minutes": 10, "thermal__max_failed_reads": 3, **kw})
+
+
+def R(*temps):
+    return [Reading(gpu=str(i), celsius=t) for i, t in enumerate(temps)]
+
+
+def test_verdict_hysteresis_stop_and_unknowns():
+    c = cfg()
+    assert verdict("running", R(84, 85), 0, c, None, 0) is None          # at the limit is fine
+    assert verdict("running", R(70, 86), 0, c, None, 0) == "pause"       # any GPU above it
+    assert verdict("running", R(70, 86), 0, c, None, 0, num_gpus=2) == "stop_hot"  # NCCL would time out
+    assert verdict("paused", R(80, 74), 10, c, 0, 0) is None             # hysteresis: 80 > 75
+    assert verdict("paused", R(75, 74), 10, c, 0, 0) == "resume"
+    assert verdict("paused", R(None, 60), 10, c, 0, 1) is None           # unknown never resumes
+    assert verdict("paused", R(80), 601, c, 0, 0) == "stop_pause"
+    assert verdict("running", R(92), 0, c, None, 0) == "stop_hot"
+    assert verdict("paused", R(93), 0, c, 0, 0) == "stop_hot"
+    assert verdict("running", R(None), 0, c, None, 3) == "stop_sensor"
+    assert verdict("cooling", R(76), 0, c, None, 0) is None
+    assert verdict("cooling", R(None), 0, c, None, 1) is None
+    assert verdict("cooling", R(75), 0, c, None, 0) == "cooled"
+    assert verdict("backoff", R(99), 0, c, None, 0) is None
+    lost = [Reading(gpu="0", lost=True)]
+    assert verdict("running", lost, 0, c, None, 1) == "gpu_lost"
+
+
+def test_policy_pause_resume_stop_and_restart_when_cool():
+    from supervisor.classify import Exit
+    from supervisor.events import ChildExited, SignalGroup, Spawn, Start, Temperatures
+    from supervisor.policy import State, Sup, decide
+
+    c = cfg()
+    s, _ = decide(Sup(), Start(), 0, c)
+    s, a = decide(s, Temperatures("pause", {"0": 88}), 10, c)
+    assert s.state == State.PAUSED and SignalGroup(signal.SIGSTOP) in a
+    s, a = decide(s, Temperatures("resume", {"0": 70}), 70, c)
+    assert s.state == State.RUNNING and SignalGroup(signal.SIGCONT) in a and s.paused_total == 60
+    s, _ = decide(s, Temperatures("pause", {"0": 88}), 100, c)
+    s, a = decide(s, Temperatures("stop_hot", {"0": 95}), 110, c)
+    assert [x.sig for x in a if isinstance(x, SignalGroup)] == [signal.SIGCONT, signal.SIGINT]
+    s, a = decide(s, ChildExited(Exit(-2, "KeyboardInterrupt")), 115, c)
+    assert s.state == State.COOLING and s.last_reason.value == "thermal_stop"
+    s, a = decide(s, Temperatures("cooled", {"0": 70}), 300, c)
+    assert s.state == State.RUNNING and Spawn() in a and s.restart_times == ()  # not counted
+
+
+def test_parse_command_output():
+    r, err = parse_command_output("0 71\n1 88.5\n\n", None)
+    assert err is None and [(x.gpu, x.celsius) for x in r] == [("0", 71.0), ("1", 88.5)]
+    r, err = parse_command_output("0 71\n", ["0", "1"])
+    assert err is None and r[1].celsius is None  # a watched GPU missing: unknown
+    assert parse_command_output("GPU0: 71C\n", None)[1].startswith("unexpected line")
+    assert parse_command_output("", None)[1] == "no readings"
+
+
+# ---- NVML adapter, with a fake module at the boundary that raises the real pynvml exceptions ----------
+class FakeNvml:
+    """Only the entry points the adapter uses; errors are pynvml's own classes."""
+    NVMLError = pynvml.NVMLError
+    NVMLError_NotSupported = pynvml.NVMLError_NotSupported
+    NVMLError_GpuIsLost = pynvml.NVMLError_GpuIsLost
+    NVML_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
+    NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
+    NVML_TEMPERATURE_THRESHOLD_SHUTDOWN = pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN
+
+    def __init__(self, gpus, init_error=None):
+        self.gpus, self.init_error = gpus, init_error
+
+    def nvmlInit(self):
+        if self.init_error:
+            raise self.init_error
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return self.gpus[i]
+
+    def _val(self, h, key):
+        v = h.get(key)
+        if isinstance(v, Exception):
+            raise v
+        return v
+
+    def nvmlDeviceGetTemperature(self, h, _):
+        return self._val(h, "temp")
+
+    def nvmlDeviceGetTemperatureThreshold(self, h, kind):
+        return self._val(h, "slow" if kind == pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN else "shut")
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return self._val(h, "mw")
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return SimpleNamespace(gpu=self._val(h, "util"))
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return SimpleNamespace(used=self._val(h, "used"))
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return self._val(h, "reasons")
+
+    def nvmlDeviceGetUUID(self, h):
+        return self._val(h, "uuid")
+
+    def nvmlDeviceGetPciInfo(self, h):
+        return SimpleNamespace(busId=self._val(h, "bus"))
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return [SimpleNamespace(pid=p) for p in self._val(h, "pids")]
+
+
+def gpu(**kw):
+    base = {"temp": 70, "slow": 87, "shut": 95, "mw": 350000, "util": 98, "used": 20 * 2**30,
+            "reasons": 0x20 | 0x4, "uuid": "GPU-aaaa", "bus": b"00000000:01:00.0", "pids": []}
+    return {**base, **kw}
+
+
+def test_adapter_reads_metrics_and_treats_not_supported_as_unknown():
+    nv = Nvml.open(FakeNvml([gpu(slow=pynvml.NVMLError_NotSupported(), mw=pynvml.NVMLError_NotSupported())]))
+    r = nv.read(0)
+    assert (r.celsius, r.shutdown_celsius, r.util_percent, r.mem_used_mib) == (70.0, 95.0, 98, 20480.0)
+    assert r.slowdown_celsius is None and r.power_w is None  # unknown, never 0
+    assert r.throttle == ["sw_power_cap", "sw_thermal"] and not r.lost
+
+
+def test_adapter_reports_a_lost_gpu_and_open_failures():
+    nv = Nvml.open(FakeNvml([gpu(temp=pynvml.NVMLError_GpuIsLost())]))
+    assert nv.read(0).lost
+    assert Nvml.open(FakeNvml([], init_error=pynvml.NVMLError_DriverNotLoaded())) is None
+    assert "DriverNotLoaded" in Nvml.open_error()
+    nv = Nvml.open(FakeNvml([gpu(temp=pynvml.NVMLError_Unknown())]))
+    assert nv.read(0).celsius is None and not nv.read(0).lost
+
+
+def test_select_maps_cuda_visible_devices_by_uuid_and_pci_order():
+    # NVML order differs from PCI bus order here
+    nv = Nvml.open(FakeNvml([gpu(uuid="GPU-bbbb", bus=b"00000000:41:00.0"),
+                             gpu(uuid="GPU-aaaa", bus=b"00000000:01:00.0")]))
+    assert nv.select(None) == ([1], None)                 # CUDA device 0 = lowest bus id
+    assert nv.select("1") == ([0], None)
+    assert nv.select("GPU-bbbb") == ([0], None)
+    assert nv.select("0,1", num_gpus=2) == ([1, 0], None)
+    assert nv.select("7")[1].startswith("CUDA_VISIBLE_DEVICES names GPU 7")
+    assert "neither an index" in nv.select("foo")[1]
+
+
+def test_thermal_enabled_without_nvml_is_a_startup_error(job):
+    if Nvml.open() is not None:
+        pytest.skip("this machine has a working NVML")
+    rc, out = job.run(job.config(thermal={"enabled": True}))
+    assert rc == 2 and "thermal.enabled: NVML is not available" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("command,needle", [
+    (["/nonexistent/sensor"], "cannot run /nonexistent/sensor"),
+    ([sys.executable, "-c", "print('GPU0: 71C')"], "unexpected line"),
+    ([sys.executable, "-c", "import time; time.sleep(30)"], "did not answer within 1 s"),
+])
+def test_bad_sensor_command_is_a_startup_error(job, command, needle):
+    rc, out = job.run(job.config(thermal={"enabled": True, "source": "command", "command": command,
+                                          "command_timeout_seconds": 1}), timeout=60)
+    assert rc == 2 and needle in out and "Traceback" not in out
+
+
+def test_config_rejects_bad_limits(tmp_path):
+    from supervisor.config import ConfigError, load
+    p = tmp_path / "c.toml"
+    p.write_text('[training]\ndataset="D"\n[paths]\npreprocessed="p"\nresults="r"\n'
+                 '[thermal]\npause_celsius=80\nresume_celsius=80\nstop_celsius=79\npoll_seconds=0\n')
+    with pytest.raises(ConfigError) as e:
+        load(p, env={})
+    m = str(e.value)
+    assert "thermal.resume_celsius: expected lower than" in m and "thermal.poll_seconds: expected a number > 0" in m
+    assert "thermal.pause_celsius: expected lower than thermal.stop_celsius" in m
+
+
+# ---- end to end: fake trainer + a sensor command reading a file the test rewrites ------------------
+def thermal_job(job, temp_file, **extra):
+    temp_file.write_text("0 60\n")
+    return job.config(env={"FAKE_EPOCHS": "400", "FAKE_EPOCH_S": "0.2"},
+                      thermal={"enabled": True, "source": "command", "poll_seconds": 0.3,
+                               "command": ["/bin/cat", str(temp_file)], "pause_celsius": 85,
+                               "resume_celsius": 75, "stop_celsius": 92, **extra})
+
+
+def group_states(pgid):
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid:
+                out.append(p.status())
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+def test_heat_pauses_the_whole_group_cool_resumes(job, tmp_path):
+    temp = tmp_path / "temps"
+    p = job.start(thermal_job(job, temp))
+    try:
+        wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 2,
+                 timeout=60, what="epochs")
+        pgid = job.state_json()["attempts"][-1]["pgid"]
+        temp.write_text("0 88\n")
+        wait_for(lambda: (s := group_states(pgid)) and len(s) >= 2 and all(x == psutil.STATUS_STOPPED for x in s),
+                 timeout=10, what="every process of the group stopped ('T')")
+        n = len(job.state_json()["epochs"])
+        time.sleep(1.5)
+        assert len(job.state_json()["epochs"]) == n  # really not training
+        assert job.state_json()["sup"]["state"] == "paused"
+        temp.write_text("0 80\n")  # below pause, above resume: stays paused (hysteresis)
+        time.sleep(1.0)
+        assert all(x == psutil.STATUS_STOPPED for x in group_states(pgid))
+        temp.write_text("0 70\n")
+        wait_for(lambda: len(job.state_json()["epochs"]) > n, timeout=15, what="training resumed")
+        assert job.state_json()["sup"]["paused_total"] > 2
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0, out
+    assert "thermal_pause" in out and "thermal_resume" in out
+    assert len(job.state_json()["attempts"]) == 1
+
+
+def test_overheat_stops_gracefully_then_restarts_when_cool(job, tmp_path):
+    temp = tmp_path / "temps"
+    p = job.start(thermal_job(job, temp))
+    try:
+        wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 2,
+                 timeout=60, what="epochs")
+        temp.write_text("0 95\n")
+        wait_for(lambda: job.state_json()["sup"]["state"] == "cooling", timeout=30, what="cooling")
+        a = job.state_json()["attempts"][0]
+        assert a["reason"] == "thermal_stop" and a["exit_code"] == -signal.SIGINT
+        time.sleep(1.0)
+        assert job.state_json()["sup"]["state"] == "cooling"  # 95 C: no restart yet
+        temp.write_text("0 74\n")
+        wait_for(lambda: len(job.state_json()["attempts"]) == 2 and job.state_json()["sup"]["state"] == "running",
+                 timeout=30, what="restart after cooling")
+        st = job.state_json()
+        assert "--c" in st["attempts"][1]["argv"] and st["sup"]["restart_times"] == []
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0, out
+
+
+def test_long_pause_becomes_a_graceful_stop_and_sigterm_while_paused_works(job, tmp_path):
+    temp = tmp_path / "temps"
+    p = job.start(thermal_job(job, temp, max_pause_minutes=0.05))
+    try:
+        wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 1,
+                 timeout=60, what="an epoch")
+        temp.write_text("0 88\n")
+        wait_for(lambda: job.state_json()["attempts"][0]["reason"] == "thermal_stop", timeout=30,
+                 what="stop after the longest pause")
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0 and job.state_json()["sup"]["outcome"] == "stopped", out
