@@ -85,3 +85,25 @@ def remove_stale_temp_files(fold: Path) -> list[str]:
         except OSError:
             pass
     return removed
+
+
+def choose(fold: Path, suspect: str | None, cfg, history, log, record) -> tuple[bool, Path | None]:
+    """(ok, what --c will load): tidy temp files, verify, move bad ones aside (logged and recorded),
+    estimate the epochs a fallback to checkpoint_best costs; ok is False when nothing readable is left
+    and a fresh start is not allowed."""
+    for name in remove_stale_temp_files(fold):
+        log.info("removed_stale_temp_file", file=name)
+    pick = pick_resume(fold, suspect=suspect, check=cfg.checkpoint_verify)
+    for name, dest, why in pick.moved:
+        log.error("checkpoint_moved_aside", file=name, moved_to=dest, why=why)
+        record(name, dest, why)
+    if pick.moved and pick.resume is not None:
+        best = [r.epoch for r in history.ordered() if r.new_best]
+        last = history.last()
+        lost = (last.epoch - best[-1]) if last and best and "best" in pick.resume.name else None
+        log.warning("checkpoint_fallback", resume_from=pick.resume.name, epochs_lost=lost)
+    if pick.had_any and pick.resume is None:
+        if not cfg.allow_fresh_start:
+            return False, None
+        log.warning("fresh_start", why="no readable checkpoint left; checkpoint.allow_fresh_start = true")
+    return True, pick.resume

@@ -18,7 +18,6 @@ How it works (after gunicorn's arbiter and torch.distributed.elastic's agent)
 """
 from __future__ import annotations
 
-import json
 import os
 import selectors
 import signal
@@ -34,17 +33,16 @@ from .gpu import Nvml
 from .logparse import EpochAssembler, EpochRecord, History, LogFollower, parse_line
 from .output import TrainerOutput
 from .policy import (TERMINAL, ActionFailed, ChildExited, EpochDone, Finish, Log, NoCheckpoint, Reconfigured,
-                     SafePoint, SetBatchSize, SetWorkers, SignalGroup, Spawn, Stalled, Start, State,
-                     StopRequested, Sup, Temperatures, Tick, decide, hang_limit)
+                     SafePoint, SetBatchSize, SetWorkers, SignalGroup, Spawn, Start, State,
+                     StopRequested, Sup, Tick, decide)
 from .reload import plan_reload
 from .sdnotify import Notifier
 from .status import summary_line
-from .store import Lock, StateStore, atomic_write
+from .store import Lock, StateStore
 
 LOG_POLL_S = 0.25
 REAP_POLL_S = 0.05
 REAP_LIMIT_S = 30.0
-NNUNET_DEFAULT_N_PROC_DA = 12  # nnunetv2.utilities.default_n_proc_DA, capped at the CPU count
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
@@ -71,87 +69,9 @@ class Daemon:
         self.next_extend = 0.0
         self.last_progress = clock()
         self.final_phase = False  # "Training done." seen: final validation, no hang detection
-        self.sensor = None        # thermal.NvmlSource | thermal.CommandSource
-        self.sensor_error: str | None = None
+        self.guard: thermal.ThermalGuard | None = None
 
     # ---- set-up --------------------------------------------------------------------------------
-    def current_batch_size(self) -> int | None:
-        """The plan's batch size, validated at start-up (ConfigError names the file and key)."""
-        if not self.cfg.oom_enabled:
-            return None
-        path = job.plans_file(self.cfg)
-        try:
-            bs = plans.read_batch_size(path, self.cfg.configuration)
-        except plans.PlansError as e:
-            raise ConfigError(self.cfg.path, [f"[oom] needs the plans file: {e}"]) from None
-        if self.cfg.oom_min_batch_size > bs:
-            raise ConfigError(self.cfg.path, [
-                f"oom.min_batch_size: expected <= the plan's batch size {bs} ({path}: "
-                f"configurations.{self.cfg.configuration}.batch_size), got {self.cfg.oom_min_batch_size}"])
-        return bs
-
-    def configured_workers(self) -> int:
-        default = min(NNUNET_DEFAULT_N_PROC_DA, os.cpu_count() or 1)
-        try:
-            return max(1, int(job.build_env(self.cfg).get("nnUNet_n_proc_DA", default)))
-        except ValueError:
-            return default
-
-    def open_sensor(self) -> None:
-        """The thermal guard's source; a guard that cannot read anything is a configuration error."""
-        cfg = self.cfg
-        if not cfg.thermal_enabled:
-            return
-        if cfg.thermal_source == "command":
-            src = thermal.CommandSource(list(cfg.thermal_command), cfg.thermal_command_timeout, cfg.thermal_poll,
-                                        list(cfg.thermal_gpus) or None)
-            readings, err = src.read_once()
-            if err or not readings or any(r.celsius is None for r in readings):
-                raise ConfigError(cfg.path, [f"thermal.command: {err or 'no reading for every GPU'} "
-                                             f"(running {list(cfg.thermal_command)})"])
-            self.sensor = src
-            return
-        self.nvml = self.nvml or Nvml.open()
-        if self.nvml is None:
-            raise ConfigError(cfg.path, [f"thermal.enabled: NVML is not available ({Nvml.open_error()}); "
-                                         "install the NVIDIA driver, or set [thermal] enabled = false, "
-                                         "or source = \"command\""])
-        if cfg.thermal_gpus:
-            bad = [g for g in cfg.thermal_gpus if not g.isdigit() or int(g) >= self.nvml.count]
-            if bad:
-                raise ConfigError(cfg.path, [f"thermal.gpus: {bad} are not NVML indices 0..{self.nvml.count - 1}"])
-            idx = [int(g) for g in cfg.thermal_gpus]
-        else:
-            idx, why = self.nvml.select(job.build_env(cfg).get("CUDA_VISIBLE_DEVICES"), cfg.num_gpus)
-            if why or not idx:
-                raise ConfigError(cfg.path, [f"thermal.gpus: {why or 'no GPU found'}; list them explicitly"])
-        self.sensor = thermal.NvmlSource(self.nvml, idx, cfg.thermal_poll)
-
-    def _poll_sensor(self) -> None:
-        if self.sensor is None:
-            return
-        now = self.clock()
-        res = self.sensor.poll(now)
-        if res is None:
-            return
-        readings, err = res
-        if err != self.sensor_error:  # say it once, not every 2 s
-            (self.log.warning("sensor_read_failed", error=err) if err else self.log.info("sensor_ok"))
-            self.sensor_error = err
-        failed = err is not None or not readings or any(r.celsius is None for r in readings)
-        v = thermal.verdict(self.sup.state.value, readings, now, self.cfg, self.sup.paused_at,
-                            self.sup.failed_reads + (1 if failed else 0), self.cfg.num_gpus)
-        self.dispatch(Temperatures(v, {r.gpu: r.celsius for r in readings}, failed))
-        try:
-            atomic_write(self.cfg.state_dir / "thermal.json", json.dumps({
-                "at": now, "readings": [r.to_json() for r in readings], "error": err,
-                "paused": self.sup.state == State.PAUSED, "paused_at": self.sup.paused_at,
-                "paused_total_s": self.sup.paused_total,
-                "limits": {"pause": self.cfg.thermal_pause, "resume": self.cfg.thermal_resume,
-                           "stop": self.cfg.thermal_stop}}).encode())
-        except OSError:
-            pass
-
     def prepare(self) -> None:
         """Lock, load state, stop a trainer a killed supervisor left behind, rebuild the epoch history."""
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -197,25 +117,25 @@ class Daemon:
 
     # ---- main loop -----------------------------------------------------------------------------
     def run(self) -> int:
-        bs = self.current_batch_size()  # bad plans: exit 2 before anything is locked or started
-        self.open_sensor()
+        bs = plans.startup_batch_size(self.cfg)  # bad plans: exit 2 before anything is locked or started
+        self.nvml = Nvml.open()
+        self.guard = thermal.ThermalGuard.open(self.cfg, self.nvml, self.log)
         self.prepare()
         self._install_signals()
         proc.become_subreaper()
-        self.nvml = self.nvml or Nvml.open()
         self.log.info("supervisor_started", pid=os.getpid(), config=str(self.cfg.path),
                       fold_dir=str(job.fold_dir(self.cfg)), target=self.cfg.ema_dice, batch_size=bs,
                       nvml=self.nvml is not None, systemd=self.notify.enabled)
         try:
             self.dispatch(Start(final_checkpoint=(job.fold_dir(self.cfg) / "checkpoint_final.pth").is_file(),
                                 last_epoch=self.history.last(), batch_size=bs,
-                                n_proc_da=self.configured_workers()))
+                                n_proc_da=job.configured_workers(self.cfg)))
             self.notify.ready(self._summary())
             while self.finish_code is None:
                 self.turn()
         finally:
-            if isinstance(self.sensor, thermal.CommandSource):
-                self.sensor.close()
+            if self.guard is not None:
+                self.guard.close()
             self.notify.stopping(self._summary())
             self.save()
             self.lock.release()
@@ -243,7 +163,8 @@ class Daemon:
             self._forward(self.child, self.child.output.flush_stale())
         self._check_child()
         self._poll_log()
-        self._poll_sensor()
+        if self.guard is not None and (ev := self.guard.poll(self.clock(), self.sup, self.cfg.state_dir)):
+            self.dispatch(ev)
         self._check_hang()
         self.dispatch(Tick())
         self.notify.status(self._summary())
@@ -318,7 +239,7 @@ class Daemon:
             proc.signal_group(a.pgid, signal.SIGKILL)
             for pid in a.survivors():
                 proc.kill_pid(pid)
-        proc.reap_zombies(skip={a.pid, getattr(self.sensor, "pid", None)})
+        proc.reap_zombies(skip={a.pid, self.guard.pid if self.guard else None})
         if (proc.group_alive(a.pgid) or a.open_streams or a.survivors()) and now < a.reap_deadline:
             return
         if proc.group_alive(a.pgid):
@@ -347,18 +268,10 @@ class Daemon:
         if a is None or a.returncode is not None or not self.cfg.hang_enabled or self.final_phase \
                 or self.sup.state != State.RUNNING:
             return
-        since = max(self.last_progress, a.started)
-        this_attempt = sum(1 for r in self.history.records.values() if r.epoch >= self.attempts[-1]["epoch_start"])
-        limit = hang_limit([r.epoch_time for r in self.history.ordered()[-20:]], this_attempt, self.cfg)
-        quiet = self.clock() - since
-        share = a.cpu_share()
-        if quiet > limit and share is not None and share * 100 < self.cfg.hang_idle_cpu_percent \
-                and not self._gpu_busy(a):
-            self.dispatch(Stalled(quiet, limit))
-
-    def _gpu_busy(self, a: Attempt) -> bool:
-        util = self.nvml.utilization_for(set(a.known)) if self.nvml is not None else None
-        return util is not None and util > self.cfg.hang_idle_cpu_percent
+        ev = a.stalled(self.clock(), self.last_progress, self.history, self.attempts[-1]["epoch_start"],
+                       self.cfg, self.nvml)
+        if ev is not None:
+            self.dispatch(ev)
 
     def _gpu_released(self, a: Attempt) -> bool:
         """True once no process of the attempt holds GPU memory (or NVML cannot tell)."""
@@ -438,27 +351,11 @@ class Daemon:
         self.log.warning("changed", **ch)
         self.save()
 
-    def _pick_checkpoint(self) -> tuple[bool, object]:
-        """(ok, checkpoint path or None): verify what --c would load, move bad ones aside."""
-        fold = job.fold_dir(self.cfg)
-        for name in checkpoints.remove_stale_temp_files(fold):
-            self.log.info("removed_stale_temp_file", file=name)
+    def _pick_checkpoint(self):
         prev = self.attempts[-2] if len(self.attempts) >= 2 else None
         suspect = prev["resume_from"] if prev and prev.get("reason") == Reason.CORRUPT_CHECKPOINT.value else None
-        pick = checkpoints.pick_resume(fold, suspect=suspect, check=self.cfg.checkpoint_verify)
-        for name, dest, why in pick.moved:
-            self.log.error("checkpoint_moved_aside", file=name, moved_to=dest, why=why)
-            self._record_change("checkpoint", name, dest, why=why)
-        if pick.moved and pick.resume is not None:
-            best_epochs = [r.epoch for r in self.history.ordered() if r.new_best]
-            last = self.history.last()
-            lost = (last.epoch - best_epochs[-1]) if last and best_epochs and "best" in pick.resume.name else None
-            self.log.warning("checkpoint_fallback", resume_from=pick.resume.name, epochs_lost=lost)
-        if pick.had_any and pick.resume is None:
-            if not self.cfg.allow_fresh_start:
-                return False, None
-            self.log.warning("fresh_start", why="no readable checkpoint left; checkpoint.allow_fresh_start = true")
-        return True, pick.resume
+        return checkpoints.choose(job.fold_dir(self.cfg), suspect, self.cfg, self.history, self.log,
+                                  lambda name, dest, why: self._record_change("checkpoint", name, dest, why=why))
 
     def _spawn(self) -> None:
         n = self.sup.attempt

@@ -102,6 +102,18 @@ def build_env(cfg: Config, base: dict[str, str] | None = None, overrides: dict[s
     return env
 
 
+NNUNET_DEFAULT_N_PROC_DA = 12  # nnunetv2.utilities.default_n_proc_DA on an unknown host, capped at CPUs
+
+
+def configured_workers(cfg: Config) -> int:
+    """nnUNet_n_proc_DA the trainer will use: [environment] or the environment, else nnU-Net's default."""
+    default = min(NNUNET_DEFAULT_N_PROC_DA, os.cpu_count() or 1)
+    try:
+        return max(1, int(build_env(cfg).get("nnUNet_n_proc_DA", default)))
+    except ValueError:
+        return default
+
+
 def job_identity(cfg: Config) -> dict:
     """What makes a state.json belong to this job (a different one is moved aside, not reused)."""
     return {"dataset": dataset_name(cfg), "configuration": cfg.configuration, "fold": cfg.fold,

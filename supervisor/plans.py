@@ -83,6 +83,25 @@ def set_batch_size(path: Path, configuration: str, new: int) -> tuple[int, Path]
     return old, backup
 
 
+def startup_batch_size(cfg) -> int | None:
+    """The plan's batch size, validated before anything starts (ConfigError names the file and key)."""
+    from .config import ConfigError
+    from .job import plans_file
+
+    if not cfg.oom_enabled:
+        return None
+    path = plans_file(cfg)
+    try:
+        bs = read_batch_size(path, cfg.configuration)
+    except PlansError as e:
+        raise ConfigError(cfg.path, [f"[oom] needs the plans file: {e}"]) from None
+    if cfg.oom_min_batch_size > bs:
+        raise ConfigError(cfg.path, [
+            f"oom.min_batch_size: expected <= the plan's batch size {bs} ({path}: "
+            f"configurations.{cfg.configuration}.batch_size), got {cfg.oom_min_batch_size}"])
+    return bs
+
+
 def next_batch_size(bs: int, minimum: int, strategy: str, subtract: int, factor: float) -> int | None:
     """The batch size to try after a CUDA OOM at `bs`, or None when `bs` is already the minimum."""
     if bs <= minimum:

@@ -9,6 +9,9 @@ How it works
   polls in a row without a reading for every GPU), "gpu_lost" (NVML says the GPU fell off the bus), or
   "cooled" (after a thermal stop, every GPU known and at or below resume_celsius: restart). An unknown
   reading never resumes or restarts anything.
+- `ThermalGuard` opens the configured source at start-up (a guard that cannot read anything is a
+  configuration error, exit 2), turns each poll into a Temperatures event for the decision function,
+  says a read failure once (not every poll), and writes <state_dir>/thermal.json for `status`.
 - Sources are polled from the main loop and never block it. `NvmlSource` reads NVML (fast). `CommandSource`
   starts the configured program every poll_seconds and collects its output on a later turn: one line per
   GPU, `<index> <celsius>`; a program that is missing, exits non-zero, prints anything else, or outlives
@@ -16,10 +19,16 @@ How it works
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+from pathlib import Path
 
+from . import job
+from .config import Config, ConfigError
+from .events import Temperatures
 from .gpu import Nvml, Reading
+from .store import atomic_write
 
 ACTIVE = ("running", "stop_pending", "paused")
 
@@ -136,3 +145,64 @@ class CommandSource:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate()
+
+
+class ThermalGuard:
+    def __init__(self, cfg: Config, source, log):
+        self.cfg, self.source, self.log = cfg, source, log
+        self.error: str | None = None
+
+    @classmethod
+    def open(cls, cfg: Config, nvml: Nvml | None, log) -> "ThermalGuard | None":
+        if not cfg.thermal_enabled:
+            return None
+        if cfg.thermal_source == "command":
+            src = CommandSource(list(cfg.thermal_command), cfg.thermal_command_timeout, cfg.thermal_poll,
+                                list(cfg.thermal_gpus) or None)
+            readings, err = src.read_once()
+            if err or not readings or any(r.celsius is None for r in readings):
+                raise ConfigError(cfg.path, [f"thermal.command: {err or 'no reading for every GPU'} "
+                                             f"(running {list(cfg.thermal_command)})"])
+            return cls(cfg, src, log)
+        if nvml is None:
+            raise ConfigError(cfg.path, [f"thermal.enabled: NVML is not available ({Nvml.open_error()}); "
+                                         "install the NVIDIA driver, or set [thermal] enabled = false, "
+                                         'or source = "command"'])
+        if cfg.thermal_gpus:
+            bad = [g for g in cfg.thermal_gpus if not g.isdigit() or int(g) >= nvml.count]
+            if bad:
+                raise ConfigError(cfg.path, [f"thermal.gpus: {bad} are not NVML indices 0..{nvml.count - 1}"])
+            idx = [int(g) for g in cfg.thermal_gpus]
+        else:
+            idx, why = nvml.select(job.build_env(cfg).get("CUDA_VISIBLE_DEVICES"), cfg.num_gpus)
+            if why or not idx:
+                raise ConfigError(cfg.path, [f"thermal.gpus: {why or 'no GPU found'}; list them explicitly"])
+        return cls(cfg, NvmlSource(nvml, idx, cfg.thermal_poll), log)
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self.source, "pid", None)
+
+    def poll(self, now: float, sup, state_dir: Path) -> Temperatures | None:
+        res = self.source.poll(now)
+        if res is None:
+            return None
+        readings, err = res
+        if err != self.error:  # say it once, not every poll
+            (self.log.warning("sensor_read_failed", error=err) if err else self.log.info("sensor_ok"))
+            self.error = err
+        failed = err is not None or not readings or any(r.celsius is None for r in readings)
+        v = verdict(sup.state.value, readings, now, self.cfg, sup.paused_at,
+                    sup.failed_reads + (1 if failed else 0), self.cfg.num_gpus)
+        try:
+            atomic_write(state_dir / "thermal.json", json.dumps({
+                "at": now, "readings": [r.to_json() for r in readings], "error": err,
+                "limits": {"pause": self.cfg.thermal_pause, "resume": self.cfg.thermal_resume,
+                           "stop": self.cfg.thermal_stop}}).encode())
+        except OSError:
+            pass
+        return Temperatures(v, {r.gpu: r.celsius for r in readings}, failed)
+
+    def close(self) -> None:
+        if isinstance(self.source, CommandSource):
+            self.source.close()
