@@ -111,12 +111,43 @@ def _check_command(cfg: Config, out: list[Finding]) -> None:
             out.append(Finding("ok", "CUDA is available"))
 
 
+def _check_thermal(cfg: Config, out: list[Finding]) -> None:
+    if not cfg.thermal_enabled:
+        out.append(Finding("ok", "thermal guard off ([thermal] enabled = false, or device is not cuda)"))
+        return
+    from .config import ConfigError
+    from .gpu import Nvml
+    from .thermal import ThermalGuard
+
+    nvml = Nvml.open() if cfg.thermal_source == "nvml" else None
+    try:
+        guard = ThermalGuard.open(cfg, nvml, log=_Quiet())
+    except ConfigError as e:
+        out += [Finding("fatal", p) for p in e.problems]
+        return
+    src = guard.source
+    readings = [nvml.read(i) for i in src.indices] if nvml is not None else src.read_once()[0]
+    guard.close()
+    for r in readings:
+        out.append(Finding("ok", f"GPU {r.gpu}: {r.celsius} C now"))
+        if r.slowdown_celsius is not None and cfg.thermal_pause > r.slowdown_celsius:
+            out.append(Finding("warning", f"thermal.pause_celsius ({cfg.thermal_pause:g}) is above GPU {r.gpu}'s "
+                                          f"own slowdown temperature ({r.slowdown_celsius:g} C): the GPU will "
+                                          "throttle before the guard pauses"))
+
+
+class _Quiet:
+    def __getattr__(self, _name):
+        return lambda *a, **k: None
+
+
 def run_checks(cfg: Config) -> list[Finding]:
     out: list[Finding] = []
     _check_dirs(cfg, out)
     _check_dataset(cfg, out)
     _check_results(cfg, out)
     _check_command(cfg, out)
+    _check_thermal(cfg, out)
     return out
 
 

@@ -57,6 +57,17 @@ def eta_to_target(recs: list[EpochRecord], target: float | None, epoch_s: float 
     return math.ceil((target - pts[-1][1]) / slope) * epoch_s
 
 
+def _thermal(cfg: Config) -> dict | None:
+    if not cfg.thermal_enabled:
+        return None
+    try:
+        th = json.loads((cfg.state_dir / "thermal.json").read_text())
+    except (OSError, ValueError):
+        th = {"readings": [], "error": "no reading yet"}
+    th["limits"] = {"pause": cfg.thermal_pause, "resume": cfg.thermal_resume, "stop": cfg.thermal_stop}
+    return th
+
+
 def _clean(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
@@ -112,6 +123,9 @@ def gather(cfg: Config) -> dict:
         "history": [{k: a.get(k) for k in ("n", "reason", "exit_code", "started_at", "ended_at",
                                               "epoch_start", "epoch_reached", "resume_from", "log")}
                     for a in attempts],
+        "paused_for_heat": sup.get("state") == "paused",
+        "paused_total_s": sup.get("paused_total", 0.0),
+        "thermal": _thermal(cfg),
         "fold_dir": str(job.fold_dir(cfg)),
         "state_dir": str(cfg.state_dir),
     }
@@ -188,6 +202,20 @@ def render(i: dict) -> str:
         f"restarts:     {i['restarts']}" + (f"  ({', '.join(str(r) for r in i['restart_reasons'])})"
                                            if i["restart_reasons"] else ""),
     ]
+    th = i.get("thermal")
+    if th is not None:
+        lim = th.get("limits") or {}
+        lines.append(f"thermal:      pause > {lim.get('pause', '?')} C, resume <= {lim.get('resume', '?')} C, "
+                     f"stop >= {lim.get('stop', '?')} C; paused {'now, ' if i['paused_for_heat'] else ''}"
+                     f"{_dur(i['paused_total_s'])} in total" + (f"; {th['error']}" if th.get("error") else ""))
+        for r in th.get("readings", []):
+            def v(x, unit="", fmt="{:.0f}"):
+                return "?" if x is None else fmt.format(x) + unit
+            lines.append(f"  GPU {r['gpu']}: {v(r.get('celsius'), ' C')} (slowdown {v(r.get('slowdown_celsius'), ' C')},"
+                         f" shutdown {v(r.get('shutdown_celsius'), ' C')})  {v(r.get('power_w'), ' W')}  "
+                         f"util {v(r.get('util_percent'), '%')}  mem {v(r.get('mem_used_mib'), ' MiB')}"
+                         + (f"  throttle: {', '.join(r['throttle'])}" if r.get("throttle") else "")
+                         + ("  LOST" if r.get("lost") else ""))
     for ch in i["changes"][-5:]:
         lines.append(f"changed:      {_ts(ch['at'])} {ch['what']} {ch['old']} -> {ch['new']} "
                      f"after {ch['reason']}")
