@@ -24,6 +24,8 @@ Faults on cue, from the environment (each fires once per results folder, tracked
     hang    - stop printing and sleep forever mid-epoch
     nan     - report nan losses and dice from then on
   FAKE_OOM_ABOVE_BS=N  - OOM in the first epoch whenever the plans' batch size is above N
+  FAKE_CUDA_FRACTION=f - a REAL CUDA allocation of f x batch size x the GPU's memory at start-up
+                         (a real torch.OutOfMemoryError when it does not fit; GPU checks only)
   FAKE_EPOCHS (10), FAKE_EPOCH_S (0.2), FAKE_SAVE_EVERY (1), FAKE_DICE_STEP (0.05): pace and curve.
 """
 import json
@@ -150,6 +152,11 @@ def main():
             time.sleep(1)
 
     oom_above = os.environ.get("FAKE_OOM_ABOVE_BS")
+    frac = os.environ.get("FAKE_CUDA_FRACTION")
+    if frac is not None:  # real GPU memory, sized by the batch size in the plans file
+        total = torch.cuda.get_device_properties(0).total_memory
+        hold = torch.empty(int(total * float(frac) * bs) // 4, dtype=torch.float32, device="cuda")
+        log(f"holding {hold.numel() * 4 / 2**30:.1f} GiB on the GPU at batch size {bs}")
 
     def save(name, epoch):
         ck = {"network_weights": {"w": torch.zeros(4)}, "optimizer_state": {}, "grad_scaler_state": None,
