@@ -27,6 +27,7 @@ Faults on cue, from the environment (each fires once per results folder, tracked
   FAKE_CUDA_FRACTION=f - a REAL CUDA allocation of f x batch size x the GPU's memory at start-up
                          (a real torch.OutOfMemoryError when it does not fit; GPU checks only)
   FAKE_EPOCHS (10), FAKE_EPOCH_S (0.2), FAKE_SAVE_EVERY (1), FAKE_DICE_STEP (0.05): pace and curve.
+  FAKE_EVENTS=path     - append "<event> <unix time>" lines for the benchmarks: start, crash, sigint
 """
 import json
 import os
@@ -81,7 +82,22 @@ def dice_for(epoch, nan):
     return [min(0.97, 0.50 + step * epoch + 0.00123), min(0.93, 0.30 + step * epoch + 0.00456), 0.0]
 
 
+def event(name):
+    path = os.environ.get("FAKE_EVENTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{name} {time.time():.6f} {os.getpid()}\n")
+
+
+def on_sigint(signum, frame):
+    event("sigint")
+    raise KeyboardInterrupt
+
+
 def main():
+    event("start")
+    if os.environ.get("FAKE_EVENTS"):
+        signal.signal(signal.SIGINT, on_sigint)
     dataset, configuration, fold, opts, cont = parse_args(sys.argv[1:])
     trainer = opts["-tr"]
     if not trainer.startswith("nnUNetTrainer"):
@@ -187,6 +203,7 @@ def main():
         if kind and fire(epoch, kind):
             time.sleep(epoch_s / 2)
             if kind == "crash":
+                event("crash")
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             if kind in ("oom", "oomabrt"):
                 oom_traceback()
