@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -188,6 +188,8 @@ FREE_FORM_SECTIONS = {"environment"}
 
 @dataclass(frozen=True)
 class Config:
+    """The validated configuration. Defaults live in SCHEMA only; parse() sets every field."""
+
     path: Path
     # [training]
     command: tuple[str, ...]
@@ -206,51 +208,51 @@ class Config:
     results: Path
     state_dir: Path
     # [environment]
-    environment: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, str]
     # [restart]
-    backoff_seconds: float = 30
-    backoff_max_seconds: float = 600
-    max_restarts: int = 10
-    window_minutes: float = 360
+    backoff_seconds: float
+    backoff_max_seconds: float
+    max_restarts: int
+    window_minutes: float
     # [target]
-    ema_dice: float | None = None
-    min_class_dice: float | None = None
-    max_nonfinite_epochs: int = 3
-    patience_epochs: int = 0
+    ema_dice: float | None
+    min_class_dice: float | None
+    max_nonfinite_epochs: int
+    patience_epochs: int
     # [hang]
-    hang_enabled: bool = True
-    hang_timeout_minutes: float = 0
-    hang_min_timeout_minutes: float = 20
-    hang_first_epoch_minutes: float = 90
-    hang_idle_cpu_percent: float = 10
+    hang_enabled: bool
+    hang_timeout_minutes: float
+    hang_min_timeout_minutes: float
+    hang_first_epoch_minutes: float
+    hang_idle_cpu_percent: float
     # [stop]
-    timeout_seconds: float = 120
-    checkpoint_wait_seconds: float = 300
+    timeout_seconds: float
+    checkpoint_wait_seconds: float
     # [oom]
-    oom_enabled: bool = True
-    oom_min_batch_size: int = 1
-    oom_strategy: str = "subtract"
-    oom_subtract: int = 1
-    oom_factor: float = 0.5
-    oom_gpu_release_timeout: float = 120
+    oom_enabled: bool
+    oom_min_batch_size: int
+    oom_strategy: str
+    oom_subtract: int
+    oom_factor: float
+    oom_gpu_release_timeout: float
     # [thermal]
-    thermal_enabled: bool = False
-    thermal_source: str = "nvml"
-    thermal_command: tuple[str, ...] = ()
-    thermal_command_timeout: float = 5
-    thermal_poll: float = 2
-    thermal_pause: float = 86
-    thermal_resume: float = 78
-    thermal_stop: float = 91
-    thermal_max_pause_minutes: float = 15
-    thermal_max_failed_reads: int = 5
-    thermal_gpus: tuple[str, ...] = ()
+    thermal_enabled: bool
+    thermal_source: str
+    thermal_command: tuple[str, ...]
+    thermal_command_timeout: float
+    thermal_poll: float
+    thermal_pause: float
+    thermal_resume: float
+    thermal_stop: float
+    thermal_max_pause_minutes: float
+    thermal_max_failed_reads: int
+    thermal_gpus: tuple[str, ...]
     # [checkpoint]
-    checkpoint_every: int = 1
-    checkpoint_verify: bool = True
-    allow_fresh_start: bool = False
+    checkpoint_every: int
+    checkpoint_verify: bool
+    allow_fresh_start: bool
     # [logging]
-    level: str = "info"
+    level: str
 
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)

@@ -30,7 +30,7 @@ from .attempt import Attempt
 from .classify import Exit, Reason
 from .config import Config, ConfigError, load
 from .gpu import Nvml
-from .logparse import EpochAssembler, EpochRecord, History, LogFollower, parse_line
+from .logparse import EpochAssembler, History, LogFollower, parse_line
 from .output import TrainerOutput
 from .policy import (TERMINAL, ActionFailed, ChildExited, EpochDone, Finish, Log, NoCheckpoint, Reconfigured,
                      SafePoint, SetBatchSize, SetWorkers, SignalGroup, Spawn, Start, State,
@@ -94,7 +94,7 @@ class Daemon:
             self.sup = Sup(attempt=self.sup.attempt, restart_times=self.sup.restart_times,
                            consecutive_failures=self.sup.consecutive_failures,
                            original_batch_size=self.sup.original_batch_size, n_proc_da=self.sup.n_proc_da,
-                           oom_steps=self.sup.oom_steps)
+                           oom_steps=self.sup.oom_steps, paused_total=self.sup.paused_total)
         # The logs are the truth: replay them all (an earlier supervisor, or another machine, wrote them).
         for _name, line in self.follower.poll():
             ev = parse_line(line)

@@ -36,6 +36,21 @@ def write_config(path: Path, sections: dict) -> Path:
     return path
 
 
+class LoggedPopen(subprocess.Popen):
+    """The supervisor as a child whose output goes to a file: a pipe nobody reads until the end fills up
+    after ~64 KiB and blocks the supervisor's logging (and so its loop). communicate() returns the log."""
+
+    def __init__(self, argv, log_path: Path, **kw):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        super().__init__(argv, stdout=self._log, stderr=subprocess.STDOUT, **kw)
+
+    def communicate(self, input=None, timeout=None):
+        self.wait(timeout)
+        self._log.close()
+        return self.log_path.read_text(), None
+
+
 class Job:
     """A tmp folder with nnUNet_preprocessed/<dataset>/nnUNetPlans.json and nnUNet_results."""
 
@@ -74,11 +89,16 @@ class Job:
     def state_json(self) -> dict:
         return json.loads((self.state / "state.json").read_text())
 
-    def start(self, cfg: Path, extra_env: dict | None = None) -> subprocess.Popen:
+    def wait_epochs(self, n: int, timeout: float = 60) -> None:
+        """Wait until the supervisor has recorded at least n epochs in state.json."""
+        wait_for(lambda: (self.state / "state.json").exists() and len(self.state_json()["epochs"]) >= n,
+                 timeout=timeout, what=f"{n} epochs in state.json")
+
+    def start(self, cfg: Path, extra_env: dict | None = None) -> "LoggedPopen":
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-        return subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", str(cfg)],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        self.runs = getattr(self, "runs", 0) + 1
+        return LoggedPopen([sys.executable, "-m", "supervisor", "run", "--config", str(cfg)], cwd=REPO, env=env,
+                           log_path=self.root / f"supervisor-{self.runs}.log")
 
     def run(self, cfg: Path, timeout: float = 120, extra_env: dict | None = None):
         p = self.start(cfg, extra_env)
@@ -87,7 +107,7 @@ class Job:
         except subprocess.TimeoutExpired:
             p.kill()
             out, _ = p.communicate()
-            raise AssertionError(f"supervisor did not finish in {timeout}s:\n{out}")
+            raise AssertionError(f"supervisor did not finish in {timeout}s:\n{out[-5000:]}")
         return p.returncode, out
 
 

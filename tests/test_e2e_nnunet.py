@@ -5,7 +5,6 @@ The dataset is generated and preprocessed once per session (~30 s); each test tr
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, wait_for
+from conftest import REPO, LoggedPopen, wait_for
 from supervisor import demo
 from supervisor.store import StateStore
 
@@ -45,8 +44,8 @@ def state(root):
 
 
 def start(cfg):
-    return subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", str(cfg)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return LoggedPopen([sys.executable, "-m", "supervisor", "run", "--config", str(cfg)], cwd=REPO,
+                       log_path=cfg.parent / "supervisor.log")
 
 
 def group_gone(pgid):

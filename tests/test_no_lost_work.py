@@ -1,5 +1,4 @@
 """No lost work: corrupt checkpoints, hangs, divergence, plateau, and atomic checkpoint writes."""
-import os
 import signal
 import subprocess
 import sys
@@ -9,13 +8,12 @@ import pytest
 import torch
 
 from conftest import REPO, wait_for
-from supervisor import checkpoints, launcher
+from supervisor import checkpoints
 
 
 def run_until_epochs(job, cfg, n):
     p = job.start(cfg)
-    wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= n,
-             timeout=60, what=f"{n} epochs")
+    job.wait_epochs(n, timeout=60)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0, out

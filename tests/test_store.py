@@ -1,5 +1,4 @@
 """Atomic files, moving aside instead of deleting, and the single-instance lock."""
-import json
 import os
 import subprocess
 import sys

@@ -4,10 +4,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
-import pytest
 import torch
 
 from conftest import REPO, wait_for
@@ -64,8 +62,7 @@ def test_target_stops_with_sigint_and_checkpoint_best_loads(job):
 def test_sigterm_stops_gracefully_and_leaves_no_process(job):
     cfg = job.config(env={"FAKE_EPOCHS": "500", "FAKE_EPOCH_S": "0.3"})
     p = job.start(cfg)
-    wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 2,
-             timeout=60, what="two epochs")
+    job.wait_epochs(2, timeout=60)
     pgid = attempts(job)[-1]["pgid"]
     members = [q for q in psutil.process_iter() if _pgid(q.pid) == pgid]
     assert len(members) >= 2  # trainer + its worker
@@ -143,8 +140,7 @@ def test_existing_checkpoint_means_c_on_the_first_start(job):
 def test_supervisor_sigkilled_then_restarted_never_runs_two_trainers(job):
     cfg = job.config(env={"FAKE_EPOCHS": "500", "FAKE_EPOCH_S": "0.3"}, stop={"timeout_seconds": 10})
     p = job.start(cfg)
-    wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 1,
-             timeout=60, what="first epoch")
+    job.wait_epochs(1, timeout=60)
     old = attempts(job)[-1]
     p.kill()
     p.wait()
@@ -187,8 +183,7 @@ def test_status_json_while_running_and_after(job):
     assert before["state"] == "not started" and before["epoch"] is None
     p = job.start(cfg)
     try:
-        wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 4,
-                 timeout=60, what="epochs")
+        job.wait_epochs(4, timeout=60)
         s = status()
         for k in ("state", "outcome", "epoch", "ema_dice", "best_ema_dice", "dice_per_class", "batch_size",
                   "restarts", "history"):

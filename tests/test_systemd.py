@@ -1,5 +1,4 @@
 """systemd integration: unit files, install-unit, sd_notify on real sockets, journald format, reload."""
-import json
 import os
 import re
 import shutil
@@ -8,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -150,7 +148,6 @@ def test_daemon_notifies_ready_status_watchdog_reload_stopping(job, tmp_path):
         pid = job.state_json()["attempts"][-1]["pid"]
         environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         assert not any(e.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_")) for e in environ)
-        t0 = time.monotonic()
         n0 = sum(1 for x in lis.drain() if "WATCHDOG" in x)
         time.sleep(2.0)
         pings = sum(1 for x in lis.drain() if "WATCHDOG" in x) - n0
@@ -177,8 +174,7 @@ def test_reload_lowers_the_target_and_a_broken_file_changes_nothing(job):
     good = cfg.read_text()
     p = job.start(cfg)
     try:
-        wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 3,
-                 timeout=60, what="epochs")
+        job.wait_epochs(3, timeout=60)
         cfg.write_text(good.replace("[restart]", "[restart]\nbogus_key = 1"))
         p.send_signal(signal.SIGHUP)
         n = len(job.state_json()["epochs"])
@@ -202,8 +198,7 @@ def test_reload_reports_keys_that_need_a_restart(job):
     cfg = job.config(env={"FAKE_EPOCHS": "500", "FAKE_EPOCH_S": "0.2"})
     p = job.start(cfg)
     try:
-        wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 1,
-                 timeout=60, what="an epoch")
+        job.wait_epochs(1, timeout=60)
         text = cfg.read_text().replace("fold = 0", "fold = 1").replace('"FAKE_EPOCH_S" = "0.2"', "")
         cfg.write_text(text.replace("[environment]", '[environment]\nEXTRA = "1"'))
         p.send_signal(signal.SIGHUP)

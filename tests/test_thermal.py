@@ -223,8 +223,7 @@ def test_heat_pauses_the_whole_group_cool_resumes(job, tmp_path):
     temp = tmp_path / "temps"
     p = job.start(thermal_job(job, temp))
     try:
-        wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 2,
-                 timeout=60, what="epochs")
+        job.wait_epochs(2, timeout=60)
         pgid = job.state_json()["attempts"][-1]["pgid"]
         temp.write_text("0 88\n")
         wait_for(lambda: (s := group_states(pgid)) and len(s) >= 2 and all(x == psutil.STATUS_STOPPED for x in s),
@@ -251,8 +250,7 @@ def test_overheat_stops_gracefully_then_restarts_when_cool(job, tmp_path):
     temp = tmp_path / "temps"
     p = job.start(thermal_job(job, temp))
     try:
-        wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 2,
-                 timeout=60, what="epochs")
+        job.wait_epochs(2, timeout=60)
         temp.write_text("0 95\n")
         wait_for(lambda: job.state_json()["sup"]["state"] == "cooling", timeout=30, what="cooling")
         a = job.state_json()["attempts"][0]
@@ -274,8 +272,7 @@ def test_long_pause_becomes_a_graceful_stop_and_sigterm_while_paused_works(job, 
     temp = tmp_path / "temps"
     p = job.start(thermal_job(job, temp, max_pause_minutes=0.05))
     try:
-        wait_for(lambda: (job.state / "state.json").exists() and len(job.state_json()["epochs"]) >= 1,
-                 timeout=60, what="an epoch")
+        job.wait_epochs(1, timeout=60)
         temp.write_text("0 88\n")
         wait_for(lambda: job.state_json()["attempts"][0]["reason"] == "thermal_stop", timeout=30,
                  what="stop after the longest pause")

@@ -1,8 +1,6 @@
 """GPU checks (skipped without CUDA/NVML): real NVML readings, a real CUDA OOM under the supervisor, and a
 few real nnU-Net epochs on the GPU with the thermal guard reading NVML. Run: `make gpu-check`."""
 import json
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -10,7 +8,7 @@ import time
 import pytest
 
 torch = pytest.importorskip("torch")
-from conftest import FAKE, REPO, Job  # noqa: E402
+from conftest import REPO, Job  # noqa: E402
 from supervisor import demo  # noqa: E402
 from supervisor.gpu import Nvml  # noqa: E402
 
