@@ -89,7 +89,7 @@ class Daemon:
                 proc.stop_group(cur["pgid"], self.cfg.timeout_seconds)
             cur.update(ended_at=self.clock(), reason="supervisor_lost")
         if self.sup.state in TERMINAL or self.sup.state in (State.RUNNING, State.STOP_PENDING,
-                                                            State.STOPPING):
+                                                            State.STOPPING, State.PAUSED):
             # A new run of the supervisor decides afresh (Start checks final checkpoint and target).
             self.sup = Sup(attempt=self.sup.attempt, restart_times=self.sup.restart_times,
                            consecutive_failures=self.sup.consecutive_failures,

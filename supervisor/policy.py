@@ -267,6 +267,8 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
             return _finish(s, State.DONE, "target_reached", EXIT_OK,
                            f"target already reached at epoch {ev.last_epoch.epoch} "
                            f"(EMA {ev.last_epoch.ema:.4f})")
+        if st == State.COOLING and cfg.thermal_enabled:  # stopped for heat before the supervisor restarted
+            return s, [Log("still_cooling", "warning", {"resume_below": cfg.thermal_resume})]
         if st == State.BACKOFF and s.restart_at is not None:
             return s, [Log("resuming_backoff", fields={"restart_in_s": round(max(0, s.restart_at - now), 1)})]
         return _spawn(s, now, restart=False)

@@ -119,6 +119,7 @@ def kill_pid(pid: int) -> None:
 def stop_group(pgid: int, grace_s: float, limit_s: float = 30.0) -> None:
     """SIGINT the group, SIGKILL what is left after grace_s, wait (bounded) until it is empty."""
     signal_group(pgid, signal.SIGINT)
+    signal_group(pgid, signal.SIGCONT)  # a group paused for heat acts on SIGINT only once continued
     deadline = time.monotonic() + grace_s
     while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.2)
