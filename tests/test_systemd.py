@@ -180,6 +180,9 @@ def test_reload_lowers_the_target_and_a_broken_file_changes_nothing(job):
         n = len(job.state_json()["epochs"])
         wait_for(lambda: len(job.state_json()["epochs"]) >= n + 3, timeout=60, what="training goes on")
         assert job.state_json()["sup"]["state"] == "running"
+        cfg.unlink()  # deleted while running: same, an error and the old config stays
+        p.send_signal(signal.SIGHUP)
+        wait_for(lambda: "file not found" in p.log_path.read_text(), timeout=10, what="reload error")
         cfg.write_text(good.replace("ema_dice = 0.95", "ema_dice = 0.3"))
         p.send_signal(signal.SIGHUP)
         out, _ = p.communicate(timeout=60)
@@ -240,3 +243,21 @@ def test_journald_detection_needs_matching_inode(tmp_path):
         assert logs.under_journald(fh, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
         assert not logs.under_journald(fh, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
         assert not logs.under_journald(fh, {})
+
+
+def test_a_built_wheel_ships_the_units_the_example_config_and_the_launcher(tmp_path):
+    # editable installs find supervisor/data in the source tree; a real install only has what the wheel has
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import zipfile
+    (whl,) = tmp_path.glob("cardiacseg_train-*.whl")
+    names = set(zipfile.ZipFile(whl).namelist())
+    for n in ("supervisor/data/cardiacseg-train.service", "supervisor/data/cardiacseg-train@.service",
+              "supervisor/data/config.example.toml", "supervisor/launcher.py",
+              "supervisor/demo_trainers/demo_trainers.py"):
+        assert n in names, n
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(whl).read(entry).decode()
+    assert "cardiacseg-train = supervisor.cli:main" in text
+    assert "cardiacseg-train-nnunet = supervisor.launcher:main" in text
