@@ -185,6 +185,38 @@ SCHEMA: dict[str, dict[str, Field]] = {
 # [environment] is free-form: NAME = "value", passed verbatim to the trainer.
 FREE_FORM_SECTIONS = {"environment"}
 
+# Config field -> the config.toml key it comes from: one table for parse() and for reload's messages.
+FIELD_KEYS = {
+    "command": "training.command", "dataset": "training.dataset", "configuration": "training.configuration",
+    "fold": "training.fold", "trainer": "training.trainer", "plans": "training.plans",
+    "device": "training.device", "num_gpus": "training.num_gpus", "extra_args": "training.extra_args",
+    "expected_epochs": "training.expected_epochs", "raw": "paths.raw", "preprocessed": "paths.preprocessed",
+    "results": "paths.results", "state_dir": "paths.state_dir", "environment": "environment",
+    "backoff_seconds": "restart.backoff_seconds", "backoff_max_seconds": "restart.backoff_max_seconds",
+    "max_restarts": "restart.max_restarts", "window_minutes": "restart.window_minutes",
+    "ema_dice": "target.ema_dice", "min_class_dice": "target.min_class_dice",
+    "max_nonfinite_epochs": "target.max_nonfinite_epochs", "patience_epochs": "target.patience_epochs",
+    "hang_enabled": "hang.enabled", "hang_timeout_minutes": "hang.timeout_minutes",
+    "hang_min_timeout_minutes": "hang.min_timeout_minutes", "hang_first_epoch_minutes": "hang.first_epoch_minutes",
+    "hang_idle_cpu_percent": "hang.idle_cpu_percent",
+    "timeout_seconds": "stop.timeout_seconds", "checkpoint_wait_seconds": "stop.checkpoint_wait_seconds",
+    "oom_enabled": "oom.enabled", "oom_min_batch_size": "oom.min_batch_size", "oom_strategy": "oom.strategy",
+    "oom_subtract": "oom.subtract", "oom_factor": "oom.factor",
+    "oom_gpu_release_timeout": "oom.gpu_release_timeout_seconds",
+    "thermal_enabled": "thermal.enabled", "thermal_source": "thermal.source", "thermal_command": "thermal.command",
+    "thermal_command_timeout": "thermal.command_timeout_seconds", "thermal_poll": "thermal.poll_seconds",
+    "thermal_pause": "thermal.pause_celsius", "thermal_resume": "thermal.resume_celsius",
+    "thermal_stop": "thermal.stop_celsius", "thermal_max_pause_minutes": "thermal.max_pause_minutes",
+    "thermal_max_failed_reads": "thermal.max_failed_reads", "thermal_gpus": "thermal.gpus",
+    "checkpoint_every": "checkpoint.every_epochs", "checkpoint_verify": "checkpoint.verify",
+    "allow_fresh_start": "checkpoint.allow_fresh_start", "level": "logging.level",
+}
+
+
+def _field(dotted: str) -> Field:
+    section, key = dotted.split(".")
+    return SCHEMA[section][key]
+
 
 @dataclass(frozen=True)
 class Config:
@@ -344,59 +376,21 @@ def parse(raw: dict, path: Path, env: dict[str, str] | None = None) -> Config:
         thermal_on = get("training.device") == "cuda"
     if problems:
         raise ConfigError(path, problems)
-    dataset = get("training.dataset")
-    return Config(
-        path=path,
-        command=tuple(get("training.command")),
-        dataset=str(dataset),
-        configuration=get("training.configuration"),
-        fold=get("training.fold"),
-        trainer=get("training.trainer"),
-        plans=get("training.plans"),
-        device=get("training.device"),
-        num_gpus=get("training.num_gpus"),
-        extra_args=tuple(get("training.extra_args")),
-        expected_epochs=get("training.expected_epochs"),
-        raw=paths["raw"],
-        preprocessed=paths["preprocessed"],
-        results=paths["results"],
-        state_dir=resolve(state_dir),
-        environment=dict(raw.get("environment", {})),
-        backoff_seconds=float(bo),
-        backoff_max_seconds=float(bmax),
-        max_restarts=get("restart.max_restarts"),
-        window_minutes=float(get("restart.window_minutes")),
-        ema_dice=get("target.ema_dice"),
-        min_class_dice=get("target.min_class_dice"),
-        max_nonfinite_epochs=get("target.max_nonfinite_epochs"),
-        patience_epochs=get("target.patience_epochs"),
-        hang_enabled=get("hang.enabled"),
-        hang_timeout_minutes=float(get("hang.timeout_minutes")),
-        hang_min_timeout_minutes=float(get("hang.min_timeout_minutes")),
-        hang_first_epoch_minutes=float(get("hang.first_epoch_minutes")),
-        hang_idle_cpu_percent=float(get("hang.idle_cpu_percent")),
-        timeout_seconds=float(get("stop.timeout_seconds")),
-        checkpoint_wait_seconds=float(get("stop.checkpoint_wait_seconds")),
-        oom_enabled=get("oom.enabled"),
-        oom_min_batch_size=get("oom.min_batch_size"),
-        oom_strategy=get("oom.strategy"),
-        oom_subtract=get("oom.subtract"),
-        oom_factor=float(get("oom.factor")),
-        oom_gpu_release_timeout=float(get("oom.gpu_release_timeout_seconds")),
-        thermal_enabled=thermal_on,
-        thermal_source=get("thermal.source"),
-        thermal_command=tuple(get("thermal.command")),
-        thermal_command_timeout=float(get("thermal.command_timeout_seconds")),
-        thermal_poll=float(get("thermal.poll_seconds")),
-        thermal_pause=float(tp), thermal_resume=float(tr), thermal_stop=float(ts),
-        thermal_max_pause_minutes=float(get("thermal.max_pause_minutes")),
-        thermal_max_failed_reads=get("thermal.max_failed_reads"),
-        thermal_gpus=tuple(str(g) for g in get("thermal.gpus")),
-        checkpoint_every=get("checkpoint.every_epochs"),
-        checkpoint_verify=get("checkpoint.verify"),
-        allow_fresh_start=get("checkpoint.allow_fresh_start"),
-        level=get("logging.level").lower(),
-    )
+    fields = {}
+    for name, key in FIELD_KEYS.items():
+        if key == "environment":
+            fields[name] = dict(raw.get("environment", {}))
+            continue
+        v = get(key)
+        if isinstance(v, list):  # frozen Config: tuples; GPU names compare as strings
+            v = tuple(str(x) for x in v) if name == "thermal_gpus" else tuple(v)
+        elif v is not None and _field(key).type == (int, float):
+            v = float(v)
+        fields[name] = v
+    fields.update(dataset=str(fields["dataset"]), raw=paths["raw"], preprocessed=paths["preprocessed"],
+                  results=paths["results"], state_dir=resolve(state_dir), thermal_enabled=thermal_on,
+                  level=fields["level"].lower())
+    return Config(path=path, **fields)
 
 
 def load(path: str | Path, env: dict[str, str] | None = None) -> Config:

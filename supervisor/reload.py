@@ -17,35 +17,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .config import Config
+from .config import FIELD_KEYS, Config
 
 # config field -> the key users write in config.toml
-KEY_NAMES = {
-    "command": "training.command", "dataset": "training.dataset", "configuration": "training.configuration",
-    "fold": "training.fold", "trainer": "training.trainer", "plans": "training.plans",
-    "device": "training.device", "num_gpus": "training.num_gpus", "extra_args": "training.extra_args",
-    "expected_epochs": "training.expected_epochs", "raw": "paths.raw", "preprocessed": "paths.preprocessed",
-    "results": "paths.results", "state_dir": "paths.state_dir", "environment": "[environment]",
-    "backoff_seconds": "restart.backoff_seconds", "backoff_max_seconds": "restart.backoff_max_seconds",
-    "max_restarts": "restart.max_restarts", "window_minutes": "restart.window_minutes",
-    "ema_dice": "target.ema_dice", "min_class_dice": "target.min_class_dice",
-    "timeout_seconds": "stop.timeout_seconds", "checkpoint_wait_seconds": "stop.checkpoint_wait_seconds",
-    "oom_enabled": "oom.enabled", "oom_min_batch_size": "oom.min_batch_size",
-    "oom_strategy": "oom.strategy", "oom_subtract": "oom.subtract", "oom_factor": "oom.factor",
-    "oom_gpu_release_timeout": "oom.gpu_release_timeout_seconds", "level": "logging.level",
-    "checkpoint_every": "checkpoint.every_epochs", "checkpoint_verify": "checkpoint.verify",
-    "allow_fresh_start": "checkpoint.allow_fresh_start",
-    "thermal_enabled": "thermal.enabled", "thermal_source": "thermal.source",
-    "thermal_command": "thermal.command", "thermal_command_timeout": "thermal.command_timeout_seconds",
-    "thermal_poll": "thermal.poll_seconds", "thermal_pause": "thermal.pause_celsius",
-    "thermal_resume": "thermal.resume_celsius", "thermal_stop": "thermal.stop_celsius",
-    "thermal_max_pause_minutes": "thermal.max_pause_minutes",
-    "thermal_max_failed_reads": "thermal.max_failed_reads", "thermal_gpus": "thermal.gpus",
-    "max_nonfinite_epochs": "target.max_nonfinite_epochs", "patience_epochs": "target.patience_epochs",
-    "hang_enabled": "hang.enabled", "hang_timeout_minutes": "hang.timeout_minutes",
-    "hang_min_timeout_minutes": "hang.min_timeout_minutes",
-    "hang_first_epoch_minutes": "hang.first_epoch_minutes", "hang_idle_cpu_percent": "hang.idle_cpu_percent",
-}
+KEY_NAMES = {f: ("[environment]" if k == "environment" else k) for f, k in FIELD_KEYS.items()}
 NEXT_ATTEMPT = frozenset({"command", "extra_args", "environment", "device", "num_gpus", "checkpoint_every"})
 SUPERVISOR_RESTART = frozenset({"dataset", "configuration", "fold", "trainer", "plans", "raw",
                                 "preprocessed", "results", "state_dir",
