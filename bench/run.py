@@ -18,8 +18,8 @@ and writes bench/results/bench-<time>.json.
 5. overhead: the supervisor's CPU seconds per minute and peak RSS with a steady trainer; real nnU-Net
    median epoch time with the supervisor (default launcher, checkpoint every epoch) / without it (plain
    nnUNetv2_train), measured in the same run.
-6. lost work: real nnU-Net, SIGKILL in the middle of epoch 3: epochs redone after the restart, default
-   launcher vs plain nnUNetv2_train.
+6. lost work: real nnU-Net, SIGKILL in the middle of epoch 4 of a run whose EMA stopped improving after
+   epoch 1 (a plateau): epochs redone after the restart, default launcher vs plain nnUNetv2_train.
 """
 from __future__ import annotations
 
@@ -258,15 +258,18 @@ def bench_real_overhead(root: Path, prepared: Path, epochs: int) -> dict:
             "ratio": statistics.median(b) / statistics.median(a), "plain_s": a, "supervised_s": b}
 
 
-def bench_lost_work(root: Path, prepared: Path, kill_epoch: int = 3) -> dict:
+def bench_lost_work(root: Path, prepared: Path, kill_epoch: int = 4) -> dict:
+    """SIGKILL in the middle of epoch `kill_epoch` with a trainer whose EMA stops improving after epoch 1
+    (nnUNetTrainerDemoDecline), so stock nnU-Net's checkpoint_best is from epoch 1, as in a plateau."""
     out = {}
     for label, command in (("default_launcher", "cardiacseg-train-nnunet"), ("plain_nnUNetv2_train", "nnUNetv2_train")):
         d = real_root(root, prepared, f"lost_{label}")
-        cfg = demo.demo_config(d, target=None, crash_at=None, epochs=kill_epoch + 2, command=command,
-                               restart={"backoff_seconds": 0})
+        cfg = demo.demo_config(d, trainer="nnUNetTrainerDemoDecline", target=None, crash_at=None,
+                               epochs=kill_epoch + 2, command=command, restart={"backoff_seconds": 0},
+                               extra_env={"nnUNet_compile": "false"})
         p = subprocess.Popen([PY, "-m", "supervisor", "run", "--config", str(cfg)], cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        fold = d / "results" / demo.DEMO_NAME / "nnUNetTrainerDemo__nnUNetPlans__3d_fullres/fold_0"
+        fold = d / "results" / demo.DEMO_NAME / "nnUNetTrainerDemoDecline__nnUNetPlans__3d_fullres/fold_0"
         state = d / "state" / "state.json"
         wait_for(lambda: any(f"Epoch {kill_epoch}" in f.read_text() for f in fold.glob("training_log_*.txt")),
                  timeout=600, interval=0.2)

@@ -294,6 +294,9 @@ class Daemon:
             ev = parse_line(line)
             if ev is None:
                 continue
+            if ev[0] == "epoch" and self.child is not None and not self.attempts[-1].get("epoch_seen"):
+                # where the trainer really started: a resume from checkpoint_best rewinds
+                self.attempts[-1].update(epoch_start=ev[1], epoch_seen=True)
             if ev[0] in ("epoch", "done"):
                 self.last_progress = self.clock()
                 self.final_phase = ev[0] == "done"

@@ -200,3 +200,20 @@ def test_status_json_while_running_and_after(job):
     human = subprocess.run([sys.executable, "-m", "supervisor", "status", "--config", str(cfg)], cwd=REPO,
                            capture_output=True, text=True, timeout=30).stdout
     assert "EMA Dice:" in human and "stopped" in human
+
+
+def test_a_rewind_to_checkpoint_best_is_recorded_and_the_ema_follows_nnunets_lineage(job):
+    # stock-like checkpoints (latest every 50 epochs) and a declining Dice: best stays at epoch 0, so --c
+    # after a SIGKILL in epoch 3 rewinds to epoch 1, and epochs 1-3 are trained again
+    cfg = job.config(env={"FAKE_EPOCHS": "6", "FAKE_EPOCH_S": "0.2", "FAKE_SAVE_EVERY": "50",
+                          "FAKE_DICE_STEP": "-0.03", "FAKE_FAULT": "3:sigkill"})
+    rc, out = job.run(cfg)
+    assert rc == 0, out
+    st = job.state_json()
+    a1, a2 = st["attempts"]
+    assert a1["reason"] in ("crash", "host_oom") and a1["epoch_reached"] == 2
+    assert a2["resume_from"] == "checkpoint_best.pth" and a2["epoch_start"] == 1  # really where it began
+    ck = torch.load(job.fold / "checkpoint_final.pth", weights_only=False)
+    ours = [e["ema"] for e in st["epochs"]]
+    assert len(ours) == len(ck["logging"]["ema_fg_dice"]) == 6
+    assert max(abs(a - b) for a, b in zip(ours, ck["logging"]["ema_fg_dice"])) < 1e-4

@@ -6,6 +6,10 @@ checkpointing is stock nnU-Net's (checkpoint_latest every 50 epochs): the superv
 CARDIACSEG_DEMO_CRASH_AT=k raises a RuntimeError at the start of epoch k, once per results folder
 (a marker file remembers it): the demo's injected crash.
 
+nnUNetTrainerDemoDecline: from epoch 2 on, its validation finds no true positives, so the pseudo Dice
+drops to 0 and the EMA never improves again: a plateau/decline as in long real runs, where stock nnU-Net's
+checkpoint_best lags behind (the benchmark's lost-work comparison).
+
 nnUNetTrainerDemoOOM: raises torch.OutOfMemoryError from its train step while the plan's batch size
 is above 1, like a real CUDA OOM (for the OOM step-down tests).
 """
@@ -39,3 +43,11 @@ class nnUNetTrainerDemoOOM(nnUNetTrainerDemo):
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated at batch size {self.batch_size})")
         return super().train_step(batch)
+
+
+class nnUNetTrainerDemoDecline(nnUNetTrainerDemo):
+    def on_validation_epoch_end(self, val_outputs):
+        if self.current_epoch >= 2:
+            for o in val_outputs:
+                o["tp_hard"] = o["tp_hard"] * 0
+        return super().on_validation_epoch_end(val_outputs)
