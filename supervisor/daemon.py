@@ -30,7 +30,7 @@ from .attempt import Attempt
 from .classify import Exit, Reason
 from .config import Config, ConfigError, load
 from .gpu import Nvml
-from .logparse import EpochAssembler, History, LogFollower, parse_line
+from .logparse import EpochAssembler, History, LogFollower, parse_line, replay
 from .output import TrainerOutput
 from .policy import (TERMINAL, ActionFailed, ChildExited, EpochDone, Finish, Log, NoCheckpoint, Reconfigured,
                      SafePoint, SetBatchSize, SetWorkers, SignalGroup, Spawn, Start, State,
@@ -96,11 +96,7 @@ class Daemon:
                            original_batch_size=self.sup.original_batch_size, n_proc_da=self.sup.n_proc_da,
                            oom_steps=self.sup.oom_steps, paused_total=self.sup.paused_total)
         # The logs are the truth: replay them all (an earlier supervisor, or another machine, wrote them).
-        for _name, line in self.follower.poll():
-            ev = parse_line(line)
-            if ev is not None and (rec := self.assembler.feed(ev)) is not None:
-                self.history.add(rec)
-        self.assembler = EpochAssembler()  # a half-logged epoch of a dead attempt is not continued
+        replay(self.follower.poll(), self.history)
         if (last := self.history.last()) is not None:
             self.log.info("history_loaded", epochs=len(self.history.records), last_epoch=last.epoch,
                           ema=_r(last.ema), best_ema=_r(self.history.best_ema()))

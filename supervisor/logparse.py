@@ -171,6 +171,17 @@ class EpochAssembler:
         return None
 
 
+def replay(lines, history: History | None = None) -> History:
+    """Fold (file name, line) pairs, e.g. LogFollower.poll(), into a History. A half-logged last epoch is
+    dropped: a new attempt logs its own."""
+    h, asm = history if history is not None else History(), EpochAssembler()
+    for _name, line in lines:
+        ev = parse_line(line)
+        if ev is not None and (rec := asm.feed(ev)) is not None:
+            h.add(rec)
+    return h
+
+
 def log_sort_key(p: Path):
     """training_log_2026_11_5_22_55_43.txt -> (2026, 11, 5, 22, 55, 43); unpadded, so no string sort."""
     nums = re.findall(r"\d+", p.stem)

@@ -14,31 +14,18 @@ import time
 
 from . import job
 from .config import Config
-from .logparse import EpochAssembler, EpochRecord, History, LogFollower, parse_line
+from .logparse import EpochRecord, History, LogFollower, replay
+from .plans import PlansError, read_batch_size
 from .store import Lock, StateStore
 
 TREND_EPOCHS = 10
 
 
-def _history_from_logs(cfg: Config) -> History:
-    h, asm = History(), EpochAssembler()
-    for _n, line in LogFollower(job.fold_dir(cfg)).poll():
-        ev = parse_line(line)
-        if ev is not None and (rec := asm.feed(ev)) is not None:
-            h.add(rec)
-    return h
-
-
 def plan_batch_size(cfg: Config) -> int | None:
+    """The plan's batch size (inherits_from followed by plans.read_batch_size), None when unreadable."""
     try:
-        plans = json.loads(job.plans_file(cfg).read_text())
-        c = plans["configurations"][cfg.configuration]
-        seen = set()
-        while "batch_size" not in c and c.get("inherits_from") and c["inherits_from"] not in seen:
-            seen.add(c["inherits_from"])
-            c = plans["configurations"][c["inherits_from"]]
-        return c.get("batch_size")
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_batch_size(job.plans_file(cfg), cfg.configuration)
+    except PlansError:
         return None
 
 
@@ -82,7 +69,7 @@ def gather(cfg: Config) -> dict:
     if data and data.get("job") != job.job_identity(cfg):
         data, problem = {}, "state.json belongs to another job"
     history = (History([EpochRecord.from_json(r) for r in data["epochs"]]) if data.get("epochs")
-               else _history_from_logs(cfg))
+               else replay(LogFollower(job.fold_dir(cfg)).poll()))
     recs = history.ordered()
     last = recs[-1] if recs else None
     times = [r.epoch_time for r in recs[-TREND_EPOCHS:] if r.epoch_time]
@@ -94,6 +81,7 @@ def gather(cfg: Config) -> dict:
     if not holder and state not in ("done", "failed", "not started"):
         state = f"not running (last: {state})"
     remaining = (cfg.expected_epochs - last.epoch - 1) if last else cfg.expected_epochs
+    bs = plan_batch_size(cfg)
     restarts = [a for a in attempts[1:]]
     return {
         "state": state,
@@ -112,8 +100,8 @@ def gather(cfg: Config) -> dict:
         "expected_epochs": cfg.expected_epochs,
         "eta_target_s": eta_to_target(recs, cfg.ema_dice, epoch_s),
         "eta_last_epoch_s": remaining * epoch_s if epoch_s is not None and remaining >= 0 else None,
-        "batch_size": plan_batch_size(cfg),
-        "original_batch_size": sup.get("original_batch_size") or plan_batch_size(cfg),
+        "batch_size": bs,
+        "original_batch_size": sup.get("original_batch_size") or bs,
         "min_batch_size": cfg.oom_min_batch_size,
         "n_proc_da": sup.get("n_proc_da"),
         "changes": data.get("changes", []),
