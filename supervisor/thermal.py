@@ -11,7 +11,8 @@ How it works
   reading never resumes or restarts anything.
 - `ThermalGuard` opens the configured source at start-up (a guard that cannot read anything is a
   configuration error, exit 2), turns each poll into a Temperatures event for the decision function,
-  says a read failure once (not every poll), and writes <state_dir>/thermal.json for `status`.
+  says a read failure once (not every poll), and writes the readings to <state_dir>/thermal.json for
+  `status` (which takes the limits from the config in force).
 - Sources are polled from the main loop and never block it. `NvmlSource` reads NVML (fast). `CommandSource`
   starts the configured program every poll_seconds and collects its output on a later turn: one line per
   GPU, `<index> <celsius>`; a program that is missing, exits non-zero, prints anything else, or outlives
@@ -196,9 +197,7 @@ class ThermalGuard:
                     sup.failed_reads + (1 if failed else 0), self.cfg.num_gpus)
         try:
             atomic_write(state_dir / "thermal.json", json.dumps({
-                "at": now, "readings": [r.to_json() for r in readings], "error": err,
-                "limits": {"pause": self.cfg.thermal_pause, "resume": self.cfg.thermal_resume,
-                           "stop": self.cfg.thermal_stop}}).encode())
+                "at": now, "readings": [r.to_json() for r in readings], "error": err}).encode())
         except OSError:
             pass
         return Temperatures(v, {r.gpu: r.celsius for r in readings}, failed)
