@@ -241,7 +241,7 @@ def epoch_times(fold: Path) -> list[float]:
 
 
 def bench_real_overhead(root: Path, prepared: Path, epochs: int) -> dict:
-    env = {**demo.nnunet_env(root), "nnUNet_extTrainer": str(REPO / "supervisor/demo_trainers"),
+    env = {**demo.nnunet_env(root), "nnUNet_extTrainer": str(REPO / "supervisor/trainer/demo_trainers"),
            "CARDIACSEG_DEMO_EPOCHS": str(epochs)}
     plain = real_root(root, prepared, "real_plain")
     subprocess.run([demo._bin("nnUNetv2_train"), demo.DEMO_NAME, "3d_fullres", "0", "-tr", "nnUNetTrainerDemo",

@@ -61,10 +61,10 @@ class Attempt:
         this_attempt = sum(1 for e in history.records if e >= epoch_start)
         limit = hang_limit([r.epoch_time for r in history.ordered()[-20:]], this_attempt, cfg)
         share = self.cpu_share()
-        if quiet <= limit or share is None or share * 100 >= cfg.hang_idle_cpu_percent:
+        if quiet <= limit or share is None or share * 100 >= cfg.hang.idle_cpu_percent:
             return None
         util = nvml.utilization_for(set(self.known)) if nvml is not None else None
-        if util is not None and util > cfg.hang_idle_cpu_percent:
+        if util is not None and util > cfg.hang.idle_cpu_percent:
             return None  # the GPU is busy: slow, not hung
         return Stalled(quiet, limit)
 

@@ -31,14 +31,14 @@ class Finding:
 
 
 def _check_dirs(cfg: Config, out: list[Finding]) -> None:
-    for key, p in (("paths.preprocessed", cfg.preprocessed), ("paths.results", cfg.results)):
+    for key, p in (("paths.preprocessed", cfg.paths.preprocessed), ("paths.results", cfg.paths.results)):
         if not p.is_dir():
             out.append(Finding("fatal", f"{key}: {p} is not a directory"))
         else:
             out.append(Finding("ok", f"{key}: {p}"))
-    if cfg.raw is not None and not cfg.raw.is_dir():
-        out.append(Finding("warning", f"paths.raw: {cfg.raw} is not a directory (only needed for planning)"))
-    d = cfg.state_dir
+    if cfg.paths.raw is not None and not cfg.paths.raw.is_dir():
+        out.append(Finding("warning", f"paths.raw: {cfg.paths.raw} is not a directory (only needed for planning)"))
+    d = cfg.paths.state_dir
     probe = d if d.exists() else d.parent
     if not os.access(probe, os.W_OK):
         out.append(Finding("fatal", f"paths.state_dir: {d} is not writable by this user"))
@@ -46,9 +46,9 @@ def _check_dirs(cfg: Config, out: list[Finding]) -> None:
 
 def _check_dataset(cfg: Config, out: list[Finding]) -> None:
     name = job.dataset_name(cfg)
-    ds = cfg.preprocessed / name
+    ds = cfg.paths.preprocessed / name
     if not ds.is_dir():
-        out.append(Finding("fatal", f"training.dataset: {cfg.dataset!r} not found in {cfg.preprocessed} "
+        out.append(Finding("fatal", f"training.dataset: {cfg.training.dataset!r} not found in {cfg.paths.preprocessed} "
                                     "(run nnUNetv2_plan_and_preprocess first)"))
         return
     pf = job.plans_file(cfg)
@@ -61,12 +61,12 @@ def _check_dataset(cfg: Config, out: list[Finding]) -> None:
     except (ValueError, KeyError, TypeError) as e:
         out.append(Finding("fatal", f"training.plans: {pf} is not a valid plans file ({e})"))
         return
-    if cfg.configuration not in confs:
-        out.append(Finding("fatal", f"training.configuration: {cfg.configuration!r} is not in {pf} "
+    if cfg.training.configuration not in confs:
+        out.append(Finding("fatal", f"training.configuration: {cfg.training.configuration!r} is not in {pf} "
                                     f"(has: {', '.join(confs)})"))
         return
     from .status import plan_batch_size
-    out.append(Finding("ok", f"dataset {name}, configuration {cfg.configuration}, "
+    out.append(Finding("ok", f"dataset {name}, configuration {cfg.training.configuration}, "
                              f"batch size {plan_batch_size(cfg)}"))
 
 
@@ -77,7 +77,7 @@ def _check_results(cfg: Config, out: list[Finding]) -> None:
         out.append(Finding("ok", f"no checkpoint in {fd}: training starts at epoch 0"))
     else:
         out.append(Finding("ok", f"--c will resume from {ck}"))
-    base = cfg.results if cfg.results.exists() else cfg.results.parent
+    base = cfg.paths.results if cfg.paths.results.exists() else cfg.paths.results.parent
     try:
         free = shutil.disk_usage(base).free / 1e9
     except OSError:
@@ -90,13 +90,13 @@ def _check_results(cfg: Config, out: list[Finding]) -> None:
 
 def _check_command(cfg: Config, out: list[Finding]) -> None:
     env = job.build_env(cfg)
-    exe = cfg.command[0]
+    exe = cfg.training.command[0]
     found = shutil.which(exe, path=env.get("PATH"))
     if found is None:
         out.append(Finding("fatal", f"training.command: {exe!r} not found on PATH"))
     else:
         out.append(Finding("ok", f"training command: {found}"))
-    if cfg.device == "cuda":
+    if cfg.training.device == "cuda":
         code = "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"
         try:
             r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
@@ -111,14 +111,14 @@ def _check_command(cfg: Config, out: list[Finding]) -> None:
 
 
 def _check_thermal(cfg: Config, out: list[Finding]) -> None:
-    if not cfg.thermal_enabled:
+    if not cfg.thermal.enabled:
         out.append(Finding("ok", "thermal guard off ([thermal] enabled = false, or device is not cuda)"))
         return
     from .config import ConfigError
     from .gpu import Nvml
     from .thermal import ThermalGuard
 
-    nvml = Nvml.open() if cfg.thermal_source == "nvml" else None
+    nvml = Nvml.open() if cfg.thermal.source == "nvml" else None
     try:
         guard = ThermalGuard.open(cfg, nvml, log=_Quiet())
     except ConfigError as e:
@@ -129,8 +129,8 @@ def _check_thermal(cfg: Config, out: list[Finding]) -> None:
     guard.close()
     for r in readings:
         out.append(Finding("ok", f"GPU {r.gpu}: {r.celsius} C now"))
-        if r.slowdown_celsius is not None and cfg.thermal_pause > r.slowdown_celsius:
-            out.append(Finding("warning", f"thermal.pause_celsius ({cfg.thermal_pause:g}) is above GPU {r.gpu}'s "
+        if r.slowdown_celsius is not None and cfg.thermal.pause_celsius > r.slowdown_celsius:
+            out.append(Finding("warning", f"thermal.pause_celsius ({cfg.thermal.pause_celsius:g}) is above GPU {r.gpu}'s "
                                           f"own slowdown temperature ({r.slowdown_celsius:g} C): the GPU will "
                                           "throttle before the guard pauses"))
 

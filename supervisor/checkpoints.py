@@ -93,7 +93,7 @@ def choose(fold: Path, suspect: str | None, cfg, history, log, record) -> tuple[
     and a fresh start is not allowed."""
     for name in remove_stale_temp_files(fold):
         log.info("removed_stale_temp_file", file=name)
-    pick = pick_resume(fold, suspect=suspect, check=cfg.checkpoint_verify)
+    pick = pick_resume(fold, suspect=suspect, check=cfg.checkpoint.verify)
     for name, dest, why in pick.moved:
         log.error("checkpoint_moved_aside", file=name, moved_to=dest, why=why)
         record(name, dest, why)
@@ -103,7 +103,7 @@ def choose(fold: Path, suspect: str | None, cfg, history, log, record) -> tuple[
         lost = (last.epoch - best[-1]) if last and best and "best" in pick.resume.name else None
         log.warning("checkpoint_fallback", resume_from=pick.resume.name, epochs_lost=lost)
     if pick.had_any and pick.resume is None:
-        if not cfg.allow_fresh_start:
+        if not cfg.checkpoint.allow_fresh_start:
             return False, None
         log.warning("fresh_start", why="no readable checkpoint left; checkpoint.allow_fresh_start = true")
     return True, pick.resume

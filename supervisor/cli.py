@@ -16,7 +16,7 @@ import sys
 
 from . import config as config_mod
 from . import logs
-from .policy import EXIT_CONFIG, EXIT_LOCKED
+from .events import ExitCode
 
 
 def _load(path: str):
@@ -24,7 +24,7 @@ def _load(path: str):
         return config_mod.load(path)
     except config_mod.ConfigError as e:
         print(f"cardiacseg-train: {e}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+        sys.exit(ExitCode.CONFIG)
 
 
 def cmd_run(args) -> int:
@@ -32,19 +32,19 @@ def cmd_run(args) -> int:
     from .store import LockedError
 
     cfg = _load(args.config)
-    logs.setup(cfg.level)
+    logs.setup(cfg.logging.level)
     try:
         return Daemon(cfg).run()
     except config_mod.ConfigError as e:  # found at start-up (e.g. the plans file), before training
         print(f"cardiacseg-train: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     except LockedError as e:
         print(f"cardiacseg-train: {e}", file=sys.stderr)
-        return EXIT_LOCKED
+        return ExitCode.LOCKED
     except PermissionError as e:
-        print(f"cardiacseg-train: cannot write the state directory {cfg.state_dir} "
+        print(f"cardiacseg-train: cannot write the state directory {cfg.paths.state_dir} "
               f"([paths].state_dir in {cfg.path}): {e.strerror}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
 
 
 def cmd_status(args) -> int:
@@ -65,7 +65,7 @@ def cmd_check(args) -> int:
     cfg = _load(args.config)
     problems = run_checks(cfg)
     print(render(problems))
-    return EXIT_CONFIG if any(p.fatal for p in problems) else 0
+    return ExitCode.CONFIG if any(p.fatal for p in problems) else 0
 
 
 def cmd_install(args) -> int:

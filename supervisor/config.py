@@ -1,28 +1,42 @@
-"""Load and validate config.toml.
+"""config.toml: one declaration per key, and the loader that validates a file against it.
 
-How it works: the file is parsed with tomllib (tomli before 3.11) and checked against SCHEMA, a
-declarative table of sections -> keys -> Field(type, default, check, doc). Every problem is collected
-(unknown section or key, wrong type, impossible value) and raised together as one ConfigError, whose
-message names the file, the dotted key and what was expected. The CLI prints it without a traceback
-and exits with EXIT_CONFIG (2). The result is a frozen, plain `Config` object: the rest of the
-supervisor never touches raw TOML.
-
-Relative paths are resolved against the directory of the config file, so a config copied together
-with its data keeps working; `~` is expanded.
+How it works
+- Each section of config.toml is a frozen dataclass (`Training`, `Restart`, `Stop`, ...). Each of its
+  fields is declared once with `key(default, check, doc, types=..., reload=...)`: the default, the TOML
+  types accepted, the bound (a function returning what was expected, or None), the one-line doc, and
+  when a reload (SIGHUP) applies it. Parsing, reload classification (reload.py), `check`, the README's
+  table (`markdown_table()`, checked by a test) and the example config.toml (checked by a test against
+  `iter_keys()`) all come from these declarations.
+- `load(path)` parses with tomllib (tomli before 3.11), collects every problem (unknown section or key,
+  wrong type, a value out of bounds, inf/nan, NUL bytes, environment names with `=`), and raises one
+  ConfigError whose message names the file, the dotted key and what was expected. The CLI prints it
+  without a traceback and exits with ExitCode.CONFIG (2).
+- The result is a frozen `Config` with one attribute per section: `cfg.stop.timeout_seconds`.
+  Relative paths are resolved against the directory of the config file; `~` is expanded.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
+
+# When a reload (SIGHUP) takes a changed key into force:
+LIVE = "live"                  # at once: thresholds read by the decision function at every event
+NEXT_ATTEMPT = "next_attempt"  # from the next (re)start of the trainer (argv, environment)
+RESTART = "restart"            # only after `systemctl restart`: the key names the job, or opens a source
+REQUIRED = object()            # no default: the key must be given (or come from the environment)
+UNSET = None                   # TOML has no null: an unset optional key is simply left out
+NUMBER = (int, float)
+LIMIT = 1e9                    # finite upper bound for durations and counts: inf cannot be stored in JSON
 
 
 class ConfigError(Exception):
@@ -36,313 +50,307 @@ class ConfigError(Exception):
         )
 
 
-@dataclass(frozen=True)
-class Field:
-    type: type | tuple[type, ...]
-    default: Any
-    check: Callable[[Any], str | None] | None = None  # returns an expectation message when invalid
-    doc: str = ""
+def key(default, check: Callable[[Any], str | None] | None = None, doc: str = "", *, types=NUMBER,
+        reload: str = LIVE, default_doc: str | None = None):
+    """Declare one config key (a dataclass field carrying its schema in metadata)."""
+    meta = {"check": check, "doc": doc, "types": types, "reload": reload, "default_doc": default_doc,
+            "required": default is REQUIRED}
+    if default is REQUIRED:
+        default = None
+    return dataclasses.field(default=default, metadata=meta)
 
 
-def _positive(v):
-    return None if v > 0 else "a number > 0"
+# ---- bounds: each returns what was expected, or None when the value is fine -----------------------
+def _finite(v) -> bool:
+    return not isinstance(v, float) or math.isfinite(v)
 
 
-def _non_negative(v):
-    return None if v >= 0 else "a number >= 0"
+def positive(v):
+    return None if _finite(v) and 0 < v <= LIMIT else "a finite number > 0"
 
 
-def _unit_interval(v):
-    return None if 0 < v <= 1 else "a number in (0, 1]"
+def non_negative(v):
+    return None if _finite(v) and 0 <= v <= LIMIT else "a finite number >= 0"
 
 
-def _unit_interval_or_zero(v):
-    return None if 0 <= v <= 1 else "a number in [0, 1]"
+def at_least_one(v):
+    return None if 1 <= v <= LIMIT else "an integer >= 1"
 
 
-def _argv(v):
+def unit_interval(v):
+    return None if _finite(v) and 0 < v <= 1 else "a number in (0, 1]"
+
+
+def unit_interval_or_zero(v):
+    return None if _finite(v) and 0 <= v <= 1 else "a number in [0, 1]"
+
+
+def celsius(v):
+    return None if _finite(v) and 0 < v < 200 else "a temperature in (0, 200) C"
+
+
+def one_of(*choices):
+    return lambda v: None if v in choices else "one of " + ", ".join(f'"{c}"' for c in choices)
+
+
+def nonempty(v):
+    if "\0" in v:
+        return "a string without NUL bytes"
+    return None if v.strip() else "a non-empty string"
+
+
+def str_list(v):
+    if not all(isinstance(x, str) for x in v):
+        return "a list of strings"
+    return None if not any("\0" in x for x in v) else "a list of strings without NUL bytes"
+
+
+def argv(v):
     if not v or not all(isinstance(x, str) and x for x in v):
         return "a non-empty list of non-empty strings (an argv, not a shell string)"
-    return None
+    return str_list(v)
 
 
-def _str_list(v):
-    return None if all(isinstance(x, str) for x in v) else "a list of strings"
-
-
-def _fold(v):
-    if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+def fold(v):
+    if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1000):
         return None
     return 'an integer >= 0 or "all"'
 
 
-def _device(v):
-    return None if v in ("cuda", "cpu", "mps") else 'one of "cuda", "cpu", "mps"'
+def gpu_list(v):
+    ok = all((isinstance(x, int) and not isinstance(x, bool) and x >= 0) or
+             (isinstance(x, str) and x.isdigit()) for x in v)
+    return None if ok else "a list of GPU indices (integers >= 0)"
 
 
-def _level(v):
-    return None if v.lower() in ("debug", "info", "warning", "error") else (
-        'one of "debug", "info", "warning", "error"')
+def env_name_problem(name: str) -> str | None:
+    if not name or "=" in name or "\0" in name:
+        return "a variable name without '=' or NUL bytes"
+    return None
 
 
-def _nonempty(v):
-    return None if v.strip() else "a non-empty string"
+# ---- the sections -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Training:
+    command: tuple = key(("cardiacseg-train-nnunet",), argv, "argv prefix of the trainer (a list, never a "
+                         "shell string); relative paths are relative to this file", types=list,
+                         reload=NEXT_ATTEMPT)
+    dataset: str = key(REQUIRED, lambda v: nonempty(str(v)), "`Dataset001_CardiacSeg` or its id",
+                       types=(str, int), reload=RESTART, default_doc="required")
+    configuration: str = key("3d_fullres", nonempty, "nnU-Net configuration", types=str, reload=RESTART)
+    fold: Any = key(0, fold, '0-4 or `"all"`', types=(int, str), reload=RESTART)
+    trainer: str = key("nnUNetTrainer", nonempty, "`-tr`", types=str, reload=RESTART)
+    plans: str = key("nnUNetPlans", nonempty, "`-p`", types=str, reload=RESTART)
+    device: str = key("cuda", one_of("cuda", "cpu", "mps"), "`cuda`, `cpu` or `mps`", types=str,
+                      reload=NEXT_ATTEMPT)
+    num_gpus: int = key(1, at_least_one, "> 1 adds `-num_gpus N`", types=int, reload=NEXT_ATTEMPT)
+    extra_args: tuple = key((), str_list, "appended to the generated arguments", types=list,
+                            reload=NEXT_ATTEMPT)
+    expected_epochs: int = key(1000, at_least_one, "the trainer's num_epochs, for `status`'s ETA only",
+                               types=int)
 
 
-_NONE = None  # a key whose default is "unset"; TOML has no null, so it is simply left out
-
-SCHEMA: dict[str, dict[str, Field]] = {
-    "training": {
-        "command": Field(list, ["cardiacseg-train-nnunet"], _argv,
-                         "argv prefix of the training program"),
-        "dataset": Field((str, int), _NONE, None, "dataset name or id, e.g. Dataset001_CardiacSeg"),
-        "configuration": Field(str, "3d_fullres", _nonempty, "nnU-Net configuration"),
-        "fold": Field((int, str), 0, _fold, "fold 0-4 or \"all\""),
-        "trainer": Field(str, "nnUNetTrainer", _nonempty, "trainer class (-tr)"),
-        "plans": Field(str, "nnUNetPlans", _nonempty, "plans identifier (-p)"),
-        "device": Field(str, "cuda", _device, "-device"),
-        "num_gpus": Field(int, 1, lambda v: None if v >= 1 else "an integer >= 1", "-num_gpus"),
-        "extra_args": Field(list, [], _str_list, "appended after the generated arguments"),
-        "expected_epochs": Field(int, 1000, _positive, "the trainer's num_epochs (for ETA only)"),
-    },
-    "paths": {
-        "raw": Field(str, _NONE, None, "nnUNet_raw"),
-        "preprocessed": Field(str, _NONE, None, "nnUNet_preprocessed"),
-        "results": Field(str, _NONE, None, "nnUNet_results"),
-        "state_dir": Field(str, _NONE, None, "supervisor state, per-attempt logs"),
-    },
-    "restart": {
-        "backoff_seconds": Field((int, float), 30, _non_negative, "first restart delay"),
-        "backoff_max_seconds": Field((int, float), 600, _non_negative, "delay cap"),
-        "max_restarts": Field(int, 10, _non_negative, "restarts allowed within the window"),
-        "window_minutes": Field((int, float), 360, _positive, "intensity window"),
-    },
-    "target": {
-        "ema_dice": Field((int, float), _NONE, _unit_interval, "EMA pseudo Dice to stop at"),
-        "min_class_dice": Field((int, float), _NONE, _unit_interval_or_zero,
-                                "every foreground class must reach this too"),
-        "max_nonfinite_epochs": Field(int, 3, _non_negative,
-                                      "stop as diverged after N non-finite epochs in a row (0: off)"),
-        "patience_epochs": Field(int, 0, _non_negative,
-                                 "stop as plateau after N epochs without a new best EMA (0: off)"),
-    },
-    "hang": {
-        "enabled": Field(bool, True, None, "stop and restart a trainer that makes no progress"),
-        "timeout_minutes": Field((int, float), 0, _non_negative,
-                                 "no-progress limit; 0 derives it: 3 x the median epoch time"),
-        "min_timeout_minutes": Field((int, float), 20, _positive, "floor of the derived limit"),
-        "first_epoch_minutes": Field((int, float), 90, _positive,
-                                     "allowance for start-up and the first epoch of an attempt"),
-        "idle_cpu_percent": Field((int, float), 10, _non_negative,
-                                  "the process tree counts as idle below this CPU use (of one core)"),
-    },
-    "stop": {
-        "timeout_seconds": Field((int, float), 120, _positive, "SIGINT -> SIGKILL escalation"),
-        "checkpoint_wait_seconds": Field((int, float), 300, _non_negative,
-                                         "longest wait for a checkpoint write before SIGINT"),
-    },
-    "oom": {
-        "enabled": Field(bool, True, None, "step the batch size down after a CUDA OOM"),
-        "min_batch_size": Field(int, 1, lambda v: None if v >= 1 else "an integer >= 1",
-                                "never below this"),
-        "strategy": Field(str, "subtract", lambda v: None if v in ("subtract", "multiply") else
-                          'one of "subtract", "multiply"', "how to step down"),
-        "subtract": Field(int, 1, lambda v: None if v >= 1 else "an integer >= 1",
-                          "strategy = subtract: batch size - N"),
-        "factor": Field((int, float), 0.5, lambda v: None if 0 < v < 1 else "a number in (0, 1)",
-                        "strategy = multiply: floor(batch size * factor)"),
-        "gpu_release_timeout_seconds": Field((int, float), 120, _non_negative,
-                                             "wait for the GPU memory of the last attempt to be freed"),
-    },
-    "thermal": {
-        "enabled": Field(bool, _NONE, None, "default: true when training.device is cuda"),
-        "source": Field(str, "nvml", lambda v: None if v in ("nvml", "command") else 'one of "nvml", "command"',
-                        "where temperatures come from"),
-        "command": Field(list, [], _str_list, "source = command: argv printing '<index> <celsius>' lines"),
-        "command_timeout_seconds": Field((int, float), 5, _positive, "longest a sensor command may run"),
-        "poll_seconds": Field((int, float), 2, _positive, "how often temperatures are read"),
-        "pause_celsius": Field((int, float), 86, _positive, "SIGSTOP the training above this"),
-        "resume_celsius": Field((int, float), 78, _positive, "SIGCONT once every GPU is at or below this"),
-        "stop_celsius": Field((int, float), 91, _positive, "graceful stop at or above this"),
-        "max_pause_minutes": Field((int, float), 15, _positive, "a longer pause becomes a graceful stop"),
-        "max_failed_reads": Field(int, 5, lambda v: None if v >= 1 else "an integer >= 1",
-                                  "polls in a row without readings before a graceful stop"),
-        "gpus": Field(list, [], lambda v: None if all(isinstance(x, (int, str)) and not isinstance(x, bool)
-                                                      for x in v) else "a list of GPU indices",
-                      "GPUs to watch; default: those the training uses"),
-    },
-    "checkpoint": {
-        "every_epochs": Field(int, 1, lambda v: None if v >= 1 else "an integer >= 1",
-                              "checkpoint_latest.pth every N epochs (default launcher only)"),
-        "verify": Field(bool, True, None, "check the checkpoint --c will load before each start"),
-        "allow_fresh_start": Field(bool, False, None,
-                                   "start at epoch 0 when every checkpoint is unreadable"),
-    },
-    "logging": {
-        "level": Field(str, "info", _level, "log level"),
-    },
-}
-# [environment] is free-form: NAME = "value", passed verbatim to the trainer.
-FREE_FORM_SECTIONS = {"environment"}
-
-# Config field -> the config.toml key it comes from: one table for parse() and for reload's messages.
-FIELD_KEYS = {
-    "command": "training.command", "dataset": "training.dataset", "configuration": "training.configuration",
-    "fold": "training.fold", "trainer": "training.trainer", "plans": "training.plans",
-    "device": "training.device", "num_gpus": "training.num_gpus", "extra_args": "training.extra_args",
-    "expected_epochs": "training.expected_epochs", "raw": "paths.raw", "preprocessed": "paths.preprocessed",
-    "results": "paths.results", "state_dir": "paths.state_dir", "environment": "environment",
-    "backoff_seconds": "restart.backoff_seconds", "backoff_max_seconds": "restart.backoff_max_seconds",
-    "max_restarts": "restart.max_restarts", "window_minutes": "restart.window_minutes",
-    "ema_dice": "target.ema_dice", "min_class_dice": "target.min_class_dice",
-    "max_nonfinite_epochs": "target.max_nonfinite_epochs", "patience_epochs": "target.patience_epochs",
-    "hang_enabled": "hang.enabled", "hang_timeout_minutes": "hang.timeout_minutes",
-    "hang_min_timeout_minutes": "hang.min_timeout_minutes", "hang_first_epoch_minutes": "hang.first_epoch_minutes",
-    "hang_idle_cpu_percent": "hang.idle_cpu_percent",
-    "timeout_seconds": "stop.timeout_seconds", "checkpoint_wait_seconds": "stop.checkpoint_wait_seconds",
-    "oom_enabled": "oom.enabled", "oom_min_batch_size": "oom.min_batch_size", "oom_strategy": "oom.strategy",
-    "oom_subtract": "oom.subtract", "oom_factor": "oom.factor",
-    "oom_gpu_release_timeout": "oom.gpu_release_timeout_seconds",
-    "thermal_enabled": "thermal.enabled", "thermal_source": "thermal.source", "thermal_command": "thermal.command",
-    "thermal_command_timeout": "thermal.command_timeout_seconds", "thermal_poll": "thermal.poll_seconds",
-    "thermal_pause": "thermal.pause_celsius", "thermal_resume": "thermal.resume_celsius",
-    "thermal_stop": "thermal.stop_celsius", "thermal_max_pause_minutes": "thermal.max_pause_minutes",
-    "thermal_max_failed_reads": "thermal.max_failed_reads", "thermal_gpus": "thermal.gpus",
-    "checkpoint_every": "checkpoint.every_epochs", "checkpoint_verify": "checkpoint.verify",
-    "allow_fresh_start": "checkpoint.allow_fresh_start", "level": "logging.level",
-}
+@dataclass(frozen=True)
+class Paths:
+    raw: Path | None = key(UNSET, nonempty, "nnUNet_raw (exported to the trainer)", types=str,
+                           reload=RESTART, default_doc="`$nnUNet_raw`")
+    preprocessed: Path | None = key(REQUIRED, nonempty, "nnUNet_preprocessed", types=str, reload=RESTART,
+                                    default_doc="`$nnUNet_preprocessed`")
+    results: Path | None = key(REQUIRED, nonempty, "nnUNet_results", types=str, reload=RESTART,
+                               default_doc="`$nnUNet_results`")
+    state_dir: Path | None = key(UNSET, nonempty, "state.json, lock, per-attempt logs; one job per "
+                                 "state_dir", types=str, reload=RESTART,
+                                 default_doc="`$STATE_DIRECTORY` or `./state`")
 
 
-def _field(dotted: str) -> Field:
-    section, key = dotted.split(".")
-    return SCHEMA[section][key]
+@dataclass(frozen=True)
+class Restart:
+    backoff_seconds: float = key(30, non_negative, "first restart delay, doubles per consecutive failure")
+    backoff_max_seconds: float = key(600, non_negative, "delay cap")
+    max_restarts: int = key(10, non_negative, "restarts allowed within the window ...", types=int)
+    window_minutes: float = key(360, positive, "... else give up (exit 3)")
+
+
+@dataclass(frozen=True)
+class Target:
+    ema_dice: float | None = key(UNSET, unit_interval, "stop at this EMA pseudo Dice, in (0, 1]; unset: "
+                                 "train to the end", default_doc="unset")
+    min_class_dice: float | None = key(UNSET, unit_interval_or_zero, "every foreground class must reach "
+                                       "it too", default_doc="unset")
+    max_nonfinite_epochs: int = key(3, non_negative, "non-finite loss/Dice epochs in a row -> `diverged` "
+                                    "(0: off)", types=int)
+    patience_epochs: int = key(0, non_negative, "epochs without a new best EMA -> `plateau` stop (0: off)",
+                               types=int)
+
+
+@dataclass(frozen=True)
+class Hang:
+    enabled: bool = key(True, None, "stop and restart a trainer that makes no progress and is idle",
+                        types=bool)
+    timeout_minutes: float = key(0, non_negative, "no-epoch limit; 0: 3 x median epoch time, at least "
+                                 "`min_timeout_minutes`")
+    min_timeout_minutes: float = key(20, positive, "floor of the derived limit")
+    first_epoch_minutes: float = key(90, positive, "allowance for start-up and the first epoch of an "
+                                     "attempt")
+    idle_cpu_percent: float = key(10, non_negative, "below this CPU use (of one core) the process tree "
+                                  "is idle")
+
+
+@dataclass(frozen=True)
+class Stop:
+    timeout_seconds: float = key(120, positive, "SIGINT -> SIGKILL escalation")
+    checkpoint_wait_seconds: float = key(300, non_negative, "longest wait for a checkpoint write before "
+                                         "a stop's SIGINT (target, plateau, operator)")
+
+
+@dataclass(frozen=True)
+class Oom:
+    enabled: bool = key(True, None, "step the batch size down after a CUDA OOM", types=bool)
+    min_batch_size: int = key(1, at_least_one, "never below; an OOM here gives up (exit 3)", types=int)
+    strategy: str = key("subtract", one_of("subtract", "multiply"), "`subtract` or `multiply`", types=str)
+    subtract: int = key(1, at_least_one, "strategy subtract: batch size - N", types=int)
+    factor: float = key(0.5, lambda v: None if _finite(v) and 0 < v < 1 else "a number in (0, 1)",
+                        "strategy multiply: floor(batch size x factor)")
+    gpu_release_timeout_seconds: float = key(120, non_negative, "wait for the last attempt's GPU memory "
+                                             "to be freed")
+
+
+@dataclass(frozen=True)
+class Thermal:
+    enabled: bool | None = key(UNSET, None, "the thermal guard (NVML missing -> exit 2)", types=bool,
+                               reload=RESTART, default_doc="on for `cuda`")
+    source: str = key("nvml", one_of("nvml", "command"), "`nvml`, or `command`: an argv printing "
+                      "`<index> <celsius>` lines", types=str, reload=RESTART)
+    command: tuple = key((), str_list, "source = command: the argv", types=list, reload=RESTART)
+    command_timeout_seconds: float = key(5, positive, "longest a sensor command may run")
+    poll_seconds: float = key(2, positive, "how often temperatures are read")
+    pause_celsius: float = key(86, celsius, "SIGSTOP the whole training process group above this")
+    resume_celsius: float = key(78, celsius, "SIGCONT once every watched GPU is at or below this")
+    stop_celsius: float = key(91, celsius, "graceful stop at or above this")
+    stop_wait_seconds: float = key(60, non_negative, "at or above stop_celsius, longest wait for a "
+                                   "checkpoint write before the stop's SIGINT")
+    max_pause_minutes: float = key(15, positive, "longer pauses become a graceful stop")
+    max_failed_reads: int = key(5, at_least_one, "polls without readings before a graceful stop",
+                                types=int)
+    gpus: tuple = key((), gpu_list, "NVML indices to watch", types=list, reload=RESTART,
+                      default_doc="the training's GPUs")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    every_epochs: int = key(1, at_least_one, "default launcher: checkpoint_latest every N epochs",
+                            types=int, reload=NEXT_ATTEMPT)
+    verify: bool = key(True, None, "check the checkpoint `--c` will load before each start", types=bool)
+    allow_fresh_start: bool = key(False, None, "all checkpoints unreadable: start at epoch 0 (else exit 3)",
+                                  types=bool)
+
+
+@dataclass(frozen=True)
+class Logging:
+    level: str = key("info", one_of("debug", "info", "warning", "error"), "`debug`, `info`, `warning`, "
+                     "`error`", types=str)
 
 
 @dataclass(frozen=True)
 class Config:
-    """The validated configuration. Defaults live in SCHEMA only; parse() sets every field."""
+    """The validated configuration: one attribute per section of config.toml."""
 
     path: Path
-    # [training]
-    command: tuple[str, ...]
-    dataset: str
-    configuration: str
-    fold: int | str
-    trainer: str
-    plans: str
-    device: str
-    num_gpus: int
-    extra_args: tuple[str, ...]
-    expected_epochs: int
-    # [paths]
-    raw: Path | None
-    preprocessed: Path
-    results: Path
-    state_dir: Path
-    # [environment]
-    environment: dict[str, str]
-    # [restart]
-    backoff_seconds: float
-    backoff_max_seconds: float
-    max_restarts: int
-    window_minutes: float
-    # [target]
-    ema_dice: float | None
-    min_class_dice: float | None
-    max_nonfinite_epochs: int
-    patience_epochs: int
-    # [hang]
-    hang_enabled: bool
-    hang_timeout_minutes: float
-    hang_min_timeout_minutes: float
-    hang_first_epoch_minutes: float
-    hang_idle_cpu_percent: float
-    # [stop]
-    timeout_seconds: float
-    checkpoint_wait_seconds: float
-    # [oom]
-    oom_enabled: bool
-    oom_min_batch_size: int
-    oom_strategy: str
-    oom_subtract: int
-    oom_factor: float
-    oom_gpu_release_timeout: float
-    # [thermal]
-    thermal_enabled: bool
-    thermal_source: str
-    thermal_command: tuple[str, ...]
-    thermal_command_timeout: float
-    thermal_poll: float
-    thermal_pause: float
-    thermal_resume: float
-    thermal_stop: float
-    thermal_max_pause_minutes: float
-    thermal_max_failed_reads: int
-    thermal_gpus: tuple[str, ...]
-    # [checkpoint]
-    checkpoint_every: int
-    checkpoint_verify: bool
-    allow_fresh_start: bool
-    # [logging]
-    level: str
+    training: Training
+    paths: Paths
+    environment: Mapping[str, str]  # [environment]: free-form NAME = "value", passed to the trainer
+    restart: Restart
+    target: Target
+    hang: Hang
+    stop: Stop
+    oom: Oom
+    thermal: Thermal
+    checkpoint: Checkpoint
+    logging: Logging
 
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)
 
 
-def _type_name(t) -> str:
+SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else globals()[f.type]
+                             for f in dataclasses.fields(Config) if f.name not in ("path", "environment")}
+FREE_FORM_SECTIONS = ("environment",)
+ENVIRONMENT_RELOAD = NEXT_ATTEMPT
+
+
+def iter_keys():
+    """(section, name, dataclasses.Field) for every declared key, in file order."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            yield section, f.name, f
+
+
+def reload_kind(dotted: str) -> str:
+    if dotted == "environment":
+        return ENVIRONMENT_RELOAD
+    section, name = dotted.split(".")
+    return next(f.metadata["reload"] for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+
+
+def _type_name(types) -> str:
     names = {str: "a string", int: "an integer", float: "a number", list: "a list", bool: "true/false"}
-    ts = t if isinstance(t, tuple) else (t,)
+    ts = types if isinstance(types, tuple) else (types,)
     if set(ts) == {int, float}:
         return "a number"
     return " or ".join(names.get(x, x.__name__) for x in ts)
 
 
-def _type_ok(value, t) -> bool:
-    ts = t if isinstance(t, tuple) else (t,)
+def _type_ok(value, types) -> bool:
+    ts = types if isinstance(types, tuple) else (types,)
     if isinstance(value, bool) and bool not in ts:  # TOML true is not the integer 1
         return False
     return isinstance(value, ts)
 
 
-def parse(raw: dict, path: Path, env: dict[str, str] | None = None) -> Config:
+def _check_environment(body, problems: list[str]) -> dict[str, str]:
+    if not isinstance(body, dict):
+        problems.append('[environment]: expected a table of NAME = "value"')
+        return {}
+    for k, v in body.items():
+        if (why := env_name_problem(k)) is not None:
+            problems.append(f"environment.{k!r}: expected {why}")
+        elif not isinstance(v, str):
+            problems.append(f"environment.{k}: expected a string, got {v!r}")
+        elif "\0" in v:
+            problems.append(f"environment.{k}: expected a string without NUL bytes")
+    return {k: v for k, v in body.items() if isinstance(v, str)}
+
+
+def parse(raw: dict, path: Path, env: Mapping[str, str] | None = None) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     env = os.environ if env is None else env
     problems: list[str] = []
-    values: dict[str, Any] = {}
+    given: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    environment: dict[str, str] = {}
     for section, body in raw.items():
         if section in FREE_FORM_SECTIONS:
-            if not isinstance(body, dict):
-                problems.append(f"[{section}]: expected a table of NAME = \"value\"")
-                continue
-            for k, v in body.items():
-                if not isinstance(v, str):
-                    problems.append(f"environment.{k}: expected a string, got {v!r}")
+            environment = _check_environment(body, problems)
             continue
-        if section not in SCHEMA:
-            known = ", ".join(f"[{s}]" for s in [*SCHEMA, *FREE_FORM_SECTIONS])
+        if section not in SECTIONS:
+            known = ", ".join(f"[{s}]" for s in [*SECTIONS, *FREE_FORM_SECTIONS])
             problems.append(f"[{section}]: unknown section (known: {known})")
             continue
         if not isinstance(body, dict):
             problems.append(f"{section}: expected a table [{section}]")
             continue
-        for key, value in body.items():
-            fld = SCHEMA[section].get(key)
-            if fld is None:
-                problems.append(f"{section}.{key}: unknown key (known: {', '.join(SCHEMA[section])})")
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+        for name, value in body.items():
+            f = fields.get(name)
+            if f is None:
+                problems.append(f"{section}.{name}: unknown key (known: {', '.join(fields)})")
                 continue
-            if not _type_ok(value, fld.type):
-                problems.append(f"{section}.{key}: expected {_type_name(fld.type)}, got {value!r}")
-                continue
-            if fld.check and (why := fld.check(value)):
-                problems.append(f"{section}.{key}: expected {why}, got {value!r}")
-                continue
-            values[f"{section}.{key}"] = value
-
-    def get(dotted):
-        s, k = dotted.split(".")
-        return values.get(dotted, SCHEMA[s][k].default)
-
+            m = f.metadata
+            if not _type_ok(value, m["types"]):
+                problems.append(f"{section}.{name}: expected {_type_name(m['types'])}, got {value!r}")
+            elif m["check"] and (why := m["check"](value)):
+                problems.append(f"{section}.{name}: expected {why}, got {value!r}")
+            else:
+                given[section][name] = tuple(value) if isinstance(value, list) else value
     base = path.parent
 
     def resolve(p: str | None) -> Path | None:
@@ -351,49 +359,46 @@ def parse(raw: dict, path: Path, env: dict[str, str] | None = None) -> Config:
         q = Path(os.path.expanduser(p))
         return q if q.is_absolute() else (base / q)
 
-    if get("training.dataset") is None:
-        problems.append("training.dataset: required, e.g. dataset = \"Dataset001_CardiacSeg\"")
-    paths = {}
-    for key, envname in (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed"),
-                         ("results", "nnUNet_results")):
-        p = get(f"paths.{key}") or env.get(envname)
-        if p is None and key != "raw":
-            problems.append(f"paths.{key}: required (or set {envname} in the environment)")
-        paths[key] = resolve(p)
-    state_dir = get("paths.state_dir") or env.get("STATE_DIRECTORY", "").split(":")[0] or "state"
-    bo, bmax = get("restart.backoff_seconds"), get("restart.backoff_max_seconds")
-    if bmax < bo:
-        problems.append(f"restart.backoff_max_seconds: expected >= restart.backoff_seconds ({bo}), got {bmax}")
-    tp, tr, ts = get("thermal.pause_celsius"), get("thermal.resume_celsius"), get("thermal.stop_celsius")
-    if tr >= tp:
-        problems.append(f"thermal.resume_celsius: expected lower than thermal.pause_celsius ({tp}), got {tr}")
-    if tp >= ts:
-        problems.append(f"thermal.pause_celsius: expected lower than thermal.stop_celsius ({ts}), got {tp}")
-    if get("thermal.source") == "command" and not get("thermal.command"):
+    tr, pa = given["training"], given["paths"]
+    if "dataset" not in tr:
+        problems.append('training.dataset: required, e.g. dataset = "Dataset001_CardiacSeg"')
+    for name, envname in (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed"),
+                          ("results", "nnUNet_results")):
+        p = pa.get(name) or env.get(envname) or None
+        if p is None and name != "raw":
+            problems.append(f"paths.{name}: required (or set {envname} in the environment)")
+        pa[name] = resolve(p)
+    pa["state_dir"] = resolve(pa.get("state_dir") or env.get("STATE_DIRECTORY", "").split(":")[0] or "state")
+    sections = {}
+    for section, cls in SECTIONS.items():
+        try:
+            sections[section] = cls(**given[section])
+        except TypeError as e:  # pragma: no cover - a declaration bug, not user input
+            raise AssertionError(e) from None
+    rs, th = sections["restart"], sections["thermal"]
+    if rs.backoff_max_seconds < rs.backoff_seconds:
+        problems.append(f"restart.backoff_max_seconds: expected >= restart.backoff_seconds "
+                        f"({rs.backoff_seconds}), got {rs.backoff_max_seconds}")
+    if th.resume_celsius >= th.pause_celsius:
+        problems.append(f"thermal.resume_celsius: expected lower than thermal.pause_celsius "
+                        f"({th.pause_celsius}), got {th.resume_celsius}")
+    if th.pause_celsius >= th.stop_celsius:
+        problems.append(f"thermal.pause_celsius: expected lower than thermal.stop_celsius ({th.stop_celsius}), "
+                        f"got {th.pause_celsius}")
+    if th.source == "command" and not th.command:
         problems.append('thermal.command: required when thermal.source = "command" (an argv list)')
-    thermal_on = get("thermal.enabled")
-    if thermal_on is None:
-        thermal_on = get("training.device") == "cuda"
     if problems:
         raise ConfigError(path, problems)
-    fields = {}
-    for name, key in FIELD_KEYS.items():
-        if key == "environment":
-            fields[name] = dict(raw.get("environment", {}))
-            continue
-        v = get(key)
-        if isinstance(v, list):  # frozen Config: tuples; GPU names compare as strings
-            v = tuple(str(x) for x in v) if name == "thermal_gpus" else tuple(v)
-        elif v is not None and _field(key).type == (int, float):
-            v = float(v)
-        fields[name] = v
-    fields.update(dataset=str(fields["dataset"]), raw=paths["raw"], preprocessed=paths["preprocessed"],
-                  results=paths["results"], state_dir=resolve(state_dir), thermal_enabled=thermal_on,
-                  level=fields["level"].lower())
-    return Config(path=path, **fields)
+    t = sections["training"]
+    sections["training"] = dataclasses.replace(t, dataset=str(t.dataset))
+    sections["thermal"] = dataclasses.replace(
+        th, enabled=(t.device == "cuda") if th.enabled is None else th.enabled,
+        gpus=tuple(str(g) for g in th.gpus))
+    sections["logging"] = dataclasses.replace(sections["logging"], level=sections["logging"].level.lower())
+    return Config(path=path, environment=environment, **sections)
 
 
-def load(path: str | Path, env: dict[str, str] | None = None) -> Config:
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate `path`. Raises ConfigError (never OSError/TOMLDecodeError)."""
     path = Path(path).absolute()
     try:
@@ -409,3 +414,32 @@ def load(path: str | Path, env: dict[str, str] | None = None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, [f"not valid TOML: {e}"]) from None
     return parse(raw, path, env)
+
+
+def _default_text(f) -> str:
+    m = f.metadata
+    if m["default_doc"]:
+        return m["default_doc"]
+    v = f.default
+    if isinstance(v, bool):
+        return f"`{str(v).lower()}`"
+    if isinstance(v, str):
+        return f'`"{v}"`'
+    if isinstance(v, tuple):
+        return "`[" + ", ".join(f'"{x}"' for x in v) + "]`"
+    return f"`{v}`"
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from the declarations (a test keeps README equal)."""
+    rows = ["| key | default | reload | meaning |", "| --- | --- | --- | --- |"]
+    when = {LIVE: "at once", NEXT_ATTEMPT: "next attempt", RESTART: "restart"}
+    for section, name, f in iter_keys():
+        rows.append(f"| `{section}.{name}` | {_default_text(f)} | {when[f.metadata['reload']]} | "
+                    f"{f.metadata['doc']} |")
+    rows.append('| `[environment]` | | next attempt | `NAME = "value"` passed verbatim to the trainer |')
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m supervisor.config: print the README table
+    print(markdown_table())

@@ -51,8 +51,8 @@ class Daemon:
         self.cfg = cfg
         self.clock = clock
         self.log = logs.get()
-        self.store = StateStore(cfg.state_dir)
-        self.lock = Lock(cfg.state_dir)
+        self.store = StateStore(cfg.paths.state_dir)
+        self.lock = Lock(cfg.paths.state_dir)
         self.sup = Sup()
         self.attempts: list[dict] = []
         self.changes: list[dict] = []
@@ -74,8 +74,8 @@ class Daemon:
     # ---- set-up --------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Lock, load state, stop a trainer a killed supervisor left behind, rebuild the epoch history."""
-        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.cfg.state_dir / "attempts").mkdir(exist_ok=True)
+        self.cfg.paths.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.cfg.paths.state_dir / "attempts").mkdir(exist_ok=True)
         self.lock.acquire()
         data = self.store.load(job.job_identity(self.cfg), lambda ev, **kw: self.log.warning(ev, **kw))
         if data:
@@ -86,7 +86,7 @@ class Daemon:
         if cur and cur.get("ended_at") is None:
             if proc.same_process(cur.get("pid"), cur.get("create_time")):
                 self.log.warning("stopping_leftover_trainer", pid=cur["pid"], attempt=cur.get("n"))
-                proc.stop_group(cur["pgid"], self.cfg.timeout_seconds)
+                proc.stop_group(cur["pgid"], self.cfg.stop.timeout_seconds)
             cur.update(ended_at=self.clock(), reason="supervisor_lost")
         if self.sup.state in TERMINAL or self.sup.state in (State.RUNNING, State.STOP_PENDING,
                                                             State.STOPPING, State.PAUSED):
@@ -120,7 +120,7 @@ class Daemon:
         self._install_signals()
         proc.become_subreaper()
         self.log.info("supervisor_started", pid=os.getpid(), config=str(self.cfg.path),
-                      fold_dir=str(job.fold_dir(self.cfg)), target=self.cfg.ema_dice, batch_size=bs,
+                      fold_dir=str(job.fold_dir(self.cfg)), target=self.cfg.target.ema_dice, batch_size=bs,
                       nvml=self.nvml is not None, systemd=self.notify.enabled)
         try:
             self.dispatch(Start(final_checkpoint=(job.fold_dir(self.cfg) / "checkpoint_final.pth").is_file(),
@@ -159,7 +159,7 @@ class Daemon:
             self._forward(self.child, self.child.output.flush_stale())
         self._check_child()
         self._poll_log()
-        if self.guard is not None and (ev := self.guard.poll(self.clock(), self.sup, self.cfg.state_dir)):
+        if self.guard is not None and (ev := self.guard.poll(self.clock(), self.sup, self.cfg.paths.state_dir)):
             self.dispatch(ev)
         self._check_hang()
         self.dispatch(Tick())
@@ -193,7 +193,7 @@ class Daemon:
         else:
             rp = plan_reload(self.cfg, new)
             self.cfg = rp.config
-            logs.setup(self.cfg.level)
+            logs.setup(self.cfg.logging.level)
             self.log.info("reloaded", applied=list(rp.live), next_restart=list(rp.next_attempt))
             if rp.needs_restart:
                 self.log.warning("reload_needs_supervisor_restart", keys=list(rp.needs_restart),
@@ -261,7 +261,7 @@ class Daemon:
 
     def _check_hang(self) -> None:
         a = self.child
-        if a is None or a.returncode is not None or not self.cfg.hang_enabled or self.final_phase \
+        if a is None or a.returncode is not None or not self.cfg.hang.enabled or self.final_phase \
                 or self.sup.state != State.RUNNING:
             return
         ev = a.stalled(self.clock(), self.last_progress, self.history, self.attempts[-1]["epoch_start"],
@@ -277,11 +277,11 @@ class Daemon:
         if not holders:
             return True
         if a.gpu_deadline is None:
-            a.gpu_deadline = self.clock() + self.cfg.oom_gpu_release_timeout
+            a.gpu_deadline = self.clock() + self.cfg.oom.gpu_release_timeout_seconds
             self.log.warning("waiting_for_gpu_memory", pids=sorted(holders))
         if self.clock() < a.gpu_deadline:
             return False
-        self.log.error("gpu_memory_still_held", pids=sorted(holders), timeout_s=self.cfg.oom_gpu_release_timeout)
+        self.log.error("gpu_memory_still_held", pids=sorted(holders), timeout_s=self.cfg.oom.gpu_release_timeout_seconds)
         return True
 
     def _poll_log(self) -> None:
@@ -333,7 +333,7 @@ class Daemon:
         elif isinstance(act, SetBatchSize):
             path = job.plans_file(self.cfg)
             try:
-                old, backup = plans.set_batch_size(path, self.cfg.configuration, act.new)
+                old, backup = plans.set_batch_size(path, self.cfg.training.configuration, act.new)
             except (plans.PlansError, OSError) as e:
                 self.dispatch(ActionFailed(f"could not lower the batch size in {path}: {e}"))
                 return
@@ -370,7 +370,7 @@ class Daemon:
             return
         argv = job.build_argv(self.cfg, resume=ckpt is not None)
         overrides = {"nnUNet_n_proc_DA": str(self.sup.n_proc_da)} if self.sup.n_proc_da else {}
-        log_path = self.cfg.state_dir / "attempts" / f"attempt-{n:04d}.log"
+        log_path = self.cfg.paths.state_dir / "attempts" / f"attempt-{n:04d}.log"
         last = self.history.last()
         rec = {"n": n, "argv": argv, "started_at": self.clock(), "ended_at": None, "exit_code": None,
                "reason": None, "resume_from": ckpt.name if ckpt else None,
@@ -399,9 +399,9 @@ class Daemon:
         self.store.save({
             "job": job.job_identity(self.cfg),
             "supervisor": {"pid": os.getpid(), "started_at": self.started_at, "config": str(self.cfg.path)},
-            "settings": {"ema_dice": self.cfg.ema_dice, "min_class_dice": self.cfg.min_class_dice,
-                         "expected_epochs": self.cfg.expected_epochs, "max_restarts": self.cfg.max_restarts,
-                         "window_minutes": self.cfg.window_minutes},
+            "settings": {"ema_dice": self.cfg.target.ema_dice, "min_class_dice": self.cfg.target.min_class_dice,
+                         "expected_epochs": self.cfg.training.expected_epochs, "max_restarts": self.cfg.restart.max_restarts,
+                         "window_minutes": self.cfg.restart.window_minutes},
             "sup": self.sup.to_json(),
             "attempts": self.attempts,
             "epochs": [r.to_json() for r in self.history.ordered()],

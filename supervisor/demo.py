@@ -3,7 +3,7 @@
 How it works: (1) write a tiny synthetic "cardiac" dataset to <dir>/raw (6 volumes of 32^3 with three
 nested foreground structures, the third one tiny, as in the real run where it stays at Dice 0);
 (2) run nnUNetv2_plan_and_preprocess for 3d_fullres; (3) write <dir>/config.toml with the tiny demo
-trainer (supervisor/demo_trainers via nnUNet_extTrainer), an injected crash (SIGKILL) at epoch 2 and
+trainer (supervisor/trainer/demo_trainers via nnUNet_extTrainer), an injected crash (SIGKILL) at epoch 2 and
 a reachable EMA target; (4) run `cardiacseg-train run` on it; (5) print `cardiacseg-train status`.
 Steps 1-2 are skipped when their output already exists. The same helpers build the end-to-end tests.
 """
@@ -79,7 +79,7 @@ def demo_config(root: Path, *, trainer="nnUNetTrainerDemo", command="cardiacseg-
                 target: float | None = DEMO_TARGET,
                 crash_at: int | None = 2, epochs: int = 10, state_dir: str = "state",
                 extra_env: dict | None = None, restart: dict | None = None) -> Path:
-    from .demo_trainers import DIR
+    from .trainer.demo_trainers import DIR
 
     env = {"nnUNet_extTrainer": str(DIR), "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1",
            "nnUNet_compile": "false", "CARDIACSEG_DEMO_EPOCHS": str(epochs), **(extra_env or {})}

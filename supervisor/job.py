@@ -25,11 +25,11 @@ PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "
 
 def dataset_name(cfg: Config) -> str:
     """Dataset001_CardiacSeg stays; "1" or "001" is looked up like nnU-Net does (by DatasetXXX_ prefix)."""
-    ds = cfg.dataset
+    ds = cfg.training.dataset
     if not re.fullmatch(r"\d+", ds):
         return ds
     prefix = f"Dataset{int(ds):03d}_"
-    for base in (cfg.preprocessed, cfg.raw, cfg.results):
+    for base in (cfg.paths.preprocessed, cfg.paths.raw, cfg.paths.results):
         if base is None:
             continue
         try:
@@ -42,12 +42,12 @@ def dataset_name(cfg: Config) -> str:
 
 
 def fold_dir(cfg: Config) -> Path:
-    return (cfg.results / dataset_name(cfg) / f"{cfg.trainer}__{cfg.plans}__{cfg.configuration}"
-            / f"fold_{cfg.fold}")
+    return (cfg.paths.results / dataset_name(cfg) / f"{cfg.training.trainer}__{cfg.training.plans}__{cfg.training.configuration}"
+            / f"fold_{cfg.training.fold}")
 
 
 def plans_file(cfg: Config) -> Path:
-    return cfg.preprocessed / dataset_name(cfg) / f"{cfg.plans}.json"
+    return cfg.paths.preprocessed / dataset_name(cfg) / f"{cfg.training.plans}.json"
 
 
 def existing_checkpoints(cfg: Config) -> list[Path]:
@@ -64,7 +64,7 @@ def resume_checkpoint(cfg: Config) -> Path | None:
 def resolve_command(cfg: Config, path: str | None = None) -> list[str]:
     """The configured argv prefix; a bare program name missing from PATH is looked for next to the
     supervisor's own interpreter (a venv install under systemd, whose PATH lacks the venv)."""
-    exe, rest = cfg.command[0], list(cfg.command[1:])
+    exe, rest = cfg.training.command[0], list(cfg.training.command[1:])
     if "/" not in exe and shutil.which(exe, path=path) is None:
         local = Path(sys.executable).parent / exe
         if local.exists():
@@ -73,13 +73,13 @@ def resolve_command(cfg: Config, path: str | None = None) -> list[str]:
 
 
 def build_argv(cfg: Config, resume: bool) -> list[str]:
-    argv = [*resolve_command(cfg, build_env(cfg).get("PATH")), dataset_name(cfg), cfg.configuration, str(cfg.fold),
-            "-tr", cfg.trainer, "-p", cfg.plans, "-device", cfg.device]
-    if cfg.num_gpus > 1:
-        argv += ["-num_gpus", str(cfg.num_gpus)]
+    argv = [*resolve_command(cfg, build_env(cfg).get("PATH")), dataset_name(cfg), cfg.training.configuration, str(cfg.training.fold),
+            "-tr", cfg.training.trainer, "-p", cfg.training.plans, "-device", cfg.training.device]
+    if cfg.training.num_gpus > 1:
+        argv += ["-num_gpus", str(cfg.training.num_gpus)]
     if resume:
         argv.append("--c")
-    argv += list(cfg.extra_args)
+    argv += list(cfg.training.extra_args)
     return argv
 
 
@@ -88,11 +88,11 @@ def build_env(cfg: Config, base: dict[str, str] | None = None, overrides: dict[s
     env = dict(os.environ if base is None else base)
     for k in PRIVATE_ENV:
         env.pop(k, None)
-    if cfg.raw is not None:
-        env["nnUNet_raw"] = str(cfg.raw)
-    env["nnUNet_preprocessed"] = str(cfg.preprocessed)
-    env["nnUNet_results"] = str(cfg.results)
-    env["CARDIACSEG_CHECKPOINT_EVERY"] = str(cfg.checkpoint_every)  # read by the default launcher
+    if cfg.paths.raw is not None:
+        env["nnUNet_raw"] = str(cfg.paths.raw)
+    env["nnUNet_preprocessed"] = str(cfg.paths.preprocessed)
+    env["nnUNet_results"] = str(cfg.paths.results)
+    env["CARDIACSEG_CHECKPOINT_EVERY"] = str(cfg.checkpoint.every_epochs)  # read by the default launcher
     # CUDA's default order (fastest first) may differ from NVML's and nvidia-smi's; PCI bus order makes
     # a CUDA index mean the GPU the thermal guard watches. [environment] can still override it.
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -116,5 +116,5 @@ def configured_workers(cfg: Config) -> int:
 
 def job_identity(cfg: Config) -> dict:
     """What makes a state.json belong to this job (a different one is moved aside, not reused)."""
-    return {"dataset": dataset_name(cfg), "configuration": cfg.configuration, "fold": cfg.fold,
-            "trainer": cfg.trainer, "plans": cfg.plans, "results": str(cfg.results)}
+    return {"dataset": dataset_name(cfg), "configuration": cfg.training.configuration, "fold": cfg.training.fold,
+            "trainer": cfg.training.trainer, "plans": cfg.training.plans, "results": str(cfg.paths.results)}

@@ -88,17 +88,17 @@ def startup_batch_size(cfg) -> int | None:
     from .config import ConfigError
     from .job import plans_file
 
-    if not cfg.oom_enabled:
+    if not cfg.oom.enabled:
         return None
     path = plans_file(cfg)
     try:
-        bs = read_batch_size(path, cfg.configuration)
+        bs = read_batch_size(path, cfg.training.configuration)
     except PlansError as e:
         raise ConfigError(cfg.path, [f"[oom] needs the plans file: {e}"]) from None
-    if cfg.oom_min_batch_size > bs:
+    if cfg.oom.min_batch_size > bs:
         raise ConfigError(cfg.path, [
             f"oom.min_batch_size: expected <= the plan's batch size {bs} ({path}: "
-            f"configurations.{cfg.configuration}.batch_size), got {cfg.oom_min_batch_size}"])
+            f"configurations.{cfg.training.configuration}.batch_size), got {cfg.oom.min_batch_size}"])
     return bs
 
 

@@ -33,11 +33,8 @@ from .events import (ActionFailed, ChildExited, EpochDone, Finish, Log, NoCheckp
 from .logparse import EpochRecord, nanmean
 from .plans import next_batch_size, step_sequence
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_CONFIG = 2
-EXIT_GAVE_UP = 3
-EXIT_LOCKED = 4
+from .events import ExitCode
+EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_GAVE_UP, EXIT_LOCKED = ExitCode
 
 
 class State(str, enum.Enum):
@@ -131,37 +128,37 @@ def nonfinite(rec: EpochRecord) -> bool:
 def hang_limit(epoch_times: list[float], epochs_this_attempt: int, cfg: Config) -> float:
     """Seconds without an epoch after which an idle trainer counts as hung."""
     if epochs_this_attempt == 0:
-        return cfg.hang_first_epoch_minutes * 60
-    if cfg.hang_timeout_minutes > 0:
-        return cfg.hang_timeout_minutes * 60
+        return cfg.hang.first_epoch_minutes * 60
+    if cfg.hang.timeout_minutes > 0:
+        return cfg.hang.timeout_minutes * 60
     times = sorted(t for t in epoch_times if t)
     median = times[len(times) // 2] if times else 0.0
-    return max(cfg.hang_min_timeout_minutes * 60, 3 * median)
+    return max(cfg.hang.min_timeout_minutes * 60, 3 * median)
 
 
 def target_met(rec: EpochRecord, cfg: Config) -> bool:
-    if cfg.ema_dice is None or math.isnan(rec.ema) or rec.ema < cfg.ema_dice:
+    if cfg.target.ema_dice is None or math.isnan(rec.ema) or rec.ema < cfg.target.ema_dice:
         return False
-    if cfg.min_class_dice is not None:
+    if cfg.target.min_class_dice is not None:
         # nan (class absent from the validation batches) does not count as reached
-        return bool(rec.dice) and all(not math.isnan(d) and d >= cfg.min_class_dice for d in rec.dice)
+        return bool(rec.dice) and all(not math.isnan(d) and d >= cfg.target.min_class_dice for d in rec.dice)
     return True
 
 
 def backoff_delay(consecutive_failures: int, cfg: Config) -> float:
     """Delay before the restart that follows the n-th consecutive failure (n >= 1)."""
     n = max(consecutive_failures - 1, 0)
-    return min(cfg.backoff_max_seconds, cfg.backoff_seconds * (2 ** min(n, 30)))
+    return min(cfg.restart.backoff_max_seconds, cfg.restart.backoff_seconds * (2 ** min(n, 30)))
 
 
 def restarts_in_window(times: tuple[float, ...], now: float, cfg: Config) -> tuple[float, ...]:
-    horizon = now - cfg.window_minutes * 60
+    horizon = now - cfg.restart.window_minutes * 60
     return tuple(t for t in times if t > horizon)
 
 
 def _stop(s: Sup, intent: str, now: float, cfg: Config, why: str) -> tuple[Sup, list]:
     s = dataclasses.replace(s, state=State.STOPPING, stop_intent=intent, safe_deadline=None,
-                            stop_deadline=now + cfg.timeout_seconds)
+                            stop_deadline=now + cfg.stop.timeout_seconds)
     return s, [Log("stopping_trainer", fields={"why": why, "attempt": s.attempt}), SignalGroup(signal.SIGINT)]
 
 
@@ -182,20 +179,20 @@ def _spawn(s: Sup, now: float, restart: bool) -> tuple[Sup, list]:
 
 def _oom_restart(s: Sup, now: float, cfg: Config, ended: Log, act, event: str, fields: dict):
     """Restart after an OOM remedy: base backoff, not counted against the crash budget."""
-    s = dataclasses.replace(s, state=State.BACKOFF, restart_at=now + cfg.backoff_seconds,
+    s = dataclasses.replace(s, state=State.BACKOFF, restart_at=now + cfg.restart.backoff_seconds,
                             restart_counts=False, stop_intent=None)
     return s, [ended, act, Log(event, "warning", fields),
                Log("restart_scheduled", "warning", {"reason": s.last_reason.value,
-                                                    "delay_s": cfg.backoff_seconds, "counted": False})]
+                                                    "delay_s": cfg.restart.backoff_seconds, "counted": False})]
 
 
 def _on_cuda_oom(s: Sup, now: float, cfg: Config, ended: Log):
     bs = s.batch_size
-    new = next_batch_size(bs, cfg.oom_min_batch_size, cfg.oom_strategy, cfg.oom_subtract, cfg.oom_factor)
+    new = next_batch_size(bs, cfg.oom.min_batch_size, cfg.oom.strategy, cfg.oom.subtract, cfg.oom.factor)
     if new is None:
         tried = " -> ".join(str(b) for b in step_sequence(
-            s.original_batch_size or bs, cfg.oom_min_batch_size, cfg.oom_strategy, cfg.oom_subtract,
-            cfg.oom_factor))
+            s.original_batch_size or bs, cfg.oom.min_batch_size, cfg.oom.strategy, cfg.oom.subtract,
+            cfg.oom.factor))
         s, acts = _finish(
             s, State.FAILED, "gave_up", EXIT_GAVE_UP,
             f"CUDA out of memory at the minimum batch size {bs} (batch sizes tried: {tried}). "
@@ -205,7 +202,7 @@ def _on_cuda_oom(s: Sup, now: float, cfg: Config, ended: Log):
         return s, [ended, *acts]
     s = dataclasses.replace(s, batch_size=new, oom_steps=s.oom_steps + 1)
     return _oom_restart(s, now, cfg, ended, SetBatchSize(bs, new), "batch_size_reduced",
-                        {"old": bs, "new": new, "min": cfg.oom_min_batch_size, "step": s.oom_steps})
+                        {"old": bs, "new": new, "min": cfg.oom.min_batch_size, "step": s.oom_steps})
 
 
 def _unpause(s: Sup, now: float) -> list:
@@ -222,7 +219,7 @@ def _on_temperatures(s: Sup, ev: Temperatures, now: float, cfg: Config):
     v, st, fields = ev.verdict, s.state, {"temps": dict(ev.summary)}
     if v == "pause" and st == State.RUNNING:
         s = dataclasses.replace(s, state=State.PAUSED, paused_at=now)
-        return s, [Log("thermal_pause", "warning", {**fields, "above": cfg.thermal_pause}),
+        return s, [Log("thermal_pause", "warning", {**fields, "above": cfg.thermal.pause_celsius}),
                    SignalGroup(signal.SIGSTOP)]
     if v == "resume" and st == State.PAUSED:
         paused_s = round(now - s.paused_at, 1) if s.paused_at is not None else None
@@ -236,8 +233,8 @@ def _on_temperatures(s: Sup, ev: Temperatures, now: float, cfg: Config):
             intent = s.stop_intent or "target"  # already stopping for the target: keep that outcome
         cont = _unpause(s, now) if st == State.PAUSED else []
         s = _resumed(s, now) if st == State.PAUSED else s
-        why = {"stop_hot": f"GPU too hot (stop at {cfg.thermal_stop:g} C; a multi-GPU run is never paused)",
-               "stop_pause": f"paused longer than {cfg.thermal_max_pause_minutes:g} min",
+        why = {"stop_hot": f"GPU too hot (stop at {cfg.thermal.stop_celsius:g} C; a multi-GPU run is never paused)",
+               "stop_pause": f"paused longer than {cfg.thermal.max_pause_minutes:g} min",
                "stop_sensor": f"no temperature readings for {s.failed_reads} polls",
                "gpu_lost": "NVML reports the GPU lost"}[v]
         s, acts = _stop(s, intent, now, cfg, why)
@@ -246,7 +243,7 @@ def _on_temperatures(s: Sup, ev: Temperatures, now: float, cfg: Config):
     if v == "cooled" and st == State.COOLING:
         s = dataclasses.replace(s, restart_counts=False)
         s, acts = _spawn(s, now, restart=True)
-        return s, [Log("cooled", fields={**fields, "at_or_below": cfg.thermal_resume}), *acts]
+        return s, [Log("cooled", fields={**fields, "at_or_below": cfg.thermal.resume_celsius}), *acts]
     return s, []
 
 
@@ -267,8 +264,8 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
             return _finish(s, State.DONE, "target_reached", EXIT_OK,
                            f"target already reached at epoch {ev.last_epoch.epoch} "
                            f"(EMA {ev.last_epoch.ema:.4f})")
-        if st == State.COOLING and cfg.thermal_enabled:  # stopped for heat before the supervisor restarted
-            return s, [Log("still_cooling", "warning", {"resume_below": cfg.thermal_resume})]
+        if st == State.COOLING and cfg.thermal.enabled:  # stopped for heat before the supervisor restarted
+            return s, [Log("still_cooling", "warning", {"resume_below": cfg.thermal.resume_celsius})]
         if st == State.BACKOFF and s.restart_at is not None:
             return s, [Log("resuming_backoff", fields={"restart_in_s": round(max(0, s.restart_at - now), 1)})]
         return _spawn(s, now, restart=False)
@@ -276,12 +273,12 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
     if isinstance(ev, Reconfigured):
         if st == State.RUNNING and ev.last_epoch is not None and target_met(ev.last_epoch, cfg):
             fields = {"epoch": ev.last_epoch.epoch, "ema": round(ev.last_epoch.ema, 4),
-                      "target": cfg.ema_dice, "via": "reload"}
+                      "target": cfg.target.ema_dice, "via": "reload"}
             if ev.mid_epoch:  # no checkpoint write can be in progress: stop now
                 s, acts = _stop(s, "target", now, cfg, "target reached (lowered by reload)")
                 return s, [Log("target_reached", fields=fields), *acts]
             s = dataclasses.replace(s, state=State.STOP_PENDING, stop_intent="target",
-                                    safe_deadline=now + cfg.checkpoint_wait_seconds)
+                                    safe_deadline=now + cfg.stop.checkpoint_wait_seconds)
             return s, [Log("target_reached", fields=fields)]
         return s, []
 
@@ -310,22 +307,22 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
                                 since_best=0 if rec.new_best else s.since_best + 1)
         if st != State.RUNNING:
             return s, []
-        if cfg.max_nonfinite_epochs and s.nonfinite_streak >= cfg.max_nonfinite_epochs:
+        if cfg.target.max_nonfinite_epochs and s.nonfinite_streak >= cfg.target.max_nonfinite_epochs:
             s, acts = _stop(s, "diverged", now, cfg,
                             f"non-finite loss or Dice for {s.nonfinite_streak} epochs in a row")
             return s, [Log("diverged", "error", {"epoch": rec.epoch, "train_loss": rec.train_loss,
                                                  "streak": s.nonfinite_streak}), *acts]
-        if cfg.patience_epochs and s.since_best >= cfg.patience_epochs:
+        if cfg.target.patience_epochs and s.since_best >= cfg.target.patience_epochs:
             s = dataclasses.replace(s, state=State.STOP_PENDING, stop_intent="plateau",
-                                    safe_deadline=now + cfg.checkpoint_wait_seconds)
+                                    safe_deadline=now + cfg.stop.checkpoint_wait_seconds)
             return s, [Log("plateau", fields={"epoch": rec.epoch, "epochs_without_new_best": s.since_best,
                                               "best_ema": None if math.isnan(rec.ema) else round(rec.ema, 4)})]
         if target_met(ev.record, cfg):
             s = dataclasses.replace(s, state=State.STOP_PENDING, stop_intent="target",
-                                    safe_deadline=now + cfg.checkpoint_wait_seconds)
+                                    safe_deadline=now + cfg.stop.checkpoint_wait_seconds)
             return s, [Log("target_reached", fields={"epoch": ev.record.epoch,
                                                      "ema": round(ev.record.ema, 4),
-                                                     "target": cfg.ema_dice})]
+                                                     "target": cfg.target.ema_dice})]
         return s, []
 
     if isinstance(ev, SafePoint):
@@ -357,7 +354,7 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
             return _stop(s, s.stop_intent or "target", now, cfg, "checkpoint wait timed out")
         if st == State.STOPPING and not s.killed and s.stop_deadline is not None and now >= s.stop_deadline:
             s = dataclasses.replace(s, killed=True)
-            return s, [Log("stop_timeout", "warning", {"timeout_s": cfg.timeout_seconds}),
+            return s, [Log("stop_timeout", "warning", {"timeout_s": cfg.stop.timeout_seconds}),
                        SignalGroup(signal.SIGKILL)]
         if st == State.BACKOFF and s.restart_at is not None and now >= s.restart_at:
             return _spawn(s, now, restart=True)
@@ -390,10 +387,10 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
             return s, [ended, *acts]
         if reason in (Reason.THERMAL_STOP, Reason.SENSOR_LOST):
             s = dataclasses.replace(s, state=State.COOLING, stop_intent=None)
-            return s, [ended, Log("cooling", "warning", {"reason": reason.value, "resume_below": cfg.thermal_resume,
+            return s, [ended, Log("cooling", "warning", {"reason": reason.value, "resume_below": cfg.thermal.resume_celsius,
                                                          "temps": s.temps})]
         # restartable
-        if reason == Reason.CUDA_OOM and cfg.oom_enabled and s.batch_size is not None:
+        if reason == Reason.CUDA_OOM and cfg.oom.enabled and s.batch_size is not None:
             return _on_cuda_oom(s, now, cfg, ended)
         if reason == Reason.HOST_OOM and s.n_proc_da is not None and s.n_proc_da > 1:
             old, new = s.n_proc_da, max(1, s.n_proc_da // 2)
@@ -401,11 +398,11 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
             return _oom_restart(s, now, cfg, ended, SetWorkers(old, new), "workers_reduced",
                                 {"variable": "nnUNet_n_proc_DA", "old": old, "new": new})
         recent = restarts_in_window(s.restart_times, now, cfg)
-        if len(recent) >= cfg.max_restarts:
+        if len(recent) >= cfg.restart.max_restarts:
             s = dataclasses.replace(s, restart_times=recent)
             s, acts = _finish(s, State.FAILED, "gave_up", EXIT_GAVE_UP,
-                              f"{len(recent)} restarts within {cfg.window_minutes:g} min "
-                              f"(restart.max_restarts = {cfg.max_restarts}); last reason: {reason.value}",
+                              f"{len(recent)} restarts within {cfg.restart.window_minutes:g} min "
+                              f"(restart.max_restarts = {cfg.restart.max_restarts}); last reason: {reason.value}",
                               "error")
             return s, [ended, *acts]
         failures = 1 if s.progress else s.consecutive_failures + 1
@@ -414,5 +411,5 @@ def decide(s: Sup, ev, now: float, cfg: Config) -> tuple[Sup, list]:
                                 consecutive_failures=failures, stop_intent=None, restart_counts=True)
         return s, [ended, Log("restart_scheduled", "warning",
                               {"reason": reason.value, "delay_s": round(delay, 1),
-                               "restart": len(recent) + 1, "max_restarts": cfg.max_restarts})]
+                               "restart": len(recent) + 1, "max_restarts": cfg.restart.max_restarts})]
     raise TypeError(f"unknown event {ev!r}")

@@ -24,7 +24,7 @@ TREND_EPOCHS = 10
 def plan_batch_size(cfg: Config) -> int | None:
     """The plan's batch size (inherits_from followed by plans.read_batch_size), None when unreadable."""
     try:
-        return read_batch_size(job.plans_file(cfg), cfg.configuration)
+        return read_batch_size(job.plans_file(cfg), cfg.training.configuration)
     except PlansError:
         return None
 
@@ -45,13 +45,13 @@ def eta_to_target(recs: list[EpochRecord], target: float | None, epoch_s: float 
 
 
 def _thermal(cfg: Config) -> dict | None:
-    if not cfg.thermal_enabled:
+    if not cfg.thermal.enabled:
         return None
     try:
-        th = json.loads((cfg.state_dir / "thermal.json").read_text())
+        th = json.loads((cfg.paths.state_dir / "thermal.json").read_text())
     except (OSError, ValueError):
         th = {"readings": [], "error": "no reading yet"}
-    th["limits"] = {"pause": cfg.thermal_pause, "resume": cfg.thermal_resume, "stop": cfg.thermal_stop}
+    th["limits"] = {"pause": cfg.thermal.pause_celsius, "resume": cfg.thermal.resume_celsius, "stop": cfg.thermal.stop_celsius}
     return th
 
 
@@ -60,7 +60,7 @@ def _clean(x):
 
 
 def gather(cfg: Config) -> dict:
-    store = StateStore(cfg.state_dir)
+    store = StateStore(cfg.paths.state_dir)
     problem = None
     try:
         data = store.read() or {}
@@ -76,11 +76,11 @@ def gather(cfg: Config) -> dict:
     epoch_s = statistics.median(times) if times else None
     sup = data.get("sup", {})
     attempts = data.get("attempts", [])
-    holder = Lock.holder(cfg.state_dir)
+    holder = Lock.holder(cfg.paths.state_dir)
     state = sup.get("state", "not started")
     if not holder and state not in ("done", "failed", "not started"):
         state = f"not running (last: {state})"
-    remaining = (cfg.expected_epochs - last.epoch - 1) if last else cfg.expected_epochs
+    remaining = (cfg.training.expected_epochs - last.epoch - 1) if last else cfg.training.expected_epochs
     bs = plan_batch_size(cfg)
     restarts = [a for a in attempts[1:]]
     return {
@@ -93,16 +93,16 @@ def gather(cfg: Config) -> dict:
         "ema_dice": _clean(last.ema) if last else None,
         "best_ema_dice": _clean(history.best_ema()),
         "dice_per_class": [_clean(d) for d in last.dice] if last else [],
-        "target_ema_dice": cfg.ema_dice,
-        "min_class_dice": cfg.min_class_dice,
+        "target_ema_dice": cfg.target.ema_dice,
+        "min_class_dice": cfg.target.min_class_dice,
         "last_epoch_time_s": last.epoch_time if last else None,
         "median_epoch_time_s": epoch_s,
-        "expected_epochs": cfg.expected_epochs,
-        "eta_target_s": eta_to_target(recs, cfg.ema_dice, epoch_s),
+        "expected_epochs": cfg.training.expected_epochs,
+        "eta_target_s": eta_to_target(recs, cfg.target.ema_dice, epoch_s),
         "eta_last_epoch_s": remaining * epoch_s if epoch_s is not None and remaining >= 0 else None,
         "batch_size": bs,
         "original_batch_size": sup.get("original_batch_size") or bs,
-        "min_batch_size": cfg.oom_min_batch_size,
+        "min_batch_size": cfg.oom.min_batch_size,
         "n_proc_da": sup.get("n_proc_da"),
         "changes": data.get("changes", []),
         "restart_at": sup.get("restart_at"),
@@ -115,7 +115,7 @@ def gather(cfg: Config) -> dict:
         "paused_total_s": sup.get("paused_total", 0.0),
         "thermal": _thermal(cfg),
         "fold_dir": str(job.fold_dir(cfg)),
-        "state_dir": str(cfg.state_dir),
+        "state_dir": str(cfg.paths.state_dir),
     }
 
 
@@ -124,7 +124,7 @@ def summary_line(sup, last: EpochRecord | None, cfg: Config, now: float) -> str:
     st = sup.state.value
     if st == "backoff" and sup.restart_at is not None:
         n = len(sup.restart_times) + 1
-        return (f"waiting {max(0, sup.restart_at - now):.0f} s before restart {n}/{cfg.max_restarts} "
+        return (f"waiting {max(0, sup.restart_at - now):.0f} s before restart {n}/{cfg.restart.max_restarts} "
                 f"after {sup.last_reason.value if sup.last_reason else 'exit'}")
     if st in ("done", "failed"):
         return f"{st}: {sup.outcome}" + (f" ({sup.message})" if sup.message else "")
@@ -132,9 +132,9 @@ def summary_line(sup, last: EpochRecord | None, cfg: Config, now: float) -> str:
     if st != "running":
         parts.append(st.replace("_", " ") + ":")
     if last is not None:
-        parts.append(f"epoch {last.epoch}/{cfg.expected_epochs}")
+        parts.append(f"epoch {last.epoch}/{cfg.training.expected_epochs}")
         ema = "n/a" if math.isnan(last.ema) else f"{last.ema:.3f}"
-        parts.append(f"EMA {ema}" + (f" (target {cfg.ema_dice:g})" if cfg.ema_dice else ""))
+        parts.append(f"EMA {ema}" + (f" (target {cfg.target.ema_dice:g})" if cfg.target.ema_dice else ""))
     else:
         parts.append(f"attempt {sup.attempt} starting")
     if sup.batch_size is not None:
@@ -145,7 +145,7 @@ def summary_line(sup, last: EpochRecord | None, cfg: Config, now: float) -> str:
     if st == "paused":
         return f"paused: GPU {max(known):.0f}C" if known else "paused for heat"
     if st == "cooling":
-        return f"cooling: GPU {max(known):.0f}C, restart at or below {cfg.thermal_resume:g}C" if known else \
+        return f"cooling: GPU {max(known):.0f}C, restart at or below {cfg.thermal.resume_celsius:g}C" if known else \
             "waiting for temperature readings before restarting"
     return " ".join(parts)
 

@@ -41,20 +41,20 @@ def verdict(state: str, readings: list[Reading], now: float, cfg, paused_at: flo
     if any(r.lost for r in readings) and state in ACTIVE:
         return "gpu_lost"
     if state == "cooling":
-        return "cooled" if complete and max(known) <= cfg.thermal_resume else None
+        return "cooled" if complete and max(known) <= cfg.thermal.resume_celsius else None
     if state not in ACTIVE:
         return None
-    if known and max(known) >= cfg.thermal_stop:
+    if known and max(known) >= cfg.thermal.stop_celsius:
         return "stop_hot"
-    if failed_reads >= cfg.thermal_max_failed_reads:
+    if failed_reads >= cfg.thermal.max_failed_reads:
         return "stop_sensor"
     if state == "paused":
-        if complete and max(known) <= cfg.thermal_resume:
+        if complete and max(known) <= cfg.thermal.resume_celsius:
             return "resume"
-        if paused_at is not None and now - paused_at > cfg.thermal_max_pause_minutes * 60:
+        if paused_at is not None and now - paused_at > cfg.thermal.max_pause_minutes * 60:
             return "stop_pause"
         return None
-    if known and max(known) > cfg.thermal_pause:
+    if known and max(known) > cfg.thermal.pause_celsius:
         return "stop_hot" if num_gpus > 1 else "pause"
     return None
 
@@ -155,30 +155,30 @@ class ThermalGuard:
 
     @classmethod
     def open(cls, cfg: Config, nvml: Nvml | None, log) -> "ThermalGuard | None":
-        if not cfg.thermal_enabled:
+        if not cfg.thermal.enabled:
             return None
-        if cfg.thermal_source == "command":
-            src = CommandSource(list(cfg.thermal_command), cfg.thermal_command_timeout, cfg.thermal_poll,
-                                list(cfg.thermal_gpus) or None)
+        if cfg.thermal.source == "command":
+            src = CommandSource(list(cfg.thermal.command), cfg.thermal.command_timeout_seconds, cfg.thermal.poll_seconds,
+                                list(cfg.thermal.gpus) or None)
             readings, err = src.read_once()
             if err or not readings or any(r.celsius is None for r in readings):
                 raise ConfigError(cfg.path, [f"thermal.command: {err or 'no reading for every GPU'} "
-                                             f"(running {list(cfg.thermal_command)})"])
+                                             f"(running {list(cfg.thermal.command)})"])
             return cls(cfg, src, log)
         if nvml is None:
             raise ConfigError(cfg.path, [f"thermal.enabled: NVML is not available ({Nvml.open_error()}); "
                                          "install the NVIDIA driver, or set [thermal] enabled = false, "
                                          'or source = "command"'])
-        if cfg.thermal_gpus:
-            bad = [g for g in cfg.thermal_gpus if not g.isdigit() or int(g) >= nvml.count]
+        if cfg.thermal.gpus:
+            bad = [g for g in cfg.thermal.gpus if not g.isdigit() or int(g) >= nvml.count]
             if bad:
                 raise ConfigError(cfg.path, [f"thermal.gpus: {bad} are not NVML indices 0..{nvml.count - 1}"])
-            idx = [int(g) for g in cfg.thermal_gpus]
+            idx = [int(g) for g in cfg.thermal.gpus]
         else:
-            idx, why = nvml.select(job.build_env(cfg).get("CUDA_VISIBLE_DEVICES"), cfg.num_gpus)
+            idx, why = nvml.select(job.build_env(cfg).get("CUDA_VISIBLE_DEVICES"), cfg.training.num_gpus)
             if why or not idx:
                 raise ConfigError(cfg.path, [f"thermal.gpus: {why or 'no GPU found'}; list them explicitly"])
-        return cls(cfg, NvmlSource(nvml, idx, cfg.thermal_poll), log)
+        return cls(cfg, NvmlSource(nvml, idx, cfg.thermal.poll_seconds), log)
 
     @property
     def pid(self) -> int | None:
@@ -194,7 +194,7 @@ class ThermalGuard:
             self.error = err
         failed = err is not None or not readings or any(r.celsius is None for r in readings)
         v = verdict(sup.state.value, readings, now, self.cfg, sup.paused_at,
-                    sup.failed_reads + (1 if failed else 0), self.cfg.num_gpus)
+                    sup.failed_reads + (1 if failed else 0), self.cfg.training.num_gpus)
         try:
             atomic_write(state_dir / "thermal.json", json.dumps({
                 "at": now, "readings": [r.to_json() for r in readings], "error": err}).encode())

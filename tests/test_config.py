@@ -25,28 +25,28 @@ def write(tmp_path, text):
 
 def test_example_config_in_repo_is_valid():
     cfg = load(REPO / "config.toml", env={})
-    assert cfg.dataset == "Dataset001_CardiacSeg" and cfg.ema_dice == 0.70
+    assert cfg.training.dataset == "Dataset001_CardiacSeg" and cfg.target.ema_dice == 0.70
 
 
 def test_defaults_and_relative_paths(tmp_path):
     cfg = load(write(tmp_path, GOOD), env={})
-    assert cfg.command == ("cardiacseg-train-nnunet",)
-    assert cfg.preprocessed == tmp_path / "pre"          # relative to the config file
-    assert str(cfg.results) == "/abs/results"
-    assert cfg.state_dir == tmp_path / "state"
-    assert cfg.ema_dice is None and cfg.max_restarts == 10
+    assert cfg.training.command == ("cardiacseg-train-nnunet",)
+    assert cfg.paths.preprocessed == tmp_path / "pre"          # relative to the config file
+    assert str(cfg.paths.results) == "/abs/results"
+    assert cfg.paths.state_dir == tmp_path / "state"
+    assert cfg.target.ema_dice is None and cfg.restart.max_restarts == 10
 
 
 def test_paths_fall_back_to_nnunet_environment(tmp_path):
     cfg = load(write(tmp_path, '[training]\ndataset = "Dataset001_X"\n'),
                env={"nnUNet_preprocessed": "/p", "nnUNet_results": "/r", "STATE_DIRECTORY": "/var/lib/x"})
-    assert (str(cfg.preprocessed), str(cfg.results), str(cfg.state_dir)) == ("/p", "/r", "/var/lib/x")
+    assert (str(cfg.paths.preprocessed), str(cfg.paths.results), str(cfg.paths.state_dir)) == ("/p", "/r", "/var/lib/x")
 
 
 @pytest.mark.parametrize("extra,needle", [
     ("[trainng]\nx = 1\n", "[trainng]: unknown section"),
     ("[restart]\nbackof_seconds = 3\n", "restart.backof_seconds: unknown key"),
-    ("[restart]\nbackoff_seconds = -1\n", "restart.backoff_seconds: expected a number >= 0, got -1"),
+    ("[restart]\nbackoff_seconds = -1\n", "restart.backoff_seconds: expected a finite number >= 0, got -1"),
     ("[restart]\nmax_restarts = \"ten\"\n", "restart.max_restarts: expected an integer, got 'ten'"),
     ("[restart]\nmax_restarts = true\n", "restart.max_restarts: expected an integer, got True"),
     ("[target]\nema_dice = 1.5\n", "target.ema_dice: expected a number in (0, 1], got 1.5"),

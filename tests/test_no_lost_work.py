@@ -114,7 +114,7 @@ def test_plateau_stops_like_a_target(job):
 # ---- the launcher's atomic checkpoint write, under a real SIGKILL and a real SIGINT -------------------
 WRITER = """
 import sys, time, torch
-from supervisor import launcher
+from supervisor.trainer import launcher
 path = sys.argv[1]
 big = torch.arange(60_000_000, dtype=torch.float32)  # ~240 MB: a write takes a while
 print("ready", flush=True)
@@ -144,8 +144,8 @@ def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_file(tmp_path):
 
 def test_sigint_during_a_write_waits_for_the_write_then_stops(tmp_path):
     path = tmp_path / "ck.pth"
-    code = WRITER.replace("from supervisor import launcher",
-                          "from supervisor import launcher; import signal; "
+    code = WRITER.replace("from supervisor.trainer import launcher",
+                          "from supervisor.trainer import launcher; import signal; "
                           "[signal.signal(s, launcher._handler) for s in (signal.SIGINT, signal.SIGTERM)]")
     p = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)

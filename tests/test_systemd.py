@@ -18,16 +18,27 @@ ANALYZE = shutil.which("systemd-analyze")
 MAX_EXPOSURE = 3.0  # `systemd-analyze security --offline=true` measured 2.0 ("OK") on systemd 252
 
 
-def test_packaged_units_and_example_are_the_repository_files():
+def test_units_and_example_exist_once_in_the_repository():
+    # supervisor/data only links to systemd/ and config.toml: one copy of each, shipped by the wheel
+    for name, real in [*((n, REPO / "systemd" / n) for n in install.UNITS),
+                       ("config.example.toml", REPO / "config.toml")]:
+        link = install.DATA / name
+        assert link.is_symlink() and link.resolve() == real.resolve(), name
+        assert not real.is_symlink()
+
+
+def test_unit_prevents_restart_exactly_for_the_exit_codes_that_say_so():
+    from supervisor.events import ExitCode
+    want = " ".join(str(int(c)) for c in ExitCode if not c.systemd_restarts)
     for name in install.UNITS:
-        assert (install.DATA / name).read_bytes() == (REPO / "systemd" / name).read_bytes(), name
-    assert (install.DATA / "config.example.toml").read_bytes() == (REPO / "config.toml").read_bytes()
+        text = (REPO / "systemd" / name).read_text()
+        assert f"RestartPreventExitStatus={want}\n" in text, name
 
 
 def test_unit_has_the_required_settings():
     text = (REPO / "systemd" / "cardiacseg-train.service").read_text()
     for line in ("Type=notify", "NotifyAccess=main", "ExecReload=/bin/kill -HUP $MAINPID",
-                 "Restart=on-failure", "RestartPreventExitStatus=2 3", "KillMode=mixed",
+                 "Restart=on-failure", "KillMode=mixed",
                  "OOMPolicy=continue", "StateDirectory=cardiacseg-train", "PrivateDevices=no",
                  "DeviceAllow=/dev/nvidiactl rw", "DeviceAllow=char-nvidia-uvm rw"):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
@@ -254,10 +265,14 @@ def test_a_built_wheel_ships_the_units_the_example_config_and_the_launcher(tmp_p
     (whl,) = tmp_path.glob("cardiacseg_train-*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
     for n in ("supervisor/data/cardiacseg-train.service", "supervisor/data/cardiacseg-train@.service",
-              "supervisor/data/config.example.toml", "supervisor/launcher.py",
-              "supervisor/demo_trainers/demo_trainers.py"):
+              "supervisor/data/config.example.toml", "supervisor/trainer/launcher.py",
+              "supervisor/trainer/demo_trainers/demo_trainers.py"):
         assert n in names, n
+    z = zipfile.ZipFile(whl)
+    for name in install.UNITS:  # the real contents, not links
+        assert z.read(f"supervisor/data/{name}") == (REPO / "systemd" / name).read_bytes()
+    assert z.read("supervisor/data/config.example.toml") == (REPO / "config.toml").read_bytes()
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(whl).read(entry).decode()
     assert "cardiacseg-train = supervisor.cli:main" in text
-    assert "cardiacseg-train-nnunet = supervisor.launcher:main" in text
+    assert "cardiacseg-train-nnunet = supervisor.trainer.launcher:main" in text

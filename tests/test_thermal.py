@@ -195,7 +195,7 @@ def test_config_rejects_bad_limits(tmp_path):
     with pytest.raises(ConfigError) as e:
         load(p, env={})
     m = str(e.value)
-    assert "thermal.resume_celsius: expected lower than" in m and "thermal.poll_seconds: expected a number > 0" in m
+    assert "thermal.resume_celsius: expected lower than" in m and "thermal.poll_seconds: expected a finite number > 0" in m
     assert "thermal.pause_celsius: expected lower than thermal.stop_celsius" in m
 
 
