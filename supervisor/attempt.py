@@ -3,19 +3,19 @@
 How it works: the trainer leads its own process group (start_new_session), so pgid == pid. Every few
 seconds `sample()` records the trainer's descendants (pid + start time, so a reused pid is never
 mistaken for ours, and a worker that left the group with setsid is still known) and the CPU seconds the
-whole tree has used; `cpu_share()` gives the cores the tree used since the
-previous sample, and `stalled()` applies the hang rule: no epoch for longer than the limit, an idle tree
-and, where NVML tells, an idle GPU (a deadlock, a dead NFS mount). `survivors()` lists processes of
-the attempt that are still alive after the trainer itself exited.
+whole tree has used, and returns an Activity event (cores used since the previous sample, GPU
+utilisation where NVML tells) for the policy's hang rule: this module measures, it does not decide.
+`survivors()` lists processes of the attempt still alive after the trainer itself exited; `members()`
+(pid -> start time) is persisted in state.json so a supervisor restarted after SIGKILL can stop every
+one of them, even when the trainer (the group leader) is already gone.
 """
 from __future__ import annotations
 
 import psutil
 
 from . import proc
-from .events import Stalled
+from .events import Activity
 from .output import TrainerOutput
-from .policy import hang_limit
 
 SAMPLE_S = 5.0
 
@@ -32,11 +32,12 @@ class Attempt:
         self.known: dict[int, float | None] = {self.pid: proc.process_start_time(self.pid)}
         self.oom_kills_at_start = proc.cgroup_oom_kills()
         self.next_sample = 0.0
-        self.cpu: list[tuple[float, float]] = []  # (wall time, CPU seconds of the tree), last two
+        self.cpu: list[tuple[float, float]] = []  # (time, CPU seconds of the tree), last two
 
-    def sample(self, now: float) -> None:
+    def sample(self, now: float, nvml=None) -> Activity | None:
+        """Every SAMPLE_S: learn new descendants, measure the tree's CPU use; None between samples."""
         if now < self.next_sample:
-            return
+            return None
         self.next_sample = now + SAMPLE_S
         total = 0.0
         for pid in [self.pid, *proc.descendants(self.pid)]:
@@ -47,6 +48,9 @@ class Attempt:
             except psutil.Error:
                 continue
         self.cpu = (self.cpu + [(now, total)])[-2:]
+        share = self.cpu_share()
+        util = nvml.utilization_for(set(self.known)) if nvml is not None and share is not None else None
+        return Activity(cpu_share=share, gpu_util=util)
 
     def cpu_share(self) -> float | None:
         """CPU cores used by the tree between the last two samples; None before two samples."""
@@ -55,18 +59,9 @@ class Attempt:
         (t0, c0), (t1, c1) = self.cpu
         return max(0.0, c1 - c0) / (t1 - t0)
 
-    def stalled(self, now: float, last_progress: float, history, epoch_start: int, cfg, nvml) -> Stalled | None:
-        """A Stalled event when no epoch came for longer than the hang limit and the tree is idle."""
-        quiet = now - max(last_progress, self.started)
-        this_attempt = sum(1 for e in history.records if e >= epoch_start)
-        limit = hang_limit([r.epoch_time for r in history.ordered()[-20:]], this_attempt, cfg)
-        share = self.cpu_share()
-        if quiet <= limit or share is None or share * 100 >= cfg.hang.idle_cpu_percent:
-            return None
-        util = nvml.utilization_for(set(self.known)) if nvml is not None else None
-        if util is not None and util > cfg.hang.idle_cpu_percent:
-            return None  # the GPU is busy: slow, not hung
-        return Stalled(quiet, limit)
+    def members(self) -> dict[str, float | None]:
+        """Every process of the attempt seen so far, for state.json (JSON keys are strings)."""
+        return {str(pid): t for pid, t in self.known.items()}
 
     def survivors(self) -> list[int]:
         return [pid for pid, t in self.known.items() if pid != self.pid and proc.same_process(pid, t)]

@@ -36,6 +36,7 @@ class Reason(str, enum.Enum):
     THERMAL_STOP = "thermal_stop"      # too hot (or paused too long): we stopped it; restart when cool
     SENSOR_LOST = "sensor_lost"        # no temperature readings: we stopped it; restart when readable
     GPU_LOST = "gpu_lost"              # NVML: the GPU fell off the bus: we stopped it
+    DISK_FULL = "disk_full"            # ENOSPC writing a checkpoint: wait for space, then resume
 
 
 RESTARTABLE = frozenset({Reason.CRASH, Reason.CUDA_OOM, Reason.HOST_OOM, Reason.CORRUPT_CHECKPOINT,
@@ -96,7 +97,7 @@ class Exit:
 
     returncode: int | None          # Popen convention: -N for death by signal N
     stderr_tail: str = ""
-    stop_intent: str | None = None  # a key of INTENTS, set when WE asked it to stop
+    stop_intent: "Reason | str | None" = None  # why WE asked it to stop (a Reason, or a key of INTENTS)
     we_killed: bool = False         # we sent SIGKILL (stop escalation)
     final_checkpoint: bool = False  # checkpoint_final.pth exists after the exit
     oom_kills_delta: int | None = None  # cgroup memory.events oom_kill increase, None = unknown
@@ -110,6 +111,8 @@ def match_signature(text: str) -> Reason | None:
 
 
 def classify(x: Exit) -> Reason:
+    if isinstance(x.stop_intent, Reason):
+        return x.stop_intent
     if x.stop_intent in INTENTS:
         return INTENTS[x.stop_intent]
     if x.returncode == 0 and x.final_checkpoint:

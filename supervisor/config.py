@@ -169,6 +169,8 @@ class Restart:
     backoff_max_seconds: float = key(600, non_negative, "delay cap")
     max_restarts: int = key(10, non_negative, "restarts allowed within the window ...", types=int)
     window_minutes: float = key(360, positive, "... else give up (exit 3)")
+    disk_full_wait_minutes: float = key(360, non_negative, "trainer died of a full disk: wait this long "
+                                        "for free space, then give up (exit 3); not counted as restarts")
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,29 @@
-"""The main loop: turn what happened into events, ask policy.decide, carry out the actions.
+"""The main loop: turn what happened into events, queue them, ask policy.decide, carry out the actions.
 
 How it works (after gunicorn's arbiter and torch.distributed.elastic's agent)
 - Signal handlers only append the signal number to a queue; `signal.set_wakeup_fd` wakes the
   selector. SIGCHLD is handled too, so a trainer's death wakes the loop at once.
 - One `selectors` loop waits on the trainer's stdout/stderr pipes and the wakeup socket, with a timeout
   that is the nearest of: the log poll (0.25 s), a policy deadline, or a quick re-check while reaping.
-- Each turn: forward new trainer output (output.TrainerOutput), turn queued signals into StopRequested
-  or a reload, notice the trainer's exit, poll the training log for epochs (EpochDone) and safe points,
-  send a Tick, then tell systemd (STATUS=, WATCHDOG=1). Every event goes through `policy.decide`.
+- Each turn the adapters report events into one FIFO queue: forwarded trainer output, signals
+  (StopRequested, a reload's Reconfigured), the trainer's exit (ChildExited), log lines (EpochStarted,
+  EpochDone, TrainingDone), an activity sample (Activity), a temperature poll (Readings), and a Tick.
+  `pump()` hands them to `policy.decide` one at a time with a MONOTONIC `now`; the actions are carried
+  out by `execute`, and an action whose result matters reports a follow-up event into the same queue
+  (BatchSizeSet / ActionFailed, NoCheckpoint, DiskSpace): the dispatcher is never re-entered. Wall-clock
+  time only goes into records shown to people (attempts, changes, state.json's updated_at).
 - When the trainer's main process exits, the rest of its process group (augmentation workers, DDP ranks)
-  gets SIGKILL, and so does any process of the attempt seen while it ran (sampled every few seconds, so
-  one that left the group is known too). ChildExited is reported only once they are all gone and, where
-  NVML is available, none of them holds GPU memory (bounded by [oom].gpu_release_timeout_seconds).
-- Batch size (plans file) and augmentation workers change only through SetBatchSize/SetWorkers actions;
-  every change is recorded in state.json ("changes"). State is saved atomically after every decision
-  that changed something and after every epoch.
+  gets SIGKILL, and so does any process of the attempt seen while it ran. ChildExited is reported only
+  once they are all gone and, where NVML is available, none of them holds GPU memory.
+- An effect is logged after it succeeded (signal_sent, attempt_started, changed). State is saved
+  atomically after every decision that changed something; a state directory that is full or broken is
+  warned about once and supervision goes on (the trainer is never left alone because a log is full).
 """
 from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import signal
 import socket
 import time
@@ -29,16 +33,17 @@ from . import checkpoints, job, logs, plans, proc, thermal
 from .attempt import Attempt
 from .classify import Exit, Reason
 from .config import Config, ConfigError, load
+from .events import (ActionFailed, BatchSizeSet, ChildExited, DiskSpace, EpochDone, EpochStarted, Finish, Log,
+                     MeasureDisk, NoCheckpoint, Reconfigured, SetBatchSize, SetWorkers, SignalGroup, Spawn, Start,
+                     StopLeftover, StopRequested, Tick, TrainingDone)
 from .gpu import Nvml
 from .logparse import EpochAssembler, History, LogFollower, parse_line, replay
 from .output import TrainerOutput
-from .policy import (TERMINAL, ActionFailed, ChildExited, EpochDone, Finish, Log, NoCheckpoint, Reconfigured,
-                     SafePoint, SetBatchSize, SetWorkers, SignalGroup, Spawn, Start, State,
-                     StopRequested, Sup, Tick, decide)
+from .policy import State, Sup, decide
 from .reload import plan_reload
 from .sdnotify import Notifier
-from .status import summary_line
-from .store import Lock, StateStore
+from .statusline import summary_line
+from .store import Lock, StateStore, move_aside
 
 LOG_POLL_S = 0.25
 REAP_POLL_S = 0.05
@@ -47,9 +52,8 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
 class Daemon:
-    def __init__(self, cfg: Config, clock=time.time):
-        self.cfg = cfg
-        self.clock = clock
+    def __init__(self, cfg: Config, mono=time.monotonic, wall=time.time):
+        self.cfg, self.mono, self.wall = cfg, mono, wall
         self.log = logs.get()
         self.store = StateStore(cfg.paths.state_dir)
         self.lock = Lock(cfg.paths.state_dir)
@@ -62,44 +66,42 @@ class Daemon:
         self.child: Attempt | None = None
         self.sel = selectors.DefaultSelector()
         self.sig_queue: deque[int] = deque()
+        self.events: deque = deque()
         self.finish_code: int | None = None
-        self.started_at = clock()
+        self.started_at = wall()
         self.nvml: Nvml | None = None
         self.notify = Notifier()
         self.next_extend = 0.0
-        self.last_progress = clock()
-        self.final_phase = False  # "Training done." seen: final validation, no hang detection
         self.guard: thermal.ThermalGuard | None = None
+        self.save_failed = False
 
     # ---- set-up --------------------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Lock, load state, stop a trainer a killed supervisor left behind, rebuild the epoch history."""
+    def prepare(self) -> int | None:
+        """Lock, load state (a damaged one is moved aside), rebuild the epoch history; returns the
+        process group of a trainer a killed supervisor left behind, if any of it is still alive."""
         self.cfg.paths.state_dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.paths.state_dir / "attempts").mkdir(exist_ok=True)
         self.lock.acquire()
         data = self.store.load(job.job_identity(self.cfg), lambda ev, **kw: self.log.warning(ev, **kw))
         if data:
-            self.sup = Sup.from_json(data.get("sup", {}))
-            self.attempts = data.get("attempts", [])
-            self.changes = data.get("changes", [])
+            try:
+                self.sup = Sup.from_json(data.get("sup", {}), self.mono(), self.wall())
+                self.attempts, self.changes = _records(data, "attempts"), _records(data, "changes")
+            except (ValueError, TypeError) as e:
+                dest = move_aside(self.store.path, "corrupt")
+                self.log.warning("state_moved_aside", path=str(self.store.path), moved_to=str(dest), why=str(e))
+                self.sup, self.attempts, self.changes = Sup(), [], []
+        leftover = None
         cur = self.attempts[-1] if self.attempts else None
         if cur and cur.get("ended_at") is None:
-            if proc.same_process(cur.get("pid"), cur.get("create_time")):
-                self.log.warning("stopping_leftover_trainer", pid=cur["pid"], attempt=cur.get("n"))
-                proc.stop_group(cur["pgid"], self.cfg.stop.timeout_seconds)
-            cur.update(ended_at=self.clock(), reason="supervisor_lost")
-        if self.sup.state in TERMINAL or self.sup.state in (State.RUNNING, State.STOP_PENDING,
-                                                            State.STOPPING, State.PAUSED):
-            # A new run of the supervisor decides afresh (Start checks final checkpoint and target).
-            self.sup = Sup(attempt=self.sup.attempt, restart_times=self.sup.restart_times,
-                           consecutive_failures=self.sup.consecutive_failures,
-                           original_batch_size=self.sup.original_batch_size, n_proc_da=self.sup.n_proc_da,
-                           oom_steps=self.sup.oom_steps, paused_total=self.sup.paused_total)
+            leftover = cur.get("pgid") or -1  # -1: recorded before its pid was known: find it by marker
+            cur.update(ended_at=self.wall(), reason="supervisor_lost")
         # The logs are the truth: replay them all (an earlier supervisor, or another machine, wrote them).
         replay(self.follower.poll(), self.history)
         if (last := self.history.last()) is not None:
             self.log.info("history_loaded", epochs=len(self.history.records), last_epoch=last.epoch,
                           ema=_r(last.ema), best_ema=_r(self.history.best_ema()))
+        return leftover
 
     def _install_signals(self) -> None:
         self._wake_r, w = socket.socketpair()
@@ -116,16 +118,19 @@ class Daemon:
         bs = plans.startup_batch_size(self.cfg)  # bad plans: exit 2 before anything is locked or started
         self.nvml = Nvml.open()
         self.guard = thermal.ThermalGuard.open(self.cfg, self.nvml, self.log)
-        self.prepare()
+        leftover = self.prepare()
         self._install_signals()
         proc.become_subreaper()
-        self.log.info("supervisor_started", pid=os.getpid(), config=str(self.cfg.path),
-                      fold_dir=str(job.fold_dir(self.cfg)), target=self.cfg.target.ema_dice, batch_size=bs,
-                      nvml=self.nvml is not None, systemd=self.notify.enabled)
+        fold = job.fold_dir(self.cfg)
+        self.log.info("supervisor_started", pid=os.getpid(), config=str(self.cfg.path), fold_dir=str(fold),
+                      target=self.cfg.target.ema_dice, batch_size=bs, nvml=self.nvml is not None,
+                      systemd=self.notify.enabled)
         try:
-            self.dispatch(Start(final_checkpoint=(job.fold_dir(self.cfg) / "checkpoint_final.pth").is_file(),
-                                last_epoch=self.history.last(), batch_size=bs,
-                                n_proc_da=job.configured_workers(self.cfg)))
+            self.post(Start(final_checkpoint=(fold / "checkpoint_final.pth").is_file(),
+                            validation_done=(fold / "validation" / "summary.json").is_file(),
+                            last_epoch=self.history.last(), batch_size=bs,
+                            n_proc_da=job.configured_workers(self.cfg), leftover_pgid=leftover))
+            self.pump()
             self.notify.ready(self._summary())
             while self.finish_code is None:
                 self.turn()
@@ -152,36 +157,38 @@ class Daemon:
         while self.sig_queue:
             s = self.sig_queue.popleft()
             if s in (signal.SIGTERM, signal.SIGINT):
-                self.dispatch(StopRequested(signal.Signals(s).name))
+                self.post(StopRequested(signal.Signals(s).name))
             elif s == signal.SIGHUP:
                 self.reload()
         if self.child is not None:
             self._forward(self.child, self.child.output.flush_stale())
+            if self.child.returncode is None and (ev := self.child.sample(self.mono(), self.nvml)):
+                self.post(ev)
         self._check_child()
         self._poll_log()
-        if self.guard is not None and (ev := self.guard.poll(self.clock(), self.sup, self.cfg.paths.state_dir)):
-            self.dispatch(ev)
-        self._check_hang()
-        self.dispatch(Tick())
+        if self.guard is not None and (ev := self.guard.poll(self.mono(), self.cfg.paths.state_dir)):
+            self.post(ev)
+        self.post(Tick())
+        self.pump()
         self.notify.status(self._summary())
         self.notify.watchdog()
-        if self.sup.state == State.STOPPING and time.monotonic() >= self.next_extend:
+        if self.sup.state == State.STOPPING and self.mono() >= self.next_extend:
             # keep systemd's TimeoutStopSec from running out while the trainer stops gracefully
-            self.next_extend = time.monotonic() + 10
-            left = max(0.0, (self.sup.stop_deadline or self.clock()) - self.clock())
+            self.next_extend = self.mono() + 10
+            left = max(0.0, (self.sup.stop_deadline or self.mono()) - self.mono())
             self.notify.extend_timeout(left + REAP_LIMIT_S + 30)
 
     def _timeout(self) -> float:
         if self.child and self.child.returncode is not None:
             return REAP_POLL_S
-        t, now = LOG_POLL_S, self.clock()
+        t, now = LOG_POLL_S, self.mono()
         for d in (self.sup.restart_at, self.sup.stop_deadline, self.sup.safe_deadline):
             if d is not None:
                 t = min(t, max(0.0, d - now))
         return t
 
     def _summary(self) -> str:
-        return summary_line(self.sup, self.history.last(), self.cfg, self.clock())
+        return summary_line(self.sup, self.history.last(), self.cfg, self.mono())
 
     def reload(self) -> None:
         """SIGHUP: re-read config.toml; apply what can change live; a bad file changes nothing."""
@@ -198,7 +205,7 @@ class Daemon:
             if rp.needs_restart:
                 self.log.warning("reload_needs_supervisor_restart", keys=list(rp.needs_restart),
                                  why="they name the job itself; the old values stay until a restart")
-            self.dispatch(Reconfigured(self.history.last(), mid_epoch=self.assembler.current is not None))
+            self.post(Reconfigured(self.history.last()))
         self.notify.ready(self._summary())
 
     # ---- events from the world -------------------------------------------------------------
@@ -224,11 +231,10 @@ class Daemon:
         a = self.child
         if a is None:
             return
-        now = self.clock()
+        now = self.mono()
         if a.returncode is None:
             rc = a.popen.poll()
             if rc is None:
-                a.sample(now)
                 return
             a.returncode, a.reap_deadline = rc, now + REAP_LIMIT_S
             # The trainer is gone; what is left of it is useless and may hold GPU memory.
@@ -250,24 +256,17 @@ class Daemon:
         self.child = None
         rec = self.attempts[-1]
         last = self.history.last()
-        rec.update(ended_at=self.clock(), exit_code=a.returncode, epoch_reached=last.epoch if last else None)
+        rec.update(ended_at=self.wall(), exit_code=a.returncode, epoch_reached=last.epoch if last else None)
         ooms = proc.cgroup_oom_kills()
         delta = None if ooms is None or a.oom_kills_at_start is None else ooms - a.oom_kills_at_start
-        self.dispatch(ChildExited(Exit(returncode=a.returncode, stderr_tail=a.output.evidence(),
-                                       final_checkpoint=(job.fold_dir(self.cfg) / "checkpoint_final.pth").is_file(),
-                                       oom_kills_delta=delta)))
+        best = job.fold_dir(self.cfg) / "checkpoint_best.pth"
+        self.post(ChildExited(Exit(returncode=a.returncode, stderr_tail=a.output.evidence(),
+                                   final_checkpoint=(job.fold_dir(self.cfg) / "checkpoint_final.pth").is_file(),
+                                   oom_kills_delta=delta),
+                              best_checkpoint_ok=not best.is_file() or checkpoints.verify(best) is None))
+        self.pump()
         rec["reason"] = self.sup.last_reason.value if self.sup.last_reason else None
         self.save()
-
-    def _check_hang(self) -> None:
-        a = self.child
-        if a is None or a.returncode is not None or not self.cfg.hang.enabled or self.final_phase \
-                or self.sup.state != State.RUNNING:
-            return
-        ev = a.stalled(self.clock(), self.last_progress, self.history, self.attempts[-1]["epoch_start"],
-                       self.cfg, self.nvml)
-        if ev is not None:
-            self.dispatch(ev)
 
     def _gpu_released(self, a: Attempt) -> bool:
         """True once no process of the attempt holds GPU memory (or NVML cannot tell)."""
@@ -277,11 +276,12 @@ class Daemon:
         if not holders:
             return True
         if a.gpu_deadline is None:
-            a.gpu_deadline = self.clock() + self.cfg.oom.gpu_release_timeout_seconds
+            a.gpu_deadline = self.mono() + self.cfg.oom.gpu_release_timeout_seconds
             self.log.warning("waiting_for_gpu_memory", pids=sorted(holders))
-        if self.clock() < a.gpu_deadline:
+        if self.mono() < a.gpu_deadline:
             return False
-        self.log.error("gpu_memory_still_held", pids=sorted(holders), timeout_s=self.cfg.oom.gpu_release_timeout_seconds)
+        self.log.error("gpu_memory_still_held", pids=sorted(holders),
+                       timeout_s=self.cfg.oom.gpu_release_timeout_seconds)
         return True
 
     def _poll_log(self) -> None:
@@ -293,10 +293,10 @@ class Daemon:
             if ev[0] == "epoch" and self.child is not None and not self.attempts[-1].get("epoch_seen"):
                 # where the trainer really started: a resume from checkpoint_best rewinds
                 self.attempts[-1].update(epoch_start=ev[1], epoch_seen=True)
-            if ev[0] in ("epoch", "done"):
-                self.last_progress = self.clock()
-                self.final_phase = ev[0] == "done"
-                self.dispatch(SafePoint())
+            if ev[0] == "epoch":
+                self.post(EpochStarted(ev[1]))
+            elif ev[0] == "done":
+                self.post(TrainingDone())
             rec = self.assembler.feed(ev)
             if rec is not None:
                 rec = self.history.add(rec)
@@ -304,47 +304,70 @@ class Daemon:
                 self.log.info("epoch", epoch=rec.epoch, ema=_r(rec.ema), dice=[_r(d) for d in rec.dice],
                               train_loss=rec.train_loss, val_loss=rec.val_loss, epoch_time_s=rec.epoch_time,
                               best_ema=_r(self.history.best_ema()), attempt=self.sup.attempt)
-                self.dispatch(EpochDone(rec))
+                self.post(EpochDone(rec))
         if changed:
             self.save()
 
     # ---- decisions and actions -------------------------------------------------------------
-    def dispatch(self, ev) -> None:
-        before = self.sup
-        self.sup, actions = decide(self.sup, ev, self.clock(), self.cfg)
-        if before.state == State.PAUSED and self.sup.state != State.PAUSED and before.paused_at is not None:
-            self.last_progress += self.clock() - before.paused_at  # a pause is never a stall
-        for act in actions:
-            self.execute(act)
-        if self.sup != before:
-            self.save()
+    def post(self, ev) -> None:
+        self.events.append(ev)
+
+    def pump(self) -> None:
+        """Decide on every queued event in order; actions may queue follow-ups, handled in this loop."""
+        while self.events:
+            ev = self.events.popleft()
+            before = self.sup
+            self.sup, actions = decide(self.sup, ev, self.mono(), self.cfg)
+            for act in actions:
+                self.execute(act)
+            if self.sup != before:
+                self.save()
 
     def execute(self, act) -> None:
         if isinstance(act, Log):
             getattr(self.log, act.level)(act.event, **act.fields)
         elif isinstance(act, Spawn):
-            self._spawn()
+            self._spawn(act.validate_only)
         elif isinstance(act, SignalGroup):
-            if self.child is not None:
-                proc.signal_group(self.child.pgid, act.sig)
+            if self.child is not None and proc.signal_group(self.child.pgid, act.sig):
                 self.log.info("signal_sent", signal=signal.Signals(act.sig).name, pgid=self.child.pgid)
         elif isinstance(act, Finish):
-            self.finish_code = act.code
+            self.finish_code = int(act.code)
         elif isinstance(act, SetBatchSize):
             path = job.plans_file(self.cfg)
             try:
                 old, backup = plans.set_batch_size(path, self.cfg.training.configuration, act.new)
             except (plans.PlansError, OSError) as e:
-                self.dispatch(ActionFailed(f"could not lower the batch size in {path}: {e}"))
+                self.post(ActionFailed("SetBatchSize", f"could not lower the batch size in {path}: {e}"))
                 return
             self._record_change("batch_size", old, act.new, file=str(path), backup=str(backup))
+            self.post(BatchSizeSet(old, act.new))
         elif isinstance(act, SetWorkers):
             self._record_change("nnUNet_n_proc_DA", act.old, act.new)
+        elif isinstance(act, StopLeftover):
+            cur = self.attempts[-1] if self.attempts else {}
+            pgid = act.pgid if act.pgid > 0 else None
+            proc.stop_leftovers(pgid, cur.get("members") or {}, self.cfg.paths.state_dir,
+                                self.cfg.stop.timeout_seconds, self.log)
+        elif isinstance(act, MeasureDisk):
+            self.post(self._measure_disk())
         else:  # pragma: no cover - a new action type without an executor is a bug
             raise TypeError(f"unknown action {act!r}")
 
+    def _measure_disk(self) -> DiskSpace:
+        fold = job.fold_dir(self.cfg)
+        folder = next((p for p in (fold, *fold.parents) if p.exists()), fold)
+        sizes = [p.stat().st_size for p in job.existing_checkpoints(self.cfg)] or [0]
+        # the default launcher writes a temporary copy beside the old file: room for two of the largest
+        needed = 2 * max(sizes) + 64 * 2**20
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = 0
+        return DiskSpace(free_bytes=free, needed_bytes=needed, folder=str(folder))
+
     def _record_change(self, what: str, old, new, **extra) -> None:
-        ch = {"at": self.clock(), "attempt": self.sup.attempt, "what": what, "old": old, "new": new,
+        ch = {"at": self.wall(), "attempt": self.sup.attempt, "what": what, "old": old, "new": new,
               "reason": self.sup.last_reason.value if self.sup.last_reason else None, **extra}
         self.changes.append(ch)
         self.log.warning("changed", **ch)
@@ -356,58 +379,84 @@ class Daemon:
         return checkpoints.choose(job.fold_dir(self.cfg), suspect, self.cfg, self.history, self.log,
                                   lambda name, dest, why: self._record_change("checkpoint", name, dest, why=why))
 
-    def _spawn(self) -> None:
+    def _spawn(self, validate_only: bool) -> None:
         n = self.sup.attempt
         ok, ckpt = self._pick_checkpoint()
+        last = self.history.last()
+        rec = {"n": n, "argv": None, "started_at": self.wall(), "ended_at": None, "exit_code": None,
+               "reason": None, "resume_from": ckpt.name if ckpt else None, "validate_only": validate_only,
+               "epoch_start": (last.epoch + 1) if last else 0, "epoch_reached": None, "log": None}
+        self.attempts.append(rec)
         if not ok:
-            self.attempts.append({"n": n, "argv": None, "started_at": self.clock(), "ended_at": self.clock(),
-                                  "exit_code": None, "reason": "no_checkpoint", "resume_from": None,
-                                  "epoch_start": None, "epoch_reached": None, "log": None})
-            self.dispatch(NoCheckpoint(
+            rec.update(ended_at=self.wall(), reason="no_checkpoint")
+            self.post(NoCheckpoint(
                 "every checkpoint in the fold folder was unreadable and has been moved aside (*.corrupt-*); "
                 "set [checkpoint].allow_fresh_start = true to start again from epoch 0, or put a good "
                 "checkpoint back"))
             return
-        argv = job.build_argv(self.cfg, resume=ckpt is not None)
-        overrides = {"nnUNet_n_proc_DA": str(self.sup.n_proc_da)} if self.sup.n_proc_da else {}
+        argv = job.build_argv(self.cfg, resume=ckpt is not None and not validate_only)
+        if validate_only:
+            argv.append("--val")
+        overrides = {proc.ATTEMPT_ENV: proc.attempt_marker(self.cfg.paths.state_dir, n)}
+        if self.sup.n_proc_da:
+            overrides["nnUNet_n_proc_DA"] = str(self.sup.n_proc_da)
         log_path = self.cfg.paths.state_dir / "attempts" / f"attempt-{n:04d}.log"
-        last = self.history.last()
-        rec = {"n": n, "argv": argv, "started_at": self.clock(), "ended_at": None, "exit_code": None,
-               "reason": None, "resume_from": ckpt.name if ckpt else None,
-               "epoch_start": (last.epoch + 1) if last else 0, "epoch_reached": None, "log": str(log_path)}
-        self.attempts.append(rec)
+        rec.update(argv=argv, log=str(log_path))
+        # Durable before the trainer exists: a supervisor killed right after the fork finds this record
+        # (no pid yet) and stops every process carrying the attempt's marker.
+        self.save()
         try:
             popen = proc.spawn(argv, job.build_env(self.cfg, overrides=overrides))
-        except OSError as e:
+        except (OSError, ValueError) as e:
             # Nothing started: report it like a trainer that died at once with the reason on stderr.
-            rec.update(ended_at=self.clock(), exit_code=127)
+            rec.update(ended_at=self.wall(), exit_code=127)
             self.log.error("spawn_failed", argv=argv, error=str(e))
-            self.dispatch(ChildExited(Exit(returncode=127, stderr_tail=f"cannot execute {argv[0]}: {e}")))
-            rec["reason"] = self.sup.last_reason.value if self.sup.last_reason else None
+            self.post(ChildExited(Exit(returncode=127, stderr_tail=f"cannot execute {argv[0]}: {e}")))
             return
-        self.child = Attempt(n, popen, TrainerOutput(log_path), self.clock())
-        self.last_progress, self.final_phase = self.clock(), False
+        self.child = Attempt(n, popen, TrainerOutput(log_path), self.mono())
+        rec.update(pid=popen.pid, pgid=popen.pid, create_time=self.child.known[popen.pid],
+                   members=self.child.members())
+        self.save()
         for name, fobj in (("stdout", popen.stdout), ("stderr", popen.stderr)):
             os.set_blocking(fobj.fileno(), False)
             self.sel.register(fobj, selectors.EVENT_READ, name)
-        rec.update(pid=popen.pid, pgid=popen.pid, create_time=self.child.known[popen.pid])
         self.log.info("attempt_started", attempt=n, pid=popen.pid, resume_from=rec["resume_from"],
                       argv=" ".join(argv))
-        self.save()
 
     def save(self) -> None:
-        self.store.save({
+        if self.child is not None and self.attempts:
+            self.attempts[-1]["members"] = self.child.members()
+        data = {
             "job": job.job_identity(self.cfg),
             "supervisor": {"pid": os.getpid(), "started_at": self.started_at, "config": str(self.cfg.path)},
             "settings": {"ema_dice": self.cfg.target.ema_dice, "min_class_dice": self.cfg.target.min_class_dice,
-                         "expected_epochs": self.cfg.training.expected_epochs, "max_restarts": self.cfg.restart.max_restarts,
+                         "expected_epochs": self.cfg.training.expected_epochs,
+                         "max_restarts": self.cfg.restart.max_restarts,
                          "window_minutes": self.cfg.restart.window_minutes},
-            "sup": self.sup.to_json(),
+            "sup": self.sup.to_json(self.mono(), self.wall()),
             "attempts": self.attempts,
             "epochs": [r.to_json() for r in self.history.ordered()],
             "changes": self.changes,
             "status_line": self._summary(),
-        })
+        }
+        try:
+            self.store.save(data)
+        except OSError as e:  # a full or broken state directory must not leave the trainer unsupervised
+            if not self.save_failed:
+                self.log.error("state_not_saved", path=str(self.store.path), error=e.strerror or str(e),
+                               effect="supervision goes on; state.json is stale until the disk has room")
+            self.save_failed = True
+        else:
+            if self.save_failed:
+                self.log.info("state_saved_again", path=str(self.store.path))
+            self.save_failed = False
+
+
+def _records(data: dict, key: str) -> list[dict]:
+    v = data.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
+        raise ValueError(f"{key}: expected a list of objects")
+    return v
 
 
 def _r(x, nd=4):

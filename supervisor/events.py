@@ -1,14 +1,17 @@
-"""What the decision function consumes (events) and produces (actions): plain frozen dataclasses.
+"""The vocabulary of the decision function: events in, actions out, exit codes. Plain frozen dataclasses.
 
-Events are built by daemon.py from what happened (a log line, a signal, a child exit, a poll); actions
-are carried out by daemon.py (spawn, signal the process group, edit the plans file, log, exit).
+Events are built by adapters from what they measured (a log line, a signal, a child exit, a temperature
+poll, an activity sample, the result of an action); actions are carried out by daemon.py (spawn, signal
+the process group, edit the plans file, log, exit). An action whose result matters to the next decision
+reports it as a follow-up event (BatchSizeSet, ActionFailed), queued and handled by the loop like any
+other event. Nothing here decides anything: policy.decide does.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 
-from .classify import Exit
+from .classify import Exit, Reason
 from .logparse import EpochRecord
 
 
@@ -43,27 +46,62 @@ def exit_code_table() -> str:
     return "\n".join(rows)
 
 
-# ---- events ---------------------------------------------------------------------------------------
+# ---- events -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Start:
-    final_checkpoint: bool = False        # checkpoint_final.pth already there: nothing to train
+    """The supervisor starts (again): what it found on disk."""
+    final_checkpoint: bool = False        # checkpoint_final.pth is there
+    validation_done: bool = False         # ... and the final validation's summary.json too
     last_epoch: EpochRecord | None = None  # history replayed from the logs
     batch_size: int | None = None         # what the plans file says now
     n_proc_da: int | None = None          # what the trainer would use now
+    leftover_pgid: int | None = None      # a trainer a killed supervisor left behind (still alive)
 
 
 @dataclass(frozen=True)
 class Reconfigured:
-    """The config was reloaded; the decision function re-checks the target against the last epoch."""
+    """The config was reloaded (the new one is the cfg of this and every later decision)."""
     last_epoch: EpochRecord | None = None
-    mid_epoch: bool = False  # a newer epoch has started: its checkpoint saves are behind us
 
 
 @dataclass(frozen=True)
-class Stalled:
-    """No epoch progress for longer than the hang limit, and the process tree is idle."""
-    quiet_s: float
-    limit_s: float
+class EpochStarted:
+    """An "Epoch N" log line: nnU-Net writes it after the previous epoch's checkpoint saves (a safe point)."""
+    epoch: int
+
+
+@dataclass(frozen=True)
+class EpochDone:
+    """An epoch's last log line ("Epoch time"); its checkpoint saves follow."""
+    record: EpochRecord
+
+
+@dataclass(frozen=True)
+class TrainingDone:
+    """"Training done.": checkpoint_final is written, the final validation runs (a safe point)."""
+
+
+@dataclass(frozen=True)
+class Activity:
+    """One sample of how busy the attempt's process tree is (for the hang rule)."""
+    cpu_share: float | None        # cores used since the previous sample; None before two samples
+    gpu_util: float | None = None  # percent, where NVML tells
+
+
+@dataclass(frozen=True)
+class Readings:
+    """One poll of the thermal sensors: gpu -> celsius (None = unknown), and GPUs NVML reports lost."""
+    temps: tuple[tuple[str, float | None], ...] = ()
+    lost: tuple[str, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    """Free space of the folder the trainer writes checkpoints to (measured while waiting for space)."""
+    free_bytes: int
+    needed_bytes: int
+    folder: str
 
 
 @dataclass(frozen=True)
@@ -73,24 +111,23 @@ class NoCheckpoint:
 
 
 @dataclass(frozen=True)
+class BatchSizeSet:
+    """SetBatchSize succeeded: the plans file now says `new`."""
+    old: int
+    new: int
+
+
+@dataclass(frozen=True)
 class ActionFailed:
     """Carrying out an action failed in a way that restarting cannot fix (e.g. plans not writable)."""
+    action: str
     message: str
-
-
-@dataclass(frozen=True)
-class EpochDone:
-    record: EpochRecord
-
-
-@dataclass(frozen=True)
-class SafePoint:
-    """A log line written after the epoch's checkpoint saves ("Epoch N", "Training done.")."""
 
 
 @dataclass(frozen=True)
 class ChildExited:
     exit: Exit
+    best_checkpoint_ok: bool = True  # checkpoint_best.pth (if any) is a complete archive
 
 
 @dataclass(frozen=True)
@@ -100,18 +137,35 @@ class StopRequested:
 
 @dataclass(frozen=True)
 class Tick:
-    pass
+    """Time passed (deadlines are checked against the monotonic `now` of every decision)."""
+
+
+EVENTS = (Start, Reconfigured, EpochStarted, EpochDone, TrainingDone, Activity, Readings, DiskSpace,
+          NoCheckpoint, BatchSizeSet, ActionFailed, ChildExited, StopRequested, Tick)
 
 
 # ---- actions --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Spawn:
-    pass
+    """Start the next attempt (the executor verifies the checkpoint --c will load first); reports
+    NoCheckpoint when none is readable, ChildExited when the program cannot be started."""
+    validate_only: bool = False  # nnU-Net's --val: only the final validation (training is complete)
+
+
+@dataclass(frozen=True)
+class MeasureDisk:
+    """Measure the free space where checkpoints go; reports DiskSpace."""
 
 
 @dataclass(frozen=True)
 class SignalGroup:
     sig: int
+
+
+@dataclass(frozen=True)
+class StopLeftover:
+    """Stop a trainer a killed supervisor left behind (its whole tree), before anything starts."""
+    pgid: int
 
 
 @dataclass(frozen=True)
@@ -123,24 +177,20 @@ class Log:
 
 @dataclass(frozen=True)
 class Finish:
-    code: int
+    code: ExitCode
 
 
 @dataclass(frozen=True)
 class SetBatchSize:
+    """Write the plans file; reports BatchSizeSet or ActionFailed."""
     old: int
     new: int
 
 
 @dataclass(frozen=True)
 class SetWorkers:
+    """Record the new nnUNet_n_proc_DA (passed to the next attempt's environment)."""
     old: int
     new: int
 
 
-@dataclass(frozen=True)
-class Temperatures:
-    """One poll of the thermal guard: its verdict (thermal.verdict) and the readings behind it."""
-    verdict: str | None
-    summary: dict = field(default_factory=dict)  # gpu -> celsius (None = unknown)
-    failed: bool = False                          # this poll could not read every GPU

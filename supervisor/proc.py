@@ -171,3 +171,80 @@ def cgroup_oom_kills(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/f
         except (OSError, ValueError):
             continue
     return None
+
+
+# Every process of an attempt carries this variable (inherited by workers, DDP ranks, and children that
+# called setsid), so a supervisor restarted after SIGKILL finds them all, even when the trainer is gone.
+ATTEMPT_ENV = "CARDIACSEG_ATTEMPT"
+
+
+def attempt_marker(state_dir: Path, n: int) -> str:
+    return f"{Path(state_dir).resolve()}#{n}"
+
+
+def marked_processes(state_dir: Path) -> list[int]:
+    """Live processes whose environment names an attempt of this state directory (ours, any attempt)."""
+    prefix = f"{Path(state_dir).resolve()}#"
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == os.getpid():
+            continue
+        try:
+            if p.environ().get(ATTEMPT_ENV, "").startswith(prefix):
+                found.append(p.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def stop_leftovers(pgid: int | None, members: dict, state_dir: Path, grace_s: float, log) -> list[int]:
+    """Stop what a killed supervisor left behind: its trainer's group (SIGINT, SIGKILL after grace_s),
+    every recorded member still alive (same pid AND start time), and every process carrying our marker.
+    Returns the pids that were found. Bounded: grace_s plus a few seconds."""
+    targets = {int(pid) for pid, t in (members or {}).items() if same_process(int(pid), t)}
+    targets |= set(marked_processes(state_dir))
+    alive_group = pgid is not None and group_alive(pgid) and any(
+        _pgid(pid) == pgid for pid in targets)  # the group is ours only if a member we know is in it
+    if not targets and not alive_group:
+        return []
+    log.warning("stopping_leftover_trainer", pgid=pgid, pids=sorted(targets))
+    if alive_group:
+        signal_group(pgid, signal.SIGINT)
+        signal_group(pgid, signal.SIGCONT)  # a group paused for heat acts on SIGINT only once continued
+    for pid in targets:
+        _kill(pid, signal.SIGINT)
+        _kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(p) for p in targets):
+        reap_zombies()
+        time.sleep(0.1)
+    if alive_group:
+        signal_group(pgid, signal.SIGKILL)
+    for pid in targets:
+        _kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (any(_alive(p) for p in targets) or (alive_group and group_alive(pgid))):
+        reap_zombies()
+        time.sleep(0.05)
+    return sorted(targets)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

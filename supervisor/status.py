@@ -16,6 +16,7 @@ from . import job
 from .config import Config
 from .logparse import EpochRecord, History, LogFollower, replay
 from .plans import PlansError, read_batch_size
+from .statusline import summary_line  # noqa: F401  (re-exported)
 from .store import Lock, StateStore
 
 TREND_EPOCHS = 10
@@ -117,37 +118,6 @@ def gather(cfg: Config) -> dict:
         "fold_dir": str(job.fold_dir(cfg)),
         "state_dir": str(cfg.paths.state_dir),
     }
-
-
-def summary_line(sup, last: EpochRecord | None, cfg: Config, now: float) -> str:
-    """One line for systemd's STATUS= (`systemctl status`): where the job stands right now."""
-    st = sup.state.value
-    if st == "backoff" and sup.restart_at is not None:
-        n = len(sup.restart_times) + 1
-        return (f"waiting {max(0, sup.restart_at - now):.0f} s before restart {n}/{cfg.restart.max_restarts} "
-                f"after {sup.last_reason.value if sup.last_reason else 'exit'}")
-    if st in ("done", "failed"):
-        return f"{st}: {sup.outcome}" + (f" ({sup.message})" if sup.message else "")
-    parts = []
-    if st != "running":
-        parts.append(st.replace("_", " ") + ":")
-    if last is not None:
-        parts.append(f"epoch {last.epoch}/{cfg.training.expected_epochs}")
-        ema = "n/a" if math.isnan(last.ema) else f"{last.ema:.3f}"
-        parts.append(f"EMA {ema}" + (f" (target {cfg.target.ema_dice:g})" if cfg.target.ema_dice else ""))
-    else:
-        parts.append(f"attempt {sup.attempt} starting")
-    if sup.batch_size is not None:
-        parts.append(f"bs {sup.batch_size}")
-    known = [c for c in (sup.temps or {}).values() if c is not None]
-    if known:
-        parts.append(f"GPU {max(known):.0f}C")
-    if st == "paused":
-        return f"paused: GPU {max(known):.0f}C" if known else "paused for heat"
-    if st == "cooling":
-        return f"cooling: GPU {max(known):.0f}C, restart at or below {cfg.thermal.resume_celsius:g}C" if known else \
-            "waiting for temperature readings before restarting"
-    return " ".join(parts)
 
 
 def _dur(s: float | None) -> str:

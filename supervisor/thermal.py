@@ -1,16 +1,10 @@
 """The thermal guard: GPU temperatures in, a verdict out (a pure function), and the two sensor sources.
 
 How it works
-- `verdict(state, readings, now, cfg, paused_at, failed_reads, num_gpus)` looks at one poll of the
-  watched GPUs and returns what should happen: "pause" (any GPU above pause_celsius: SIGSTOP the whole
-  process group), "resume" (paused, and every GPU known and at or below resume_celsius: hysteresis),
-  "stop_hot" (any GPU at or above stop_celsius, or a pause of a multi-GPU run, where NCCL would time out
-  after 10 minutes), "stop_pause" (paused longer than max_pause_minutes), "stop_sensor" (max_failed_reads
-  polls in a row without a reading for every GPU), "gpu_lost" (NVML says the GPU fell off the bus), or
-  "cooled" (after a thermal stop, every GPU known and at or below resume_celsius: restart). An unknown
-  reading never resumes or restarts anything.
+- This module only measures. What a reading means (pause, resume, stop, cooled) is decided by the
+  policy (rules.thermal_verdict) from the config in force, so a reload's new limits apply at once.
 - `ThermalGuard` opens the configured source at start-up (a guard that cannot read anything is a
-  configuration error, exit 2), turns each poll into a Temperatures event for the decision function,
+  configuration error, exit 2), turns each poll into a Readings event for the decision function,
   says a read failure once (not every poll), and writes the readings to <state_dir>/thermal.json for
   `status` (which takes the limits from the config in force).
 - Sources are polled from the main loop and never block it. `NvmlSource` reads NVML (fast). `CommandSource`
@@ -27,36 +21,9 @@ from pathlib import Path
 
 from . import job
 from .config import Config, ConfigError
-from .events import Temperatures
+from .events import Readings
 from .gpu import Nvml, Reading
 from .store import atomic_write
-
-ACTIVE = ("running", "stop_pending", "paused")
-
-
-def verdict(state: str, readings: list[Reading], now: float, cfg, paused_at: float | None,
-            failed_reads: int, num_gpus: int = 1) -> str | None:
-    known = [r.celsius for r in readings if r.celsius is not None]
-    complete = bool(readings) and len(known) == len(readings)
-    if any(r.lost for r in readings) and state in ACTIVE:
-        return "gpu_lost"
-    if state == "cooling":
-        return "cooled" if complete and max(known) <= cfg.thermal.resume_celsius else None
-    if state not in ACTIVE:
-        return None
-    if known and max(known) >= cfg.thermal.stop_celsius:
-        return "stop_hot"
-    if failed_reads >= cfg.thermal.max_failed_reads:
-        return "stop_sensor"
-    if state == "paused":
-        if complete and max(known) <= cfg.thermal.resume_celsius:
-            return "resume"
-        if paused_at is not None and now - paused_at > cfg.thermal.max_pause_minutes * 60:
-            return "stop_pause"
-        return None
-    if known and max(known) > cfg.thermal.pause_celsius:
-        return "stop_hot" if num_gpus > 1 else "pause"
-    return None
 
 
 class NvmlSource:
@@ -184,7 +151,7 @@ class ThermalGuard:
     def pid(self) -> int | None:
         return getattr(self.source, "pid", None)
 
-    def poll(self, now: float, sup, state_dir: Path) -> Temperatures | None:
+    def poll(self, now: float, state_dir: Path) -> Readings | None:
         res = self.source.poll(now)
         if res is None:
             return None
@@ -192,15 +159,13 @@ class ThermalGuard:
         if err != self.error:  # say it once, not every poll
             (self.log.warning("sensor_read_failed", error=err) if err else self.log.info("sensor_ok"))
             self.error = err
-        failed = err is not None or not readings or any(r.celsius is None for r in readings)
-        v = verdict(sup.state.value, readings, now, self.cfg, sup.paused_at,
-                    sup.failed_reads + (1 if failed else 0), self.cfg.training.num_gpus)
         try:
             atomic_write(state_dir / "thermal.json", json.dumps({
-                "at": now, "readings": [r.to_json() for r in readings], "error": err}).encode())
+                "at": time.time(), "readings": [r.to_json() for r in readings], "error": err}).encode())
         except OSError:
-            pass
-        return Temperatures(v, {r.gpu: r.celsius for r in readings}, failed)
+            pass  # status shows the last readings it has; supervision goes on
+        return Readings(temps=tuple((r.gpu, r.celsius) for r in readings),
+                        lost=tuple(r.gpu for r in readings if r.lost), error=err)
 
     def close(self) -> None:
         if isinstance(self.source, CommandSource):

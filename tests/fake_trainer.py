@@ -23,12 +23,19 @@ Faults on cue, from the environment (each fires once per results folder, tracked
     sigkill - kill itself with SIGKILL (what the kernel OOM killer does)
     hang    - stop printing and sleep forever mid-epoch
     nan     - report nan losses and dice from then on
+    enospc  - after the epoch's last log line, die writing checkpoint_best.pth with
+              "OSError: [Errno 28] No space left on device" (a half-written file is left behind)
   FAKE_OOM_ABOVE_BS=N  - OOM in the first epoch whenever the plans' batch size is above N
   FAKE_CUDA_FRACTION=f - a REAL CUDA allocation of f x batch size x the GPU's memory at start-up
                          (a real torch.OutOfMemoryError when it does not fit; GPU checks only)
   FAKE_EPOCHS (10), FAKE_EPOCH_S (0.2), FAKE_SAVE_EVERY (1), FAKE_DICE_STEP (0.05): pace and curve.
+  FAKE_SAVE_S (0)      - seconds one checkpoint write takes (written in pieces, NOT atomically: stock
+                         nnU-Net's torch.save; a SIGINT in the middle leaves a truncated file)
+  --val                - nnU-Net's "only run the validation": needs checkpoint_final.pth, writes
+                         validation/summary.json, prints "Mean Validation Dice:", exits 0
   FAKE_EVENTS=path     - append "<event> <unix time>" lines for the benchmarks: start, crash, sigint
 """
+import io
 import json
 import os
 import signal
@@ -49,6 +56,8 @@ def parse_args(argv):
         a = argv[i]
         if a == "--c":
             cont = True
+        elif a == "--val":
+            opts["--val"] = True
         elif a in opts:
             opts[a] = argv[i + 1]
             i += 1
@@ -124,6 +133,12 @@ def main():
     log = Logger(os.path.join(out, f"training_log_{t.year}_{t.month}_{t.day}_{t.hour:02d}_{t.minute:02d}_{t.second:02d}.txt"))
     log(f"batch size: {bs}, n_proc_DA: {os.environ.get('nnUNet_n_proc_DA', 'default')}")
 
+    def validate_and_exit():
+        os.makedirs(os.path.join(out, "validation"), exist_ok=True)
+        with open(os.path.join(out, "validation", "summary.json"), "w") as fh:
+            json.dump({"foreground_mean": {"Dice": 0.61}}, fh)
+        log("Mean Validation Dice: ", 0.61)
+
     num_epochs = int(env_f("FAKE_EPOCHS", 10))
     epoch_s = env_f("FAKE_EPOCH_S", 0.2)
     save_every = int(env_f("FAKE_SAVE_EVERY", 1))
@@ -160,6 +175,13 @@ def main():
             print("WARNING: Cannot continue training because there seems to be no checkpoint available "
                   "to continue from. Starting a new training...")
 
+    if opts.get("--val"):
+        if not os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
+            raise RuntimeError("Cannot run validation because the training is not finished yet!")
+        log("Running the final validation only (--val)")
+        validate_and_exit()
+        return
+
     # One augmentation worker in our process group, like nnU-Net's background workers.
     worker = os.fork()
     if worker == 0:
@@ -174,11 +196,25 @@ def main():
         hold = torch.empty(int(total * float(frac) * bs) // 4, dtype=torch.float32, device="cuda")
         log(f"holding {hold.numel() * 4 / 2**30:.1f} GiB on the GPU at batch size {bs}")
 
-    def save(name, epoch):
+    def save(name, epoch, fail=False):
         ck = {"network_weights": {"w": torch.zeros(4)}, "optimizer_state": {}, "grad_scaler_state": None,
               "logging": logging, "_best_ema": best_ema, "current_epoch": epoch + 1,
               "init_args": {"batch_size": bs}, "trainer_name": trainer}
-        torch.save(ck, os.path.join(out, name))
+        save_s = env_f("FAKE_SAVE_S", 0)
+        if not save_s and not fail:
+            torch.save(ck, os.path.join(out, name))
+            return
+        buf = io.BytesIO()
+        torch.save(ck, buf)
+        data = buf.getvalue()
+        with open(os.path.join(out, name), "wb") as fh:  # like torch.save to a path: in place, not atomic
+            for i in range(10):
+                fh.write(data[i * len(data) // 10:(i + 1) * len(data) // 10])
+                fh.flush()
+                if fail and i == 4:
+                    raise OSError(28, "No space left on device")
+                time.sleep(save_s / 10)
+
 
     def oom_traceback():
         sys.stderr.write(
@@ -190,7 +226,7 @@ def main():
             "has 22.51 GiB memory in use.\n")
         sys.stderr.flush()
 
-    nan = False
+    nan = enospc = False
     for epoch in range(start, num_epochs):
         t0 = time.time()
         log("")
@@ -224,6 +260,8 @@ def main():
                     time.sleep(1)
             if kind == "nan":
                 nan = True
+            if kind == "enospc":
+                enospc = True
         time.sleep(epoch_s)
         dice = dice_for(epoch, nan)
         vals = [d for d in dice if d == d]
@@ -241,6 +279,8 @@ def main():
         log(f"Epoch time: {round(time.time() - t0, 2)} s")
         if (epoch + 1) % save_every == 0 and epoch != num_epochs - 1:
             save("checkpoint_latest.pth", epoch)
+        if enospc:
+            save("checkpoint_best.pth", epoch, fail=True)
         if best_ema is None or ema > best_ema:
             best_ema = ema
             log(f"Yayy! New best EMA pseudo Dice: {round(best_ema, 4)}")
@@ -252,7 +292,7 @@ def main():
     os.kill(worker, signal.SIGTERM)
     os.waitpid(worker, 0)
     log("Training done.")
-    log("Mean Validation Dice: ", 0.61)
+    validate_and_exit()
 
 
 if __name__ == "__main__":

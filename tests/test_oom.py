@@ -4,8 +4,11 @@ import signal
 
 from supervisor.classify import Exit
 from supervisor.plans import BACKUP_SUFFIX
-from supervisor.policy import (EXIT_GAVE_UP, ChildExited, SetBatchSize, SetWorkers, Spawn, Start, State, Sup,
-                               Tick, decide)
+from supervisor.events import (BatchSizeSet, ChildExited, ExitCode, SetBatchSize, SetWorkers, Spawn, Start,
+                               Tick)
+from supervisor.policy import State, Sup, decide
+
+EXIT_GAVE_UP = ExitCode.GAVE_UP
 from test_policy import cfg
 
 OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
@@ -20,6 +23,9 @@ def test_policy_steps_down_without_using_the_crash_budget_then_gives_up_at_the_m
         s, acts = decide(s, ChildExited(Exit(1, OOM)), t, c)
         seen += [(a.old, a.new) for a in acts if isinstance(a, SetBatchSize)]
         s, acts = decide(s, Tick(), t + 100, c)
+        assert acts == []  # no restart before the plans file says the new size
+        s, acts = decide(s, BatchSizeSet(*seen[-1]), t + 100, c)
+        s, acts = decide(s, Tick(), t + 200, c)
         assert Spawn() in acts
     assert seen == [(6, 5), (5, 4), (4, 3), (3, 2)]
     assert s.restart_times == () and s.original_batch_size == 6 and s.batch_size == 2

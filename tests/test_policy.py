@@ -5,9 +5,12 @@ from pathlib import Path
 from supervisor.classify import Exit
 from supervisor.config import parse
 from supervisor.logparse import EpochRecord
-from supervisor.policy import (EXIT_CONFIG, EXIT_GAVE_UP, ChildExited, EpochDone, Finish, SafePoint,
-                               SignalGroup, Spawn, Start, State, StopRequested, Sup, Tick,
-                               backoff_delay, decide)
+from supervisor.events import (ChildExited, EpochDone, EpochStarted, ExitCode, Finish, SignalGroup, Spawn,
+                               Start, StopRequested, Tick)
+from supervisor.policy import State, Sup, decide
+from supervisor.rules import backoff_delay
+
+EXIT_CONFIG, EXIT_GAVE_UP = ExitCode.CONFIG, ExitCode.GAVE_UP
 
 
 def cfg(**over):
@@ -45,7 +48,7 @@ def test_target_waits_for_the_safe_point_then_sigint_then_done():
     assert s.state == State.RUNNING
     s, acts = decide(s, EpochDone(rec(6, 0.71)), 2, c)
     assert s.state == State.STOP_PENDING and not any(isinstance(a, SignalGroup) for a in acts)
-    s, acts = decide(s, SafePoint(), 3, c)
+    s, acts = decide(s, EpochStarted(7), 3, c)
     assert s.state == State.STOPPING
     assert [a.sig for a in acts if isinstance(a, SignalGroup)] == [signal.SIGINT]
     s, acts = decide(s, ChildExited(Exit(-signal.SIGINT, "KeyboardInterrupt")), 4, c)
@@ -138,7 +141,7 @@ def test_config_error_from_the_trainer_is_final():
 
 def test_start_when_already_done():
     c = cfg()
-    s, acts = decide(Sup(), Start(final_checkpoint=True), 0, c)
+    s, acts = decide(Sup(), Start(final_checkpoint=True, validation_done=True), 0, c)
     assert s.outcome == "completed" and Finish(0) in acts
     s, acts = decide(Sup(), Start(last_epoch=rec(40, 0.72)), 0, c)
     assert s.outcome == "target_reached" and not any(isinstance(a, Spawn) for a in acts)
@@ -159,4 +162,7 @@ def test_sup_roundtrips_through_json():
     c = cfg()
     s = running(c)
     s, _ = decide(s, ChildExited(Exit(1, "CUDA out of memory")), 5, c)
-    assert Sup.from_json(s.to_json()) == s
+    # deadlines are monotonic; state.json holds wall-clock equivalents, re-based on load
+    assert Sup.from_json(s.to_json(5, 1000.0), 5, 1000.0) == s
+    moved = Sup.from_json(s.to_json(5, 1000.0), 50, 1000.0)  # a new process: another monotonic origin
+    assert moved.restart_at == s.restart_at + 45

@@ -11,8 +11,10 @@ import pynvml
 import pytest
 
 from conftest import wait_for
-from supervisor.gpu import Nvml, Reading
-from supervisor.thermal import parse_command_output, verdict
+from supervisor.gpu import Nvml
+from supervisor.events import Readings
+from supervisor.rules import thermal_verdict
+from supervisor.thermal import parse_command_output
 from test_policy import cfg as make_cfg
 
 
@@ -22,47 +24,77 @@ def cfg(**kw):
 
 
 def R(*temps):
-    return [Reading(gpu=str(i), celsius=t) for i, t in enumerate(temps)]
+    return {str(i): t for i, t in enumerate(temps)}
+
+
+def V(state, temps, now, c, paused_at, failed, lost=False):
+    return thermal_verdict(state, temps, lost, now, c, paused_at, failed)
 
 
 def test_verdict_hysteresis_stop_and_unknowns():
     c = cfg()
-    assert verdict("running", R(84, 85), 0, c, None, 0) is None          # at the limit is fine
-    assert verdict("running", R(70, 86), 0, c, None, 0) == "pause"       # any GPU above it
-    assert verdict("running", R(70, 86), 0, c, None, 0, num_gpus=2) == "stop_hot"  # NCCL would time out
-    assert verdict("paused", R(80, 74), 10, c, 0, 0) is None             # hysteresis: 80 > 75
-    assert verdict("paused", R(75, 74), 10, c, 0, 0) == "resume"
-    assert verdict("paused", R(None, 60), 10, c, 0, 1) is None           # unknown never resumes
-    assert verdict("paused", R(80), 601, c, 0, 0) == "stop_pause"
-    assert verdict("running", R(92), 0, c, None, 0) == "stop_hot"
-    assert verdict("paused", R(93), 0, c, 0, 0) == "stop_hot"
-    assert verdict("running", R(None), 0, c, None, 3) == "stop_sensor"
-    assert verdict("cooling", R(76), 0, c, None, 0) is None
-    assert verdict("cooling", R(None), 0, c, None, 1) is None
-    assert verdict("cooling", R(75), 0, c, None, 0) == "cooled"
-    assert verdict("backoff", R(99), 0, c, None, 0) is None
-    lost = [Reading(gpu="0", lost=True)]
-    assert verdict("running", lost, 0, c, None, 1) == "gpu_lost"
+    assert V("running", R(84, 85), 0, c, None, 0) is None          # at the limit is fine
+    assert V("running", R(70, 86), 0, c, None, 0) == "pause"       # any GPU above it
+    assert V("running", R(70, 86), 0, cfg(training__num_gpus=2), None, 0) == "stop_hot"  # NCCL would time out
+    assert V("paused", R(80, 74), 10, c, 0, 0) is None             # hysteresis: 80 > 75
+    assert V("paused", R(75, 74), 10, c, 0, 0) == "resume"
+    assert V("paused", R(None, 60), 10, c, 0, 1) is None           # unknown never resumes
+    assert V("paused", R(80), 601, c, 0, 0) == "stop_pause"
+    assert V("running", R(92), 0, c, None, 0) == "stop_hot"
+    assert V("paused", R(93), 0, c, 0, 0) == "stop_hot"
+    assert V("running", R(None), 0, c, None, 3) == "stop_sensor"
+    assert V("cooling", R(76), 0, c, None, 0) is None
+    assert V("cooling", R(None), 0, c, None, 1) is None
+    assert V("cooling", R(75), 0, c, None, 0) == "cooled"
+    assert V("backoff", R(99), 0, c, None, 0) is None
+    assert V("running", {"0": None}, 0, c, None, 1, lost=True) == "gpu_lost"
+
+
+def T(*temps):
+    return Readings(temps=tuple((str(i), t) for i, t in enumerate(temps)))
 
 
 def test_policy_pause_resume_stop_and_restart_when_cool():
     from supervisor.classify import Exit
-    from supervisor.events import ChildExited, SignalGroup, Spawn, Start, Temperatures
+    from supervisor.events import ChildExited, EpochDone, EpochStarted, SignalGroup, Spawn, Start
+    from supervisor.logparse import EpochRecord
     from supervisor.policy import State, Sup, decide
 
     c = cfg()
     s, _ = decide(Sup(), Start(), 0, c)
-    s, a = decide(s, Temperatures("pause", {"0": 88}), 10, c)
+    s, a = decide(s, T(88), 10, c)
     assert s.state == State.PAUSED and SignalGroup(signal.SIGSTOP) in a
-    s, a = decide(s, Temperatures("resume", {"0": 70}), 70, c)
+    s, a = decide(s, T(70), 70, c)
     assert s.state == State.RUNNING and SignalGroup(signal.SIGCONT) in a and s.paused_total == 60
-    s, _ = decide(s, Temperatures("pause", {"0": 88}), 100, c)
-    s, a = decide(s, Temperatures("stop_hot", {"0": 95}), 110, c)
+    s, _ = decide(s, T(88), 100, c)
+    s, a = decide(s, T(95), 110, c)
     assert [x.sig for x in a if isinstance(x, SignalGroup)] == [signal.SIGCONT, signal.SIGINT]
     s, a = decide(s, ChildExited(Exit(-2, "KeyboardInterrupt")), 115, c)
     assert s.state == State.COOLING and s.last_reason.value == "thermal_stop"
-    s, a = decide(s, Temperatures("cooled", {"0": 70}), 300, c)
+    s, a = decide(s, T(70), 300, c)
     assert s.state == State.RUNNING and Spawn() in a and s.restart_times == ()  # not counted
+    # hot right after an epoch's last line: the stop waits for the checkpoint write (bounded)
+    s, _ = decide(s, EpochDone(EpochRecord(epoch=3, dice=[0.5])), 310, c)
+    s, a = decide(s, T(95), 311, c)
+    assert s.state == State.STOP_PENDING and not [x for x in a if isinstance(x, SignalGroup)]
+    s, a = decide(s, EpochStarted(4), 315, c)
+    assert s.state == State.STOPPING and SignalGroup(signal.SIGINT) in a
+
+
+def test_reloaded_thermal_limits_apply_at_once():
+    """Regression: after lowering pause_celsius from 86 to 80 by reload, 83 C did not pause."""
+    from supervisor.events import Start
+    from supervisor.policy import State, Sup, decide
+    from supervisor.reload import plan_reload
+
+    old = make_cfg(thermal__pause_celsius=86, thermal__resume_celsius=78, thermal__stop_celsius=91)
+    new = plan_reload(old, make_cfg(thermal__pause_celsius=80, thermal__resume_celsius=70,
+                                    thermal__stop_celsius=91)).config
+    s, _ = decide(Sup(), Start(), 0, old)
+    s1, _ = decide(s, T(83), 1, old)
+    assert s1.state == State.RUNNING
+    s2, _ = decide(s, T(83), 1, new)
+    assert s2.state == State.PAUSED
 
 
 def test_parse_command_output():

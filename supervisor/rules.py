@@ -1,0 +1,95 @@
+"""The supervisor's rules as pure functions of what was measured and the config in force.
+
+policy.decide calls these; nothing here does I/O or reads a clock (the caller passes a monotonic `now`).
+- `target_met`, `nonfinite`: an epoch record against [target];
+- `hang_limit`, `hung`: the hang rule (no epoch for longer than the limit while the process tree, and
+  the GPU where NVML tells, is idle);
+- `backoff_delay`, `restarts_in_window`: the restart budget (OTP-style intensity);
+- `thermal_verdict`: one temperature poll against [thermal] (hysteresis, stop, sensor loss, lost GPU).
+"""
+from __future__ import annotations
+
+import math
+
+from .logparse import EpochRecord, nanmean
+
+# States in which a trainer runs (thermal_verdict works on State values as strings: no import cycle)
+THERMAL_ACTIVE = ("running", "stop_pending", "paused")
+
+
+def nonfinite(rec: EpochRecord) -> bool:
+    """A nan/inf train loss, or a pseudo Dice that is nan for every class. Missing values are unknown."""
+    dice = nanmean(rec.dice) if rec.dice else None
+    return any(v is not None and not math.isfinite(v) for v in (rec.train_loss, dice))
+
+
+def target_met(rec: EpochRecord | None, cfg) -> bool:
+    t = cfg.target
+    if rec is None or t.ema_dice is None or math.isnan(rec.ema) or rec.ema < t.ema_dice:
+        return False
+    if t.min_class_dice is not None:
+        # nan (class absent from the validation batches) does not count as reached
+        return bool(rec.dice) and all(not math.isnan(d) and d >= t.min_class_dice for d in rec.dice)
+    return True
+
+
+def hang_limit(epoch_times: tuple[float, ...], epochs_this_attempt: int, cfg) -> float:
+    """Seconds without an epoch after which an idle trainer counts as hung."""
+    h = cfg.hang
+    if epochs_this_attempt == 0:
+        return h.first_epoch_minutes * 60
+    if h.timeout_minutes > 0:
+        return h.timeout_minutes * 60
+    times = sorted(t for t in epoch_times if t)
+    median = times[len(times) // 2] if times else 0.0
+    return max(h.min_timeout_minutes * 60, 3 * median)
+
+
+def hung(quiet_s: float, limit_s: float, cpu_share: float | None, gpu_util: float | None, cfg) -> bool:
+    """No epoch for longer than the limit, the tree idle (CPU) and, where known, the GPU idle too."""
+    idle = cfg.hang.idle_cpu_percent
+    if quiet_s <= limit_s or cpu_share is None or cpu_share * 100 >= idle:
+        return False
+    return gpu_util is None or gpu_util <= idle  # a busy GPU: slow, not hung
+
+
+def backoff_delay(consecutive_failures: int, cfg) -> float:
+    """Delay before the restart that follows the n-th consecutive failure (n >= 1)."""
+    n = max(consecutive_failures - 1, 0)
+    r = cfg.restart
+    return min(r.backoff_max_seconds, r.backoff_seconds * (2 ** min(n, 30)))
+
+
+def restarts_in_window(times: tuple[float, ...], now: float, cfg) -> tuple[float, ...]:
+    horizon = now - cfg.restart.window_minutes * 60
+    return tuple(t for t in times if t > horizon)
+
+
+def thermal_verdict(state: str, temps: dict, lost: bool, now: float, cfg, paused_at: float | None,
+                    failed_reads: int) -> str | None:
+    """What one poll means: "pause", "resume", "stop_hot", "stop_pause", "stop_sensor", "gpu_lost",
+    "cooled" (after a thermal stop, every GPU known and cool again), or None. Unknown readings never
+    resume or restart anything."""
+    th = cfg.thermal
+    known = [c for c in temps.values() if c is not None]
+    complete = bool(temps) and len(known) == len(temps)
+    if lost and state in THERMAL_ACTIVE:
+        return "gpu_lost"
+    if state == "cooling":
+        return "cooled" if complete and max(known) <= th.resume_celsius else None
+    if state not in THERMAL_ACTIVE:
+        return None
+    if known and max(known) >= th.stop_celsius:
+        return "stop_hot"
+    if failed_reads >= th.max_failed_reads:
+        return "stop_sensor"
+    if state == "paused":
+        if complete and max(known) <= th.resume_celsius:
+            return "resume"
+        if paused_at is not None and now - paused_at > th.max_pause_minutes * 60:
+            return "stop_pause"
+        return None
+    if known and max(known) > th.pause_celsius:
+        # a multi-GPU run is never paused: NCCL would time out after 10 minutes
+        return "stop_hot" if cfg.training.num_gpus > 1 else "pause"
+    return None
