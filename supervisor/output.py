@@ -62,9 +62,10 @@ class TracebackGrouper:
 
 class TrainerOutput:
     def __init__(self, log_path: Path, warn=None, reserve_bytes: int = LOG_RESERVE_BYTES):
-        """`warn(event, **fields)` is told, once each, when the log was moved aside or stopped."""
+        """`warn(event, **fields)` is told, once each, when the log was moved aside or stopped;
+        `reserve_bytes` 0 writes until the file system refuses."""
         self.path = Path(log_path)
-        self.warn = warn or (lambda event, **fields: None)
+        self.warn = warn if warn is not None else (lambda event, **fields: None)
         self.reserve = reserve_bytes
         self.fd: int | None = None
         self.log_error: str | None = None  # why the attempt log stopped being written, or None
@@ -95,8 +96,8 @@ class TrainerOutput:
         if self.fd is None or not data:
             return
         try:
-            st = os.fstatvfs(self.fd)
-            if st.f_bavail * st.f_frsize < self.reserve + len(data):
+            st = os.fstatvfs(self.fd) if self.reserve > 0 else None  # 0: until the disk refuses
+            if st is not None and st.f_bavail * st.f_frsize < self.reserve + len(data):
                 self._stop(f"less than {self.reserve // 1024} KiB free on its file system; kept free "
                            "for state.json")
                 return
