@@ -254,3 +254,17 @@ def test_an_existing_state_file_keeps_its_mode(tmp_path):
     with umask(0o000):
         store.save({"job": {}, "n": 2})
     assert mode(store.path) == 0o600
+
+
+def test_supervisor_with_its_state_dir_on_a_full_tmpfs_keeps_supervising(job):
+    # The reported scenario: state_dir on a 128 KiB tmpfs and one trainer line longer than that.
+    from conftest import FAKE
+    shout = (f"import runpy, sys; print('x' * 300000, flush=True); sys.argv = [{str(FAKE)!r}, *sys.argv[1:]]; "
+             f"runpy.run_path({str(FAKE)!r}, run_name='__main__')")
+    cfg = job.config(env={"FAKE_EPOCHS": "2"}, training={"command": [sys.executable, "-c", shout]})
+    with tmpfs(job.state):
+        rc, out = job.run(cfg, timeout=120)
+        assert rc == 0, out[-3000:]
+        assert "Traceback" not in out and "No space left" not in out
+        assert job.state_json()["sup"]["state"] == "done" and len(job.state_json()["epochs"]) == 2
+        assert os.path.getsize(job.state / "attempts" / "attempt-0001.log") == 0  # the log went first
