@@ -62,14 +62,34 @@ def resume_checkpoint(cfg: Config) -> Path | None:
 
 
 def resolve_command(cfg: Config, path: str | None = None) -> list[str]:
-    """The configured argv prefix; a bare program name missing from PATH is looked for next to the
-    supervisor's own interpreter (a venv install under systemd, whose PATH lacks the venv)."""
+    """The configured argv prefix, independent of the current directory (under systemd it is `/`).
+
+    - argv[0] with a `/` that is relative (`./train.sh`, `bin/train`) is taken relative to the config
+      file's folder, like every other relative path of the config; `~` is expanded.
+    - a bare program name is looked up on PATH, then next to the supervisor's own interpreter (a venv
+      install under systemd, whose PATH lacks the venv); otherwise left for exec to report.
+    - a later element that is a relative path naming something in the config's folder (the script in
+      `["python", "nnunet_train.py"]`, `scripts/x.py`) becomes absolute; options and other words stay.
+    """
+    base = cfg.path.parent
     exe, rest = cfg.training.command[0], list(cfg.training.command[1:])
-    if "/" not in exe and shutil.which(exe, path=path) is None:
+    if exe.startswith("~"):
+        exe = os.path.expanduser(exe)
+    if "/" in exe:
+        if not os.path.isabs(exe):
+            exe = str(base / exe)
+    elif shutil.which(exe, path=path) is None:
         local = Path(sys.executable).parent / exe
         if local.exists():
-            return [str(local), *rest]
-    return [exe, *rest]
+            exe = str(local)
+    return [exe, *(_config_relative(a, base) for a in rest)]
+
+
+def _config_relative(arg: str, base: Path) -> str:
+    if not arg or arg.startswith(("-", "~")) or os.path.isabs(arg):
+        return arg
+    candidate = base / arg
+    return str(candidate) if os.path.exists(candidate) else arg
 
 
 def build_argv(cfg: Config, resume: bool) -> list[str]:

@@ -10,18 +10,24 @@ How it works
 - `set_batch_size` re-serialises the document the way nnU-Net's save_json does (json, indent=4, key order
   kept, floats round-trip exactly), so every other key keeps its value; the original file is copied once
   to `<name>.json.cardiacseg-backup` (never overwritten later) and the new one is written atomically
-  (store.atomic_write: temp + fsync + rename, same permissions).
+  (store.atomic_write: temp + fsync + rename).
+- The plans file belongs to the user, not to the supervisor (which may run as root): the new file and the
+  backup keep its owner, group and mode, and a symlinked plans file stays a symlink: the write goes to
+  the link's target, atomically in the target's folder. The backup lies next to the configured path and
+  is made complete under a temp name, then hard-linked into place, so it is never half a file and never
+  replaces one already there.
 - `next_batch_size` is the pure step function: subtract N or multiply by a factor (rounded down), never
   below the minimum; None when already at the minimum.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
-import shutil
+import os
 from pathlib import Path
 
-from .store import atomic_write
+from .store import atomic_write, fsync_dir, keep_owner_and_mode, temp_beside
 
 BACKUP_SUFFIX = ".cardiacseg-backup"
 
@@ -77,10 +83,38 @@ def set_batch_size(path: Path, configuration: str, new: int) -> tuple[int, Path]
     doc = _load(path)
     doc["configurations"][configuration]["batch_size"] = int(new)
     backup = path.with_name(path.name + BACKUP_SUFFIX)
-    if not backup.exists():
-        shutil.copy2(path, backup)
-    atomic_write(path, json.dumps(doc, indent=4).encode())
+    if not os.path.lexists(backup):
+        _backup(path, backup)
+    atomic_write(path, json.dumps(doc, indent=4).encode(), follow_symlink=True)
     return old, backup
+
+
+def _backup(path: Path, backup: Path) -> None:
+    """Copy the plans file (through a link) to `backup` with its owner, group, mode and times; no clobber."""
+    with open(path, "rb") as src:
+        data, st = src.read(), os.fstat(src.fileno())
+    fd, tmp = temp_beside(backup.parent, backup.name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            keep_owner_and_mode(fh.fileno(), st)
+            fh.write(data)
+            fh.flush()
+            os.utime(fh.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, backup)  # fails if a backup appeared meanwhile: the first one is the original
+        except FileExistsError:
+            pass
+        except OSError as e:  # a file system without hard links
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP) or os.path.lexists(backup):
+                raise
+            os.rename(tmp, backup)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+    fsync_dir(backup.parent)
 
 
 def startup_batch_size(cfg) -> int | None:

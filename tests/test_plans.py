@@ -97,3 +97,63 @@ def test_step_sequences():
     assert step_sequence(6, 1, "multiply", 1, 0.5) == [6, 3, 1]
     assert step_sequence(4, 1, "multiply", 1, 0.9) == [4, 3, 2, 1]  # always makes progress
     assert next_batch_size(2, 2, "subtract", 1, 0.5) is None
+
+
+# ---- run as root: the plans file belongs to the service user, and may be a link -------------------------
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+NOBODY = 65534
+
+
+def owner(p):
+    st = os.lstat(p)
+    return st.st_uid, st.st_gid, st.st_mode & 0o7777
+
+
+@needs_root
+def test_step_down_as_root_keeps_owner_group_and_mode_of_plans_and_backup(pf):
+    os.chown(pf, NOBODY, NOBODY)
+    os.chmod(pf, 0o660)
+    _, backup = set_batch_size(pf, "3d_lowres", 1)
+    assert owner(pf) == (NOBODY, NOBODY, 0o660)
+    assert owner(backup) == (NOBODY, NOBODY, 0o660)
+    assert json.loads(backup.read_text()) == PLANS
+    assert not [x for x in pf.parent.iterdir() if x.name.endswith(".tmp")]
+
+
+@needs_root
+def test_symlinked_plans_stay_a_link_and_the_target_is_written_atomically_in_its_folder(tmp_path):
+    real_dir, link_dir = tmp_path / "shared", tmp_path / "pre"
+    real_dir.mkdir()
+    link_dir.mkdir()
+    real = real_dir / "nnUNetPlans.json"
+    real.write_text(json.dumps(PLANS, indent=4))
+    os.chown(real, NOBODY, NOBODY)
+    os.chmod(real, 0o640)
+    link = link_dir / "nnUNetPlans.json"
+    link.symlink_to(real)
+    _, backup = set_batch_size(link, "3d_lowres", 1)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert json.loads(real.read_text())["configurations"]["3d_lowres"]["batch_size"] == 1
+    assert owner(real) == (NOBODY, NOBODY, 0o640)
+    assert backup == link_dir / ("nnUNetPlans.json" + plans.BACKUP_SUFFIX)  # where the user looks
+    assert not backup.is_symlink() and json.loads(backup.read_text()) == PLANS
+    assert owner(backup) == (NOBODY, NOBODY, 0o640)
+    assert sorted(os.listdir(real_dir)) == ["nnUNetPlans.json"]  # no temp left in either folder
+    assert sorted(os.listdir(link_dir)) == sorted([link.name, backup.name])
+
+
+def test_a_link_planted_as_the_backup_is_never_written_through(pf, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    backup = pf.with_name(pf.name + plans.BACKUP_SUFFIX)
+    backup.symlink_to(victim)
+    set_batch_size(pf, "3d_lowres", 1)
+    assert victim.read_text() == "keep" and backup.is_symlink()
+
+
+def test_a_dangling_link_planted_as_the_backup_creates_nothing(pf, tmp_path):
+    backup = pf.with_name(pf.name + plans.BACKUP_SUFFIX)
+    backup.symlink_to(tmp_path / "nowhere" / "new")
+    (tmp_path / "nowhere").mkdir()
+    set_batch_size(pf, "3d_lowres", 1)
+    assert not (tmp_path / "nowhere" / "new").exists()
