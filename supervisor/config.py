@@ -119,7 +119,7 @@ def fold(v):
 
 def gpu_list(v):
     ok = all((isinstance(x, int) and not isinstance(x, bool) and x >= 0) or
-             (isinstance(x, str) and x.isdigit()) for x in v)
+             (isinstance(x, str) and x.isascii() and x.isdigit()) for x in v)
     return None if ok else "a list of GPU indices (integers >= 0)"
 
 
@@ -415,6 +415,8 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(path, ["not UTF-8 text"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, [f"not valid TOML: {e}"]) from None
+    except RecursionError:
+        raise ConfigError(path, ["not valid TOML: nested too deeply"]) from None
     return parse(raw, path, env)
 
 
@@ -443,5 +445,17 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m supervisor.config: print the README table
-    print(markdown_table())
+def update_readme(path: Path) -> None:
+    """Replace the generated table in README.md (the block after the `generated:` marker line)."""
+    text = Path(path).read_text()
+    marker = text.index("<!-- generated: python -m supervisor.config")
+    start = text.index("\n", marker) + 1
+    end = text.index("\n\n", start)
+    Path(path).write_text(text[:start] + markdown_table() + text[end:])
+
+
+if __name__ == "__main__":  # python -m supervisor.config [--update README.md]: the README's table
+    if sys.argv[1:2] == ["--update"]:
+        update_readme(Path(sys.argv[2]))
+    else:
+        print(markdown_table())

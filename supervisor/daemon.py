@@ -43,7 +43,7 @@ from .policy import State, Sup, decide
 from .reload import plan_reload
 from .sdnotify import Notifier
 from .statusline import summary_line
-from .store import Lock, StateStore, move_aside
+from .store import Lock, StateStore, move_aside, safe_mkdir
 
 LOG_POLL_S = 0.25
 REAP_POLL_S = 0.05
@@ -79,8 +79,8 @@ class Daemon:
     def prepare(self) -> int | None:
         """Lock, load state (a damaged one is moved aside), rebuild the epoch history; returns the
         process group of a trainer a killed supervisor left behind, if any of it is still alive."""
-        self.cfg.paths.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.cfg.paths.state_dir / "attempts").mkdir(exist_ok=True)
+        safe_mkdir(self.cfg.paths.state_dir, follow_symlink=True)  # a linked state_dir is the admin's choice
+        safe_mkdir(self.cfg.paths.state_dir / "attempts")         # a link planted inside it is refused
         self.lock.acquire()
         data = self.store.load(job.job_identity(self.cfg), lambda ev, **kw: self.log.warning(ev, **kw))
         if data:
@@ -413,7 +413,8 @@ class Daemon:
             self.log.error("spawn_failed", argv=argv, error=str(e))
             self.post(ChildExited(Exit(returncode=127, stderr_tail=f"cannot execute {argv[0]}: {e}")))
             return
-        self.child = Attempt(n, popen, TrainerOutput(log_path), self.mono())
+        output = TrainerOutput(log_path, warn=lambda ev, **kw: self.log.warning(ev, attempt=n, **kw))
+        self.child = Attempt(n, popen, output, self.mono())
         rec.update(pid=popen.pid, pgid=popen.pid, create_time=self.child.known[popen.pid],
                    members=self.child.members())
         self.save()

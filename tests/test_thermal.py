@@ -315,11 +315,11 @@ def test_long_pause_becomes_a_graceful_stop_and_sigterm_while_paused_works(job, 
 
 
 def test_a_supervisor_restarted_while_cooling_keeps_waiting_for_the_gpu():
-    from supervisor.events import Spawn, Start, Temperatures
+    from supervisor.events import Spawn, Start
     from supervisor.policy import State, Sup, decide
 
     c = cfg(thermal__enabled=True)
     s, acts = decide(Sup(state=State.COOLING), Start(), 0, c)
     assert s.state == State.COOLING and Spawn() not in acts
-    s, acts = decide(s, Temperatures("cooled", {"0": 60}), 5, c)
+    s, acts = decide(s, T(60), 5, c)
     assert s.state == State.RUNNING and Spawn() in acts
