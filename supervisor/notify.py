@@ -23,6 +23,7 @@ How it works
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -106,8 +107,16 @@ def load_urls(cfg, env=None) -> tuple[list[str], list[str], list[str]]:
 
 
 def _scrub(text: str, secrets: list[str]) -> str:
+    """Replace each URL, and each part of it that may be a token, in an error text."""
     for s in secrets:
         text = text.replace(s, redact(s))
+        rest = s.split("://", 1)[-1]
+        userinfo = rest.split("/", 1)[0].rpartition("@")[0]
+        parts = [rest, userinfo, *userinfo.split(":"), *re.split(r"[/?&=#@:]", rest)]
+        for part in sorted({p for p in parts if len(p) >= 4 and not p.replace(".", "").isdigit()},
+                           key=len, reverse=True):
+            if part not in ("http", "https", "localhost"):
+                text = text.replace(part, "***")
     return text
 
 
@@ -201,12 +210,17 @@ class Webhook:
     """POST the body as JSON; any non-2xx answer or network error raises."""
 
     def __init__(self, url: str):
-        self.url, self.name = url, redact(url)
+        self.name = redact(url)
+        self.headers = {"Content-Type": "application/json", "User-Agent": "cardiacseg-train"}
+        p = urllib.parse.urlsplit(url)
+        if p.username is not None:  # urllib does not take user:password@ from the URL: Basic auth instead
+            cred = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
+            self.headers["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
+            p = p._replace(netloc=p.netloc.rpartition("@")[2])
+        self.url = urllib.parse.urlunsplit(p)
 
     def send(self, msg: dict, timeout: float) -> None:
-        req = urllib.request.Request(self.url, data=json.dumps(msg).encode(), method="POST",
-                                     headers={"Content-Type": "application/json",
-                                              "User-Agent": "cardiacseg-train"})
+        req = urllib.request.Request(self.url, data=json.dumps(msg).encode(), method="POST", headers=self.headers)
         with urllib.request.urlopen(req, timeout=timeout) as r:
             r.read()
 

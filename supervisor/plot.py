@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 
 MARKS_FILE = "plot-marks.json"
-COLOURS = {"restart": "tab:red", "oom": "tab:purple", "thermal_pause": "tab:orange",
-           "thermal_stop": "tab:orange", "stop": "black"}
+COLOURS = {"restart": "tab:red", "oom": "tab:purple", "thermal_pause": "tab:brown",
+           "thermal_stop": "tab:brown", "stop": "black"}
 
 
 def default_path(cfg) -> Path:
@@ -66,8 +66,8 @@ def markers(snap: dict) -> list[dict]:
     return sorted(out, key=lambda m: m["epoch"])
 
 
-def render(snap: dict, out_path, width_in: float = 11.0) -> list[dict]:
-    """Draw the picture into out_path (PNG, atomically); return the markers drawn."""
+def figure(snap: dict, width_in: float = 11.0):
+    """(matplotlib Figure on an Agg canvas, markers drawn). Marker lines carry gid `marker-<kind>`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -102,13 +102,20 @@ def render(snap: dict, out_path, width_in: float = 11.0) -> list[dict]:
         bottom.axvline(m["epoch"], color=colour, ls=style, lw=1.0, alpha=0.6)
         # alternate heights so neighbouring labels do not overlap
         top.text(m["epoch"], 0.98 - 0.09 * (i % 4), " " + m["label"], rotation=0, fontsize=8, color=colour,
-                 va="top", ha="left", transform=top.get_xaxis_transform(), gid=f"label-{m['kind']}")
+                 va="top", ha="left", transform=top.get_xaxis_transform(), gid=f"label-{m['kind']}",
+                 bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "alpha": 0.8, "linewidth": 0})
     title = f"{jb.get('dataset', '?')} {jb.get('configuration', '')} fold {jb.get('fold', '?')}"
     state = sup.get("outcome") or sup.get("state")
     if epochs:
         ema = _f(epochs[-1].get("ema"))
         title += f"  epoch {xs[-1]}" + (f"  EMA {ema:.3f}" if ema is not None else "")
     top.set_title(title + (f"  [{state}]" if state else ""), fontsize=10)
+    return fig, ms
+
+
+def render(snap: dict, out_path) -> list[dict]:
+    """Draw the picture into out_path (PNG, written atomically); return the markers drawn."""
+    fig, ms = figure(snap)
     out_path = Path(out_path)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     try:
@@ -157,3 +164,44 @@ def main(cfg, out_path=None) -> int:
         return 1
     print(out)
     return 0
+
+
+def example_snapshot(seed: int = 7) -> dict:
+    """A realistic synthetic history (README picture, tests): 4 attempts over 80 epochs, a crash, a CUDA OOM
+    (bs 6 -> 5), a thermal pause, a thermal stop, and the stop at the target."""
+    import random
+    rnd = random.Random(seed)
+    ema, epochs = 0.0, []
+    for ep in range(80):
+        base = 0.80 * (1 - math.exp(-ep / 18))
+        dice = [min(0.97, max(0.0, base + off + rnd.gauss(0, 0.03))) for off in (0.12, 0.06, -0.14)]
+        ema = 0.9 * ema + 0.1 * (sum(dice) / 3) if ep else sum(dice) / 3
+        epochs.append({"epoch": ep, "dice": [round(d, 4) for d in dice], "ema": round(ema, 4),
+                       "mean_fg_dice": round(sum(dice) / 3, 4), "train_loss": -base, "val_loss": -base + 0.05,
+                       "epoch_time": round((140 if ep < 31 else 118) + rnd.gauss(0, 3) + (25 if 47 <= ep < 50 else 0), 1),
+                       "new_best": False})
+    t0 = 1_780_000_000.0
+    attempts = [{"n": 1, "started_at": t0, "epoch_start": 0, "epoch_reached": 17, "reason": "crash", "exit_code": 1},
+                {"n": 2, "started_at": t0 + 9e3, "epoch_start": 18, "epoch_reached": 30, "reason": "cuda_oom",
+                 "exit_code": 1},
+                {"n": 3, "started_at": t0 + 2e4, "epoch_start": 31, "epoch_reached": 52, "reason": "thermal_stop",
+                 "exit_code": 130},
+                {"n": 4, "started_at": t0 + 3e4, "epoch_start": 53, "epoch_reached": 79, "reason": "target_reached",
+                 "exit_code": 130}]
+    return {"job": {"dataset": "Dataset001_CardiacSeg", "configuration": "3d_fullres", "fold": 0,
+                    "trainer": "nnUNetTrainer", "plans": "nnUNetPlans"},
+            "sup": {"state": "done", "attempt": 4, "outcome": "target_reached", "batch_size": 5,
+                    "original_batch_size": 6, "exit_code": 0},
+            "settings": {"ema_dice": round(epochs[-1]["ema"] - 0.002, 3), "expected_epochs": 1000},
+            "attempts": attempts, "epochs": epochs,
+            "changes": [{"at": t0 + 8.9e3, "attempt": 2, "what": "batch_size", "old": 6, "new": 5,
+                         "reason": "cuda_oom"}],
+            "marks": [{"kind": "thermal_pause", "epoch": 44, "at": t0 + 2.5e4}],
+            "updated_at": t0 + 4e4}
+
+
+if __name__ == "__main__":  # python -m supervisor.plot --example docs/progress.png
+    if len(sys.argv) == 3 and sys.argv[1] == "--example":
+        print(render(example_snapshot(), sys.argv[2]))
+    else:
+        sys.exit("usage: python -m supervisor.plot --example OUT.png")
