@@ -225,15 +225,26 @@ class Webhook:
             r.read()
 
 
+def _drop(_record) -> bool:
+    return False
+
+
+def _silence_apprise() -> None:
+    """Apprise logs through `logging` and quotes URLs (tokens) in its messages: drop every record at the
+    logger itself (a filter there runs before any handler, whoever attached it). Our own log says what
+    failed, with the URL redacted."""
+    alog = logging.getLogger("apprise")
+    if _drop not in alog.filters:
+        alog.addFilter(_drop)
+        alog.propagate = False
+
+
 class AppriseTarget:
     """All Apprise URLs as one target (Apprise fans out itself). Needs the `notify` extra."""
 
     def __init__(self, urls: list[str]):
         import apprise  # optional extra: ImportError is handled by the caller
-        # Apprise logs through `logging`, and some of its messages quote URLs: keep them out of stderr.
-        alog = logging.getLogger("apprise")
-        alog.addHandler(logging.NullHandler())
-        alog.propagate = False
+        _silence_apprise()
         self.ap = apprise.Apprise()
         self.rejected = [redact(u) for u in urls if not self.ap.add(u)]
         self.name = "apprise(" + ", ".join(redact(u) for u in urls) + ")"
@@ -281,14 +292,14 @@ class Notifier:
             self.dropped_rate += 1
             if not self._limited_logged:  # once per limited stretch
                 self._limited_logged = True
-                self.log.warning("notify_rate_limited", max_per_hour=self.n.max_per_hour, event=kind)
+                self.log.warning("notify_rate_limited", max_per_hour=self.n.max_per_hour, kind=kind)
             return
         self._limited_logged = False
         if self.q.qsize() >= QUEUE_MAX:
             self.dropped_full += 1
             if not self._full_logged:
                 self._full_logged = True
-                self.log.warning("notify_queue_full", dropped=self.dropped_full, event=kind)
+                self.log.warning("notify_queue_full", dropped=self.dropped_full, kind=kind)
             return
         self._full_logged = False
         self.sent_times.append(now)
@@ -313,7 +324,10 @@ class Notifier:
             if msg is _STOP:
                 return
             for t in self.targets:
-                self._deliver(t, msg)
+                try:
+                    self._deliver(t, msg)
+                except Exception:  # pragma: no cover - a logging failure must not end deliveries
+                    pass
             with self._lock:
                 self.pending -= 1
 
@@ -342,7 +356,7 @@ class Notifier:
         self.failed += 1
         if t.name not in self.failing:
             self.failing[t.name] = 0
-            self.log.warning("notify_failed", target=t.name, event=msg.get("event"), tries=i + 1,
+            self.log.warning("notify_failed", target=t.name, kind=msg.get("event"), tries=i + 1,
                              error=_scrub(f"{type(err).__name__}: {err}" if err else "deadline", self.secrets))
         self.failing[t.name] += 1
 
@@ -380,8 +394,8 @@ def check_findings(cfg, env=None) -> list[tuple[str, str]]:
             out.append(("fatal", f"notify: {len(urls)} Apprise URL(s) set but the apprise package is missing: "
                                  "pip install 'cardiacseg-train[notify]'"))
         else:
+            _silence_apprise()
             ap = apprise.Apprise()
-            logging.getLogger("apprise").propagate = False
             out += [("fatal", f"notify: {redact(u)} is not a URL Apprise understands") for u in urls
                     if not ap.add(u)]
     if (urls or hooks) and not any(level == "fatal" for level, _ in out):
