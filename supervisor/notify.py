@@ -139,13 +139,9 @@ def _num(x, nd=4):
 
 
 def _jsonable(v):
-    if isinstance(v, float):
-        return _num(v, 6)
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    return v if v is None or isinstance(v, (str, int, bool)) else str(v)
+    if isinstance(v, (list, tuple, dict)):
+        return {str(k): _jsonable(x) for k, x in v.items()} if isinstance(v, dict) else [_jsonable(x) for x in v]
+    return _num(v, 6) if isinstance(v, float) else v if v is None or isinstance(v, (str, int, bool)) else str(v)
 
 
 def _text(kind: str, f: dict, b: dict) -> str:
@@ -331,13 +327,10 @@ class Notifier:
             with self._lock:
                 self.pending -= 1
 
-    def _remaining(self) -> float | None:
-        return None if self._deadline is None else self._deadline - self.clock()
-
     def _deliver(self, t, msg: dict) -> None:
         delay, err = self.n.backoff_seconds, None
         for i in range(self.n.retries + 1):
-            rem = self._remaining()
+            rem = None if self._deadline is None else self._deadline - self.clock()
             if rem is not None and rem <= 0:
                 break
             try:
