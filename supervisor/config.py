@@ -253,6 +253,64 @@ class Logging:
                      "`error`", types=str)
 
 
+def http_url(v):
+    if "\0" in v or not v.startswith(("http://", "https://")) or len(v) < 10:
+        return "an http:// or https:// URL"
+    return None
+
+
+def loopback_listen(v):
+    """`host:port` on a loopback address (the endpoint is unauthenticated: never on a public interface)."""
+    host, sep, port = v.rpartition(":")
+    host = host.strip("[]")
+    ok_host = host == "localhost" or host == "::1" or host.startswith("127.")
+    if not sep or not ok_host or not port.isdigit() or not 0 < int(port) < 65536:
+        return '"HOST:PORT" on a loopback address, e.g. "127.0.0.1:9108"'
+    return None
+
+
+NOTIFY_EVENTS = ("target_reached", "completed", "gave_up", "cuda_oom", "thermal_stop", "hang", "diverged",
+                 "config_error", "crash", "thermal_pause", "started", "epoch")
+NOTIFY_DEFAULT_EVENTS = NOTIFY_EVENTS[:8]
+
+
+def notify_events(v):
+    bad = [x for x in v if x not in NOTIFY_EVENTS]
+    return None if not bad else "a list of " + ", ".join(f'"{e}"' for e in NOTIFY_EVENTS)
+
+
+@dataclass(frozen=True)
+class Notify:
+    urls: tuple = key((), str_list, "Apprise URLs (ntfy, Slack, Matrix, mailto, Telegram, ...); needs the "
+                      "`notify` extra", types=list, reload=RESTART)
+    urls_file: str | None = key(UNSET, nonempty, "file with more Apprise URLs (one a line, `webhook=URL` for "
+                                "the webhook); refused when others can read it", types=str, reload=RESTART,
+                                default_doc="unset")
+    credential: str = key("notify-urls", nonempty, "systemd `LoadCredential=` name read from "
+                          "`$CREDENTIALS_DIRECTORY`, same format as urls_file", types=str, reload=RESTART)
+    webhook: str | None = key(UNSET, http_url, "POST a JSON body to this URL (built in, no extra)", types=str,
+                              reload=RESTART, default_doc="unset")
+    events: tuple = key(NOTIFY_DEFAULT_EVENTS, notify_events, "what to send; also `crash`, `thermal_pause`, "
+                        "`started`, `epoch`", types=list, reload=RESTART)
+    epoch_every: int = key(10, at_least_one, "event `epoch`: every N epochs", types=int, reload=RESTART)
+    timeout_seconds: float = key(10, positive, "per delivery try", reload=RESTART)
+    retries: int = key(3, non_negative, "tries after the first, with doubling backoff", types=int,
+                       reload=RESTART)
+    backoff_seconds: float = key(5, non_negative, "first retry delay", reload=RESTART)
+    max_per_hour: int = key(30, at_least_one, "rate limit; more are dropped and counted (final outcomes "
+                            "always go out)", types=int, reload=RESTART)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    textfile: str | None = key(UNSET, nonempty, "`.prom` file for node_exporter's textfile collector, "
+                               "written atomically", types=str, reload=RESTART, default_doc="unset")
+    listen: str | None = key(UNSET, loopback_listen, "serve `/metrics` on this loopback `HOST:PORT`",
+                             types=str, reload=RESTART, default_doc="off")
+    plot: bool = key(True, None, "redraw `<state_dir>/progress.png` after every epoch", types=bool,
+                     reload=RESTART)
+
+
 @dataclass(frozen=True)
 class Config:
     """The validated configuration: one attribute per section of config.toml."""
@@ -269,6 +327,8 @@ class Config:
     thermal: Thermal
     checkpoint: Checkpoint
     logging: Logging
+    notify: Notify
+    metrics: Metrics
 
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)

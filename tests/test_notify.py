@@ -1,0 +1,285 @@
+"""Notifications against real HTTP servers on 127.0.0.1 (webhook and Apprise json://)."""
+import json
+import sys
+import threading
+import time
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from supervisor import notify
+from supervisor.config import parse
+from supervisor.plot import example_snapshot
+from supervisor.sinks import Sinks
+
+REQUIRED = ("event", "message", "dataset", "configuration", "fold", "epoch", "ema_dice", "best_ema_dice",
+            "batch_size", "restarts", "host", "time")
+
+
+class Hook:
+    """A real HTTP server: records JSON posts; mode "ok", "500" or "hang" (blocks until released)."""
+
+    def __init__(self, mode="ok"):
+        self.mode, self.bodies, self.requests = mode, [], []
+        self.cv = threading.Condition()
+        self.release = threading.Event()
+        hook = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with hook.cv:
+                    hook.requests.append((self.path, dict(self.headers)))
+                    if hook.mode == "ok":
+                        hook.bodies.append(json.loads(data))
+                    hook.cv.notify_all()
+                if hook.mode == "hang":
+                    hook.release.wait(30)
+                self.send_response(200 if hook.mode == "ok" else 500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.srv.daemon_threads = True
+        self.port = self.srv.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def wait_requests(self, n, timeout=10):
+        with self.cv:
+            return self.cv.wait_for(lambda: len(self.requests) >= n, timeout)
+
+    def stop(self):
+        self.release.set()
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+@pytest.fixture
+def hook():
+    h = Hook()
+    yield h
+    h.stop()
+
+
+class RecLog:
+    """Captures every log call (level, event, fields), like the structlog logger the daemon passes."""
+
+    def __init__(self):
+        self.calls = []
+        for level in ("debug", "info", "warning", "error"):
+            setattr(self, level, lambda event, _l=level, **kw: self.calls.append((_l, event, kw)))
+
+    def events(self, name):
+        return [c for c in self.calls if c[1] == name]
+
+    def text(self):
+        return repr(self.calls)
+
+
+def make_cfg(tmp_path, notify_sec=None, metrics_sec=None):
+    raw = {"training": {"dataset": "Dataset001_CardiacSeg"},
+           "paths": {"preprocessed": str(tmp_path), "results": str(tmp_path), "state_dir": str(tmp_path / "state")},
+           "notify": notify_sec or {}, "metrics": {"plot": False, **(metrics_sec or {})}}
+    (tmp_path / "state").mkdir(exist_ok=True)
+    return parse(raw, tmp_path / "config.toml", env={})
+
+
+SNAP = example_snapshot()
+FAST = {"timeout_seconds": 2, "retries": 2, "backoff_seconds": 0.01}
+
+
+def test_event_mapping():
+    assert notify.event_for("finished", {"outcome": "gave_up"}) == "gave_up"
+    assert notify.event_for("finished", {"outcome": "config_error"}) == "config_error"
+    assert notify.event_for("finished", {"outcome": "completed"}) == "completed"
+    assert notify.event_for("finished", {"outcome": "target_reached"}) is None  # announced at detection
+    assert notify.event_for("attempt_ended", {"reason": "crash"}) == "crash"
+    assert notify.event_for("attempt_ended", {"reason": "cuda_oom"}) is None
+    assert notify.event_for("batch_size_reduced", {"old": 6, "new": 5}) == "cuda_oom"
+    assert notify.event_for("hang_detected", {}) == "hang"
+    assert notify.event_for("thermal_stop", {}) == "thermal_stop"
+    assert notify.event_for("epoch abc", {}) is None
+
+
+def test_webhook_receives_target_crash_and_give_up(tmp_path, hook):
+    log = RecLog()
+    cfg = make_cfg(tmp_path, {"webhook": hook.url, "events": ["target_reached", "crash", "gave_up", "cuda_oom"],
+                              **FAST})
+    s = Sinks.open(cfg, log, env={})
+    s.publish("target_reached", {"epoch": 79, "ema": 0.7961, "target": 0.794}, SNAP)
+    s.publish("target_reached", {"epoch": 80, "ema": 0.7971, "target": 0.794}, SNAP)  # once per run
+    s.publish("attempt_ended", {"attempt": 2, "reason": "crash", "exit_code": 1}, SNAP)
+    s.publish("attempt_ended", {"attempt": 3, "reason": "stopped", "exit_code": 0}, SNAP)
+    s.publish("batch_size_reduced", {"old": 6, "new": 5}, SNAP)
+    s.publish("hang_detected", {"quiet_s": 10, "limit_s": 5}, SNAP)  # not in events
+    s.publish("finished", {"outcome": "gave_up", "exit_code": 3, "message": "10 restarts within 360 min"}, SNAP)
+    s.close(timeout=10)  # the give-up message goes out before close returns
+    events = [b["event"] for b in hook.bodies]
+    assert events == ["target_reached", "crash", "cuda_oom", "gave_up"]
+    for b in hook.bodies:
+        assert set(REQUIRED) <= set(b), set(REQUIRED) - set(b)
+        assert b["dataset"] == "Dataset001_CardiacSeg" and b["fold"] == 0
+        assert datetime.fromisoformat(b["time"]).tzinfo is not None
+    tgt, crash, oom, gave = hook.bodies
+    assert tgt["epoch"] == 79 and tgt["ema_dice"] == 0.7961 and "0.794" in tgt["message"]
+    assert crash["restarts"] == 3 and "exit code 1" in crash["message"]
+    assert oom["old_batch_size"] == 6 and oom["new_batch_size"] == 5 and oom["batch_size"] == 5
+    assert "10 restarts" in gave["message"] and gave["best_ema_dice"] == max(e["ema"] for e in SNAP["epochs"])
+    assert hook.requests[0][1]["Content-Type"] == "application/json"
+
+
+def test_hanging_server_does_not_delay_the_caller(tmp_path):
+    h = Hook("hang")
+    try:
+        log = RecLog()
+        cfg = make_cfg(tmp_path, {"webhook": h.url, "events": ["crash", "gave_up"], "timeout_seconds": 30,
+                                 "max_per_hour": 1000})
+        s = Sinks.open(cfg, log, env={})
+        t0 = time.perf_counter()
+        s.publish("attempt_ended", {"attempt": 1, "reason": "crash", "exit_code": 1}, SNAP)
+        first = time.perf_counter() - t0
+        assert h.wait_requests(1)  # the worker is now stuck inside the server
+        t0 = time.perf_counter()
+        for i in range(notify.QUEUE_MAX + 20):  # more than the queue holds: dropped and counted, not blocking
+            s.publish("attempt_ended", {"attempt": i, "reason": "crash", "exit_code": 1}, SNAP)
+        many = time.perf_counter() - t0
+        assert first < 0.05 and many < 0.5, (first, many)
+        assert s.notifier.dropped_full >= 20 and len(log.events("notify_queue_full")) == 1
+        t0 = time.perf_counter()
+        s.close(timeout=0.3)  # bounded even though the server never answers
+        assert time.perf_counter() - t0 < 2.0
+        assert log.events("notify_unsent") or log.events("notify_failed")
+    finally:
+        h.stop()
+
+
+def test_server_500_is_retried_with_backoff_and_logged_once(tmp_path):
+    h = Hook("500")
+    try:
+        log = RecLog()
+        cfg = make_cfg(tmp_path, {"webhook": h.url, "events": ["crash", "gave_up"], **FAST})
+        s = Sinks.open(cfg, log, env={})
+        t0 = time.perf_counter()
+        s.publish("attempt_ended", {"attempt": 1, "reason": "crash", "exit_code": 1}, SNAP)
+        s.publish("attempt_ended", {"attempt": 2, "reason": "crash", "exit_code": 1}, SNAP)
+        assert time.perf_counter() - t0 < 0.05
+        assert h.wait_requests(6)  # 1 try + 2 retries, for each message
+        h.mode = "ok"
+        s.publish("finished", {"outcome": "gave_up", "exit_code": 3, "message": "budget spent"}, SNAP)
+        s.close(timeout=10)
+        assert [b["event"] for b in h.bodies] == ["gave_up"]
+        failed = log.events("notify_failed")
+        assert len(failed) == 1 and failed[0][2]["tries"] == 3 and "500" in failed[0][2]["error"]
+        assert log.events("notify_recovered")[0][2]["lost"] == 2
+    finally:
+        h.stop()
+
+
+def test_rate_limit_drops_and_counts_but_final_outcomes_pass(tmp_path, hook):
+    log = RecLog()
+    cfg = make_cfg(tmp_path, {"webhook": hook.url, "events": ["crash", "gave_up"], "max_per_hour": 2, **FAST})
+    s = Sinks.open(cfg, log, env={})
+    for i in range(5):
+        s.publish("attempt_ended", {"attempt": i, "reason": "crash", "exit_code": 1}, SNAP)
+    s.publish("finished", {"outcome": "gave_up", "exit_code": 3, "message": "x"}, SNAP)
+    s.close(timeout=10)
+    assert [b["event"] for b in hook.bodies] == ["crash", "crash", "gave_up"]
+    assert s.notifier.dropped_rate == 3 and len(log.events("notify_rate_limited")) == 1
+
+
+def test_epoch_digest_every_n_and_started_once(tmp_path, hook):
+    cfg = make_cfg(tmp_path, {"webhook": hook.url, "events": ["epoch", "started"], "epoch_every": 5, **FAST})
+    s = Sinks.open(cfg, RecLog(), env={})
+    s.publish("attempt_started", {"attempt": 4, "resume_from": "checkpoint_latest.pth"}, SNAP)
+    s.publish("attempt_started", {"attempt": 5}, SNAP)
+    for ep in range(11):
+        s.publish("epoch", {"epoch": ep, "ema": 0.5}, SNAP)
+    s.close(timeout=10)
+    assert [(b["event"], b["epoch"]) for b in hook.bodies][1:] == [("epoch", 0), ("epoch", 5), ("epoch", 10)]
+    assert hook.bodies[0]["event"] == "started" and "checkpoint_latest" in hook.bodies[0]["message"]
+
+
+def test_apprise_json_url(tmp_path, hook):
+    pytest.importorskip("apprise")
+    log = RecLog()
+    cfg = make_cfg(tmp_path, {"urls": [f"json://127.0.0.1:{hook.port}/"], **FAST})
+    s = Sinks.open(cfg, log, env={})
+    s.publish("finished", {"outcome": "gave_up", "exit_code": 3, "message": "CUDA OOM at batch size 1"}, SNAP)
+    s.close(timeout=15)
+    assert len(hook.bodies) == 1, log.calls
+    b = hook.bodies[0]
+    assert "gave_up" in b["title"] and "CUDA OOM at batch size 1" in b["message"]
+
+
+def test_urls_file_readable_by_others_is_refused(tmp_path, hook):
+    f = tmp_path / "notify-urls"
+    f.write_text(f"# tokens\nwebhook={hook.url}\n")
+    f.chmod(0o644)
+    cfg = make_cfg(tmp_path, {"urls_file": "notify-urls", **FAST})
+    _, hooks, problems = notify.load_urls(cfg, env={})
+    assert hooks == [] and len(problems) == 1
+    assert "refused" in problems[0] and "0644" in problems[0] and f"chmod 600 {f}" in problems[0]
+    assert ("fatal", problems[0]) in notify.check_findings(cfg, env={})
+    log = RecLog()
+    s = Sinks.open(cfg, log, env={})
+    assert s.notifier is None and log.events("notify_config_problem")
+    f.chmod(0o600)
+    s = Sinks.open(cfg, RecLog(), env={})
+    s.publish("finished", {"outcome": "gave_up", "exit_code": 3, "message": "m"}, SNAP)
+    s.close(timeout=10)
+    assert [b["event"] for b in hook.bodies] == ["gave_up"]
+    assert notify.check_findings(cfg, env={})[0][0] == "ok"
+
+
+def test_systemd_credential_is_read(tmp_path, hook):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "notify-urls").write_text(f"webhook={hook.url}\n")
+    cfg = make_cfg(tmp_path, {**FAST})
+    assert notify.load_urls(cfg, env={})[1] == []
+    s = Sinks.open(cfg, RecLog(), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    s.publish("finished", {"outcome": "completed", "exit_code": 0, "message": "m"}, SNAP)
+    s.close(timeout=10)
+    assert [b["event"] for b in hook.bodies] == ["completed"]
+
+
+def test_credentials_never_appear_in_log_output(tmp_path, caplog, capsys):
+    h = Hook("500")
+    try:
+        secret_hook = f"http://alice:S3cretPass@127.0.0.1:{h.port}/hook/TOKENxyz123?key=QUERYsecret"
+        secrets = ["S3cretPass", "TOKENxyz123", "QUERYsecret", "APPtoken42", "BOGUSsecret9"]
+        urls = ["json://bob:APPtoken42@127.0.0.1:1/", "nosuchscheme://BOGUSsecret9/x"]
+        cfg = make_cfg(tmp_path, {"webhook": secret_hook, "urls": urls, "events": ["crash"], **FAST})
+        log = RecLog()
+        s = Sinks.open(cfg, log, env={})
+        s.publish("attempt_ended", {"attempt": 1, "reason": "crash", "exit_code": 1}, SNAP)
+        s.close(timeout=10)
+        assert h.requests and h.requests[0][0] == "/hook/TOKENxyz123?key=QUERYsecret"
+        assert h.requests[0][1]["Authorization"].startswith("Basic ")  # userinfo sent as auth, not lost
+        assert len(log.events("notify_failed")) == 2  # webhook (500) and apprise (connection refused)
+        assert log.events("notify_enabled")
+        if "apprise" in sys.modules:
+            assert log.events("notify_url_rejected")
+        text = log.text() + repr(notify.check_findings(cfg, env={}))
+        text += caplog.text + "".join(capsys.readouterr())  # Apprise's own `logging` output too
+        for sec in secrets:
+            assert sec not in text, sec
+        assert f"127.0.0.1:{h.port}" in text  # what may be shown still is
+    finally:
+        h.stop()
+
+
+def test_check_says_when_apprise_extra_is_missing(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, {"urls": ["ntfy://ntfy.sh/mytopic"]})
+    monkeypatch.setitem(sys.modules, "apprise", None)  # import apprise -> ImportError
+    found = notify.check_findings(cfg, env={})
+    assert any(level == "fatal" and "pip install 'cardiacseg-train[notify]'" in text for level, text in found)
+    log = RecLog()
+    assert Sinks.open(cfg, log, env={}).notifier is None
+    assert log.events("notify_apprise_missing")
+    assert notify.check_findings(make_cfg(tmp_path), env={}) == []  # nothing configured: nothing said

@@ -1,0 +1,92 @@
+"""The progress picture: drawn from a realistic history, one marker per event, redrawn in the background."""
+import json
+import threading
+import time
+
+from supervisor import plot
+from supervisor.plot import example_snapshot, figure, markers, render
+from supervisor.sinks import Sinks
+from test_notify import RecLog, make_cfg
+
+
+def test_render_realistic_history(tmp_path):
+    from matplotlib.image import imread
+    snap = example_snapshot()
+    out = tmp_path / "progress.png"
+    ms = render(snap, out)
+    assert [(m["kind"], m["epoch"]) for m in ms] == [("restart", 18), ("oom", 31), ("thermal_pause", 44),
+                                                     ("thermal_stop", 53), ("stop", 79)]
+    assert ms[0]["label"] == "restart: crash" and "6\u21925" in ms[1]["label"] and "target_reached" in ms[-1]["label"]
+    img = imread(out)
+    assert img.shape[:2] == (700, 1100) and out.stat().st_size > 20_000
+    assert img[..., :3].std() > 0.05  # not blank
+    fig, ms2 = figure(snap)
+    top = fig.axes[0]
+    lines = [ln for ln in top.get_lines() if (ln.get_gid() or "").startswith("marker-")]
+    assert sorted(ln.get_gid() for ln in lines) == sorted(f"marker-{m['kind']}" for m in ms2)
+    assert sorted(t.get_text().strip() for t in top.texts) == sorted(m["label"] for m in ms2)
+    assert len([ln for ln in top.get_lines() if ln.get_label() == "EMA pseudo Dice"]) == 1
+    assert [ln.get_ydata()[0] for ln in top.get_lines() if ln.get_label().startswith("target")] == \
+        [snap["settings"]["ema_dice"]]
+    assert list(fig.axes[1].get_lines()[0].get_ydata()) == [e["epoch_time"] for e in snap["epochs"]]
+
+
+def test_markers_tolerate_missing_keys():
+    assert markers({}) == []
+    assert markers({"attempts": [{"n": 1}, {"n": 2}], "epochs": [{"epoch": 3}]}) == [
+        {"kind": "restart", "epoch": 4, "label": "restart: restart"}]
+
+
+def test_redrawn_in_the_background_one_at_a_time(tmp_path, monkeypatch):
+    running, peak, calls = [0], [0], []
+    gate = threading.Event()
+    lock = threading.Lock()
+
+    def slow_render(snap, out):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        gate.wait(10)
+        calls.append(len(snap["epochs"]))
+        with lock:
+            running[0] -= 1
+
+    monkeypatch.setattr(plot, "render", slow_render)
+    sinks = Sinks.open(make_cfg(tmp_path, metrics_sec={"plot": True}), RecLog(), env={})
+    full = example_snapshot()
+    t0 = time.perf_counter()
+    for n in range(1, 30):
+        sinks.snapshot({**full, "epochs": full["epochs"][:n]})
+    assert time.perf_counter() - t0 < 0.5  # the loop never waits for a drawing
+    gate.set()
+    assert sinks.plot_worker.wait_idle(10)
+    assert peak[0] == 1 and calls[-1] == 29 and len(calls) <= 3  # coalesced, newest drawn last
+    sinks.close(5)
+
+
+def test_sinks_draw_into_state_dir_with_thermal_marks(tmp_path):
+    cfg = make_cfg(tmp_path, metrics_sec={"plot": True})
+    snap = example_snapshot()
+    snap.pop("marks")
+    sinks = Sinks.open(cfg, RecLog(), env={})
+    sinks.snapshot({**snap, "epochs": snap["epochs"][:45]})
+    sinks.publish("thermal_pause", {"temps": {"0": 88.0}, "above": 86.0}, None)  # uses the last snapshot
+    sinks.snapshot(snap)
+    assert sinks.plot_worker.wait_idle(30)
+    sinks.close(5)
+    assert plot.default_path(cfg) == cfg.paths.state_dir / "progress.png"
+    assert plot.default_path(cfg).stat().st_size > 20_000
+    assert json.loads((cfg.paths.state_dir / plot.MARKS_FILE).read_text())[0]["kind"] == "thermal_pause"
+    assert [m["kind"] for m in plot.load_marks(cfg.paths.state_dir)] == ["thermal_pause"]
+
+
+def test_main_from_state_json(tmp_path, capsys):
+    cfg = make_cfg(tmp_path)
+    assert plot.main(cfg, None) == 1  # nothing yet
+    from supervisor import job
+    snap = example_snapshot()
+    snap.update(version=1, job=job.job_identity(cfg))
+    (cfg.paths.state_dir / "state.json").write_text(json.dumps(snap))
+    out = tmp_path / "p.png"
+    assert plot.main(cfg, out) == 0 and out.stat().st_size > 20_000
+    assert str(out) in capsys.readouterr().out
