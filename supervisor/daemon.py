@@ -42,8 +42,9 @@ from .output import TrainerOutput
 from .policy import State, Sup, decide
 from .reload import plan_reload
 from .sdnotify import Notifier
+from .sinks import Sinks
 from .statusline import summary_line
-from .store import Lock, StateStore, move_aside, safe_mkdir
+from .store import Lock, StateSaveError, StateStore, move_aside, safe_mkdir
 
 LOG_POLL_S = 0.25
 REAP_POLL_S = 0.05
@@ -74,6 +75,7 @@ class Daemon:
         self.next_extend = 0.0
         self.guard: thermal.ThermalGuard | None = None
         self.save_failed = False
+        self.sinks: Sinks | None = None  # notifications, metrics, the progress plot (never block the loop)
 
     # ---- set-up --------------------------------------------------------------------------------
     def prepare(self) -> int | None:
@@ -118,13 +120,14 @@ class Daemon:
         bs = plans.startup_batch_size(self.cfg)  # bad plans: exit 2 before anything is locked or started
         self.nvml = Nvml.open()
         self.guard = thermal.ThermalGuard.open(self.cfg, self.nvml, self.log)
+        self.sinks = Sinks.open(self.cfg, self.log)
         leftover = self.prepare()
         self._install_signals()
         proc.become_subreaper()
         fold = job.fold_dir(self.cfg)
-        self.log.info("supervisor_started", pid=os.getpid(), config=str(self.cfg.path), fold_dir=str(fold),
-                      target=self.cfg.target.ema_dice, batch_size=bs, nvml=self.nvml is not None,
-                      systemd=self.notify.enabled)
+        self._event("info", "supervisor_started", pid=os.getpid(), config=str(self.cfg.path), fold_dir=str(fold),
+                    target=self.cfg.target.ema_dice, batch_size=bs, nvml=self.nvml is not None,
+                    systemd=self.notify.enabled)
         try:
             self.post(Start(final_checkpoint=(fold / "checkpoint_final.pth").is_file(),
                             validation_done=(fold / "validation" / "summary.json").is_file(),
@@ -139,6 +142,7 @@ class Daemon:
                 self.guard.close()
             self.notify.stopping(self._summary())
             self.save()
+            self.sinks.close(timeout=5.0)  # the last message (e.g. gave_up) goes out before exit, bounded
             self.lock.release()
             if self.nvml is not None:
                 self.nvml.close()
@@ -301,9 +305,9 @@ class Daemon:
             if rec is not None:
                 rec = self.history.add(rec)
                 changed = True
-                self.log.info("epoch", epoch=rec.epoch, ema=_r(rec.ema), dice=[_r(d) for d in rec.dice],
-                              train_loss=rec.train_loss, val_loss=rec.val_loss, epoch_time_s=rec.epoch_time,
-                              best_ema=_r(self.history.best_ema()), attempt=self.sup.attempt)
+                self._event("info", "epoch", epoch=rec.epoch, ema=_r(rec.ema), dice=[_r(d) for d in rec.dice],
+                            train_loss=rec.train_loss, val_loss=rec.val_loss, epoch_time_s=rec.epoch_time,
+                            best_ema=_r(self.history.best_ema()), attempt=self.sup.attempt)
                 self.post(EpochDone(rec))
         if changed:
             self.save()
@@ -325,7 +329,7 @@ class Daemon:
 
     def execute(self, act) -> None:
         if isinstance(act, Log):
-            getattr(self.log, act.level)(act.event, **act.fields)
+            self._event(act.level, act.event, **act.fields)
         elif isinstance(act, Spawn):
             self._spawn(act.validate_only)
         elif isinstance(act, SignalGroup):
@@ -353,6 +357,12 @@ class Daemon:
             self.post(self._measure_disk())
         else:  # pragma: no cover - a new action type without an executor is a bug
             raise TypeError(f"unknown action {act!r}")
+
+    def _event(self, level: str, event: str, **fields) -> None:
+        """Log one supervisor event and hand it to the sinks (notifications, metrics, plot marks)."""
+        getattr(self.log, level)(event, **fields)
+        if self.sinks is not None:
+            self.sinks.publish(event, fields, None)
 
     def _measure_disk(self) -> DiskSpace:
         fold = job.fold_dir(self.cfg)
@@ -421,8 +431,8 @@ class Daemon:
         for name, fobj in (("stdout", popen.stdout), ("stderr", popen.stderr)):
             os.set_blocking(fobj.fileno(), False)
             self.sel.register(fobj, selectors.EVENT_READ, name)
-        self.log.info("attempt_started", attempt=n, pid=popen.pid, resume_from=rec["resume_from"],
-                      argv=" ".join(argv))
+        self._event("info", "attempt_started", attempt=n, pid=popen.pid, resume_from=rec["resume_from"],
+                    argv=" ".join(argv))
 
     def save(self) -> None:
         if self.child is not None and self.attempts:
@@ -440,11 +450,13 @@ class Daemon:
             "changes": self.changes,
             "status_line": self._summary(),
         }
+        if self.sinks is not None:
+            self.sinks.snapshot({**data, "temps": dict(self.sup.temps), "updated_at": self.wall()})
         try:
             self.store.save(data)
-        except OSError as e:  # a full or broken state directory must not leave the trainer unsupervised
+        except (OSError, StateSaveError) as e:  # a full or broken state directory must not leave the trainer unsupervised
             if not self.save_failed:
-                self.log.error("state_not_saved", path=str(self.store.path), error=e.strerror or str(e),
+                self.log.error("state_not_saved", path=str(self.store.path), error=getattr(e, "strerror", None) or str(e),
                                effect="supervision goes on; state.json is stale until the disk has room")
             self.save_failed = True
         else:
