@@ -11,7 +11,7 @@ cannot tell.
 The final error (`final_error`), not any mention: a trainer may print an OutOfMemoryError it recovered
 from and die later of something else. The tail is cut into error blocks, each starting at a Python
 traceback's exception line or at fatal native output ("Fatal Python error: Segmentation fault",
-"terminate called after throwing an instance of ..."); the last block that is not a consequence of an
+"terminate called after throwing an instance of ...", glibc's heap-corruption and assert() messages); the last block that is not a consequence of an
 earlier one is the final error, and runs to the end of the tail. Consequences are skipped: augmenter
 threads reporting "One or more background workers are no longer alive", a traceback cut off before its
 exception line (the process aborted while printing it), one printed as "Exception ignored in" during
@@ -57,8 +57,7 @@ INTENTS = {"target": Reason.TARGET_REACHED, "operator": Reason.STOPPED, "hang": 
            "diverged": Reason.DIVERGED, "plateau": Reason.PLATEAU, "thermal": Reason.THERMAL_STOP,
            "sensor": Reason.SENSOR_LOST, "gpu_lost": Reason.GPU_LOST}
 
-# (reason, pattern) in priority order. Patterns are matched against the stderr tail (and stdout tail,
-# because nnU-Net prints some errors there).
+# (reason, pattern) in priority order, matched against the final error of the stderr tail (`final_error`).
 SIGNATURES: list[tuple[Reason, re.Pattern]] = [
     (Reason.CONFIG_ERROR, re.compile(p)) for p in (
         r"Could not find requested nnunet trainer",
@@ -115,10 +114,18 @@ SIGNATURES: list[tuple[Reason, re.Pattern]] = [
     )
 ]
 
+# Error messages name their cause in their first few hundred characters (a CUDA OOM line is ~600). The
+# cap bounds patterns with two unbounded parts (FileNotFoundError ... .json, Assertion) on a hostile tail.
+MAX_EVIDENCE_LINE = 4096
+
+
 _TB = "Traceback (most recent call last):"
 # Fatal native output that is an error of its own. "Fatal Python error: Aborted" is not: it is what
 # faulthandler prints for the abort that follows an unhandled exception.
-_FATAL = re.compile(r"(?:Fatal Python error: (?!Aborted\b)|terminate called after throwing an instance of )")
+_FATAL = re.compile(r"(?:Fatal Python error: (?!Aborted\b)|terminate called after throwing an instance of "
+                    # glibc's own last words before it aborts (heap corruption, a failed assert())
+                    r"|double free or corruption|free\(\): invalid |malloc\(\): |corrupted size vs\. prev_size"
+                    r"|\*\*\* stack smashing detected|\S+: [^\n]*: Assertion `[^'\n]{0,1000}' failed\.)")
 # Exception lines that report an earlier failure rather than being one.
 _CONSEQUENCE = re.compile(r"One or more background workers are no longer alive")
 _NOT_AN_EXCEPTION = ("terminate called without an active exception", "Fatal Python error", _TB,
@@ -130,7 +137,7 @@ def final_error(text: str) -> str:
     lines = text.splitlines()
     start = None
     for i, line in enumerate(lines):
-        if _FATAL.match(line):
+        if _FATAL.match(line[:MAX_EVIDENCE_LINE]):
             start = i
         elif line.startswith(_TB):
             j = _exception_line(lines, i)
@@ -160,11 +167,6 @@ class Exit:
     we_killed: bool = False         # we sent SIGKILL (stop escalation)
     final_checkpoint: bool = False  # checkpoint_final.pth exists after the exit
     oom_kills_delta: int | None = None  # cgroup memory.events oom_kill increase, None = unknown
-
-
-# Error messages name their cause in their first few hundred characters (a CUDA OOM line is ~600). The
-# cap bounds the one pattern with two unbounded parts (FileNotFoundError ... .json) on a hostile tail.
-MAX_EVIDENCE_LINE = 4096
 
 
 def match_signature(text: str) -> Reason | None:

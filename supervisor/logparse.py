@@ -10,7 +10,8 @@ How it works
   nanmean of the per-class pseudo Dice. When a resume rewinds (`--c` from checkpoint_best goes back to
   the best epoch), a record for epoch e replaces e and drops everything after it: the checkpoint's
   logger holds exactly the lineage 0..e-1, so our EMA stays equal to nnU-Net's own `ema_fg_dice`
-  (the printed Dice is rounded to 4 decimals, so the agreement is within 5e-5).
+  (the printed Dice is rounded to 4 decimals, so the agreement is within 5e-5). An epoch whose lines
+  were unreadable leaves a gap: the EMA after it is unknown (nan), never restarted from one epoch.
 - `LogFollower` reads every training_log_*.txt of the fold folder in chronological order (nnU-Net opens
   a new file at every start) from a remembered byte offset, so only whole lines are parsed and a partial
   line at the end of a file waits for its newline. Replaying old files at start-up rebuilds the history
@@ -22,7 +23,9 @@ patterns cannot backtrack (every quantified part has one way to match, ASCII onl
 MAX_POLL_BYTES per call and skips past an over-long line, even one still without its newline, instead
 of holding it or re-reading it. Values are checked where they enter: a Dice outside [0, 1] (nan is
 nnU-Net's own "no such class in these batches") makes the whole dice line unusable, so that epoch has
-no Dice and meets no target; an epoch number beyond MAX_EPOCH is ignored; an epoch time that is not a
+no Dice and its EMA, like nnU-Net's after an all-nan epoch, is nan from there on in this lineage: no
+target is met on a guess (status shows the EMA as unknown; a resume that rewinds past the epoch mends
+it); an epoch number beyond MAX_EPOCH is ignored; an epoch time that is not a
 finite number in [0, MAX_EPOCH_TIME_S] is kept as unknown (None), so the record still completes and the
 EMA chain stays intact. Losses stay free: nan/inf is how divergence shows.
 """
@@ -34,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # nnU-Net's lines are < 1 KiB; the dice line grows ~20 bytes per class, so 8 KiB holds ~400 classes.
-MAX_LINE_BYTES = 8192
+MAX_LINE_BYTES = 8192             # bytes in the file; characters once decoded (never more)
 MAX_POLL_BYTES = 1 << 20          # per LogFollower.poll call; the rest comes on the next call
 MAX_EPOCH = 10**7                 # nnU-Net trains 1000 epochs by default
 MAX_EPOCH_TIME_S = 30 * 86400.0
@@ -205,7 +208,7 @@ class EpochAssembler:
 
 
 def replay(lines, history: History | None = None) -> History:
-    """Fold (file name, line) pairs, e.g. LogFollower.poll(), into a History. A half-logged last epoch is
+    """Fold (file name, line) pairs, e.g. LogFollower.drain(), into a History. A half-logged last epoch is
     dropped: a new attempt logs its own."""
     h, asm = history if history is not None else History(), EpochAssembler()
     for _name, line in lines:

@@ -97,6 +97,9 @@ def test_native_fatal_output_after_a_python_error_is_a_new_final_error():
     assert classify(Exit(-signal.SIGABRT, (FIX / "plain_crash.txt").read_text() + cxx_oom)) == Reason.CUDA_OOM
     segv = "Fatal Python error: Segmentation fault\n\nCurrent thread 0x00007f (most recent call first):\n  <no Python frame>\n"
     assert classify(Exit(-signal.SIGSEGV, OOM + segv)) == Reason.CRASH
+    for glibc in ("double free or corruption (!prev)\n", "malloc(): corrupted top size\n",
+                  "python3: ../nptl/pthread_mutex_lock.c:81: __pthread_mutex_lock: Assertion `mutex->__data.__owner == 0' failed.\n"):
+        assert classify(Exit(-signal.SIGABRT, OOM + glibc + "Fatal Python error: Aborted\n")) == Reason.CRASH, glibc
 
 
 def test_chained_exceptions_end_in_the_last_one():
