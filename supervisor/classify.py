@@ -2,14 +2,25 @@
 
 How it works: `classify(Exit) -> Reason` looks, in a fixed order, at (1) what the supervisor itself asked
 for (a target stop, an operator stop), (2) a clean finish (exit 0 and checkpoint_final.pth), (3) the
-stderr tail matched against SIGNATURES, a table of (reason, regex) kept as data in the spirit of
-accelerate's `should_reduce_batch_size`, and (4) the raw exit status (SIGKILL that nobody sent = host
-OOM). Stderr is the evidence: nnU-Net can die of the same CUDA OOM with exit 1 or with SIGABRT
+FINAL error in the stderr tail matched against SIGNATURES, a table of (reason, regex) kept as data in the
+spirit of accelerate's `should_reduce_batch_size`, and (4) the raw exit status (SIGKILL that nobody sent
+= host OOM). Stderr is the evidence: nnU-Net can die of the same CUDA OOM with exit 1 or with SIGABRT
 (-6, "terminate called without an active exception" from the augmenter threads), so the code alone
 cannot tell.
 
-The order of SIGNATURES matters: configuration errors first (restarting cannot help), then OOM kinds,
-then a checkpoint that cannot be read.
+The final error (`final_error`), not any mention: a trainer may print an OutOfMemoryError it recovered
+from and die later of something else. The tail is cut into error blocks, each starting at a Python
+traceback's exception line or at fatal native output ("Fatal Python error: Segmentation fault",
+"terminate called after throwing an instance of ...", glibc's heap-corruption and assert() messages); the last block that is not a consequence of an
+earlier one is the final error, and runs to the end of the tail. Consequences are skipped: augmenter
+threads reporting "One or more background workers are no longer alive", a traceback cut off before its
+exception line (the process aborted while printing it), one printed as "Exception ignored in" during
+teardown, and the abort that follows an unhandled exception ("terminate called without an active
+exception", "Fatal Python error: Aborted"). With no block at all the whole tail is the evidence
+(argparse errors, "cannot execute").
+
+The order of SIGNATURES matters: configuration errors first (restarting cannot help), then a full disk
+(its errors can mention a checkpoint write), OOM kinds, then a checkpoint that cannot be read.
 """
 from __future__ import annotations
 
@@ -36,7 +47,7 @@ class Reason(str, enum.Enum):
     THERMAL_STOP = "thermal_stop"      # too hot (or paused too long): we stopped it; restart when cool
     SENSOR_LOST = "sensor_lost"        # no temperature readings: we stopped it; restart when readable
     GPU_LOST = "gpu_lost"              # NVML: the GPU fell off the bus: we stopped it
-    DISK_FULL = "disk_full"            # ENOSPC writing a checkpoint: wait for space, then resume
+    DISK_FULL = "disk_full"            # ENOSPC/EDQUOT, typically torch.save under nnUNet_results
 
 
 RESTARTABLE = frozenset({Reason.CRASH, Reason.CUDA_OOM, Reason.HOST_OOM, Reason.CORRUPT_CHECKPOINT,
@@ -46,8 +57,7 @@ INTENTS = {"target": Reason.TARGET_REACHED, "operator": Reason.STOPPED, "hang": 
            "diverged": Reason.DIVERGED, "plateau": Reason.PLATEAU, "thermal": Reason.THERMAL_STOP,
            "sensor": Reason.SENSOR_LOST, "gpu_lost": Reason.GPU_LOST}
 
-# (reason, pattern) in priority order. Patterns are matched against the stderr tail (and stdout tail,
-# because nnU-Net prints some errors there).
+# (reason, pattern) in priority order, matched against the final error of the stderr tail (`final_error`).
 SIGNATURES: list[tuple[Reason, re.Pattern]] = [
     (Reason.CONFIG_ERROR, re.compile(p)) for p in (
         r"Could not find requested nnunet trainer",
@@ -60,6 +70,18 @@ SIGNATURES: list[tuple[Reason, re.Pattern]] = [
         r"Unable to convert given value for fold",
         r"(?m)^\S+: error: (?:the following arguments are required|unrecognized arguments|argument )",
         r"(?m)^cannot execute ",            # the training command itself could not be started
+    )
+] + [
+    # torch's shared-memory tensors (augmenter queues) live in /dev/shm, which is RAM: fewer workers help
+    (Reason.HOST_OOM, re.compile(r"unable to write to file </torch_")),
+] + [
+    (Reason.DISK_FULL, re.compile(p)) for p in (
+        r"No space left on device",
+        r"\[Errno 28\]",
+        r"Disk quota exceeded",
+        # torch.save's zip writer after ENOSPC: the errno text is not always carried along
+        r"PytorchStreamWriter failed writing file",
+        r"unexpected pos \d+ vs \d+",
     )
 ] + [
     (Reason.CUDA_OOM, re.compile(p)) for p in (
@@ -81,7 +103,9 @@ SIGNATURES: list[tuple[Reason, re.Pattern]] = [
     )
 ] + [
     (Reason.CORRUPT_CHECKPOINT, re.compile(p)) for p in (
-        r"PytorchStreamReader failed reading zip archive",
+        # "failed reading zip archive: failed finding central directory" (truncated), "failed locating
+        # file data/101" (half-written: the zip is intact but storages are missing), "failed reading file"
+        r"PytorchStreamReader failed",
         r"failed finding central directory",
         r"_pickle\.UnpicklingError",
         r"invalid load key",
@@ -89,6 +113,48 @@ SIGNATURES: list[tuple[Reason, re.Pattern]] = [
         r"file in archive is not in a subdirectory",
     )
 ]
+
+# Error messages name their cause in their first few hundred characters (a CUDA OOM line is ~600). The
+# cap bounds patterns with two unbounded parts (FileNotFoundError ... .json, Assertion) on a hostile tail.
+MAX_EVIDENCE_LINE = 4096
+
+
+_TB = "Traceback (most recent call last):"
+# Fatal native output that is an error of its own. "Fatal Python error: Aborted" is not: it is what
+# faulthandler prints for the abort that follows an unhandled exception.
+_FATAL = re.compile(r"(?:Fatal Python error: (?!Aborted\b)|terminate called after throwing an instance of "
+                    # glibc's own last words before it aborts (heap corruption, a failed assert())
+                    r"|double free or corruption|free\(\): invalid |malloc\(\): |corrupted size vs\. prev_size"
+                    r"|\*\*\* stack smashing detected|\S+: [^\n]*: Assertion `[^'\n]{0,1000}' failed\.)")
+# Exception lines that report an earlier failure rather than being one.
+_CONSEQUENCE = re.compile(r"One or more background workers are no longer alive")
+_NOT_AN_EXCEPTION = ("terminate called without an active exception", "Fatal Python error", _TB,
+                     "Exception in thread", "Exception ignored in")
+
+
+def final_error(text: str) -> str:
+    """The final error of a stderr tail and everything after it (see the module docstring)."""
+    lines = text.splitlines()
+    start = None
+    for i, line in enumerate(lines):
+        if _FATAL.match(line[:MAX_EVIDENCE_LINE]):
+            start = i
+        elif line.startswith(_TB):
+            j = _exception_line(lines, i)
+            if j is None or lines[j].startswith(_NOT_AN_EXCEPTION) or _CONSEQUENCE.search(lines[j]):
+                continue  # cut off, or reporting an earlier failure
+            if i > 0 and lines[i - 1].startswith("Exception ignored in"):
+                continue  # teardown noise (a __del__ that failed), never why the process died
+            start = j
+    return text if start is None else "\n".join(lines[start:])
+
+
+def _exception_line(lines: list[str], tb: int) -> int | None:
+    """Index of the unindented line that ends the traceback starting at `tb`."""
+    for k in range(tb + 1, len(lines)):
+        if lines[k] and not lines[k][0].isspace():
+            return k
+    return None
 
 
 @dataclass(frozen=True)
@@ -104,6 +170,7 @@ class Exit:
 
 
 def match_signature(text: str) -> Reason | None:
+    text = "\n".join(line[:MAX_EVIDENCE_LINE] for line in text.splitlines())
     for reason, rx in SIGNATURES:
         if rx.search(text):
             return reason
@@ -117,7 +184,7 @@ def classify(x: Exit) -> Reason:
         return INTENTS[x.stop_intent]
     if x.returncode == 0 and x.final_checkpoint:
         return Reason.COMPLETED
-    found = match_signature(x.stderr_tail)
+    found = match_signature(final_error(x.stderr_tail))
     if found is not None:
         return found
     if x.returncode == -signal.SIGKILL and not x.we_killed:

@@ -10,11 +10,24 @@ How it works
   nanmean of the per-class pseudo Dice. When a resume rewinds (`--c` from checkpoint_best goes back to
   the best epoch), a record for epoch e replaces e and drops everything after it: the checkpoint's
   logger holds exactly the lineage 0..e-1, so our EMA stays equal to nnU-Net's own `ema_fg_dice`
-  (the printed Dice is rounded to 4 decimals, so the agreement is within 5e-5).
+  (the printed Dice is rounded to 4 decimals, so the agreement is within 5e-5). An epoch whose lines
+  were unreadable leaves a gap: the EMA after it is unknown (nan), never restarted from one epoch.
 - `LogFollower` reads every training_log_*.txt of the fold folder in chronological order (nnU-Net opens
   a new file at every start) from a remembered byte offset, so only whole lines are parsed and a partial
   line at the end of a file waits for its newline. Replaying old files at start-up rebuilds the history
-  of a run migrated from another machine or supervised before.
+  of a run migrated from another machine or supervised before (`drain` reads them to the end).
+
+Hostile input (a log is only text somebody wrote): the work per line and per poll is bounded. A line
+longer than MAX_LINE_BYTES is not one of nnU-Net's and is ignored before any pattern sees it; the
+patterns cannot backtrack (every quantified part has one way to match, ASCII only); `poll` reads at most
+MAX_POLL_BYTES per call and skips past an over-long line, even one still without its newline, instead
+of holding it or re-reading it. Values are checked where they enter: a Dice outside [0, 1] (nan is
+nnU-Net's own "no such class in these batches") makes the whole dice line unusable, so that epoch has
+no Dice and its EMA, like nnU-Net's after an all-nan epoch, is nan from there on in this lineage: no
+target is met on a guess (status shows the EMA as unknown; a resume that rewinds past the epoch mends
+it); an epoch number beyond MAX_EPOCH is ignored; an epoch time that is not a
+finite number in [0, MAX_EPOCH_TIME_S] is kept as unknown (None), so the record still completes and the
+EMA chain stays intact. Losses stay free: nan/inf is how divergence shows.
 """
 from __future__ import annotations
 
@@ -23,53 +36,71 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-_TS = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?: ?")
-_FLOAT = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf|-inf)"
-_PATTERNS = [
-    ("epoch", re.compile(r"^Epoch (\d+)\s*$")),
-    ("lr", re.compile(rf"^Current learning rate: ({_FLOAT})\s*$")),
-    ("train_loss", re.compile(rf"^train_loss ({_FLOAT})\s*$")),
-    ("val_loss", re.compile(rf"^val_loss ({_FLOAT})\s*$")),
-    ("dice", re.compile(r"^Pseudo dice \[(.*)\]\s*$")),
-    ("epoch_time", re.compile(rf"^Epoch time: ({_FLOAT}) s\s*$")),
-    ("best", re.compile(rf"^Yayy! New best EMA pseudo Dice: ({_FLOAT})\s*$")),
-    ("done", re.compile(r"^Training done\.\s*$")),
-    ("final_dice", re.compile(rf"^Mean Validation Dice:\s+({_FLOAT})\s*$")),
-]
+# nnU-Net's lines are < 1 KiB; the dice line grows ~20 bytes per class, so 8 KiB holds ~400 classes.
+MAX_LINE_BYTES = 8192             # bytes in the file; characters once decoded (never more)
+MAX_POLL_BYTES = 1 << 20          # per LogFollower.poll call; the rest comes on the next call
+MAX_EPOCH = 10**7                 # nnU-Net trains 1000 epochs by default
+MAX_EPOCH_TIME_S = 30 * 86400.0
+
+# re.ASCII: \d and \s must not match other scripts' digits and spaces (int() would accept them).
+# _FLOAT has exactly one way to match any text (no `\d+\.?\d*`: that splits a digit run n ways and
+# backtracks quadratically on a line like "train_loss 111...1x").
+_TS = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?: ?", re.ASCII)
+_FLOAT = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
+_PATTERNS = [(kind, re.compile(rx, re.ASCII)) for kind, rx in (
+    ("epoch", r"^Epoch (\d{1,8})\s*$"),
+    ("lr", rf"^Current learning rate: ({_FLOAT})\s*$"),
+    ("train_loss", rf"^train_loss ({_FLOAT})\s*$"),
+    ("val_loss", rf"^val_loss ({_FLOAT})\s*$"),
+    ("dice", r"^Pseudo dice \[([^\]]*)\]\s*$"),
+    ("epoch_time", rf"^Epoch time: ({_FLOAT}) s\s*$"),
+    ("best", rf"^Yayy! New best EMA pseudo Dice: ({_FLOAT})\s*$"),
+    ("done", r"^Training done\.\s*$"),
+    ("final_dice", rf"^Mean Validation Dice:\s+({_FLOAT})\s*$"),
+)]
 # numpy 2 prints np.float32(0.9623); numpy 1 prints 0.9623; either may be nan.
-_DICE_ITEM = re.compile(rf"^(?:np\.float(?:16|32|64)\()?\s*({_FLOAT})\s*\)?$")
-
-
-def _f(s: str) -> float:
-    return float(s)
+_DICE_ITEM = re.compile(rf"^(?:np\.float(?:16|32|64)\()?\s*({_FLOAT})\s*\)?$", re.ASCII)
 
 
 def parse_dice(body: str) -> list[float] | None:
-    items = [x.strip() for x in body.split(",") if x.strip()]
+    """Per-class values of a dice line's body; None unless every item is a Dice (in [0, 1] or nan)."""
     out = []
-    for it in items:
+    for it in body.split(","):
+        it = it.strip()
+        if not it:
+            continue
         m = _DICE_ITEM.match(it)
         if not m:
             return None
-        out.append(float(m.group(1)))
+        v = float(m.group(1))
+        if not (math.isnan(v) or 0.0 <= v <= 1.0):
+            return None  # 5.0 or inf is no Dice: a forged or garbled line must not reach a target
+        out.append(v)
     return out
 
 
 def parse_line(line: str):
     """Return (kind, value) for a line nnU-Net writes, or None for anything else."""
+    if len(line) > MAX_LINE_BYTES:
+        return None  # not one of nnU-Net's; bounds the work below
     text = _TS.sub("", line.strip(), count=1)
     for kind, rx in _PATTERNS:
         m = rx.match(text)
         if not m:
             continue
         if kind == "epoch":
-            return ("epoch", int(m.group(1)))
+            e = int(m.group(1))
+            return ("epoch", e) if e <= MAX_EPOCH else None
         if kind == "dice":
             vals = parse_dice(m.group(1))
             return None if vals is None else ("dice", vals)
         if kind == "done":
             return ("done", None)
-        return (kind, _f(m.group(1)))
+        v = float(m.group(1))
+        if kind == "epoch_time" and not (0.0 <= v <= MAX_EPOCH_TIME_S):  # nan fails this too
+            # still the epoch's last line: complete the record, with its time unknown
+            return ("epoch_time", None)
+        return (kind, v)
     return None
 
 
@@ -125,6 +156,11 @@ class History:
         prev = self.records.get(rec.epoch - 1)
         if prev is not None:
             rec.ema = 0.9 * prev.ema + 0.1 * rec.mean_fg_dice
+        elif self.records:
+            # A gap: an earlier epoch of this lineage was logged unreadably (a garbled or hostile line).
+            # nnU-Net's EMA is unknown from here on; restarting it from this epoch alone could reach a
+            # target on one lucky epoch.
+            rec.ema = math.nan
         else:
             # nnU-Net: ema = value when its ema list is empty (epoch 0). A record with no predecessor
             # later than 0 means we never saw the earlier epochs; the same formula is the best guess.
@@ -172,7 +208,7 @@ class EpochAssembler:
 
 
 def replay(lines, history: History | None = None) -> History:
-    """Fold (file name, line) pairs, e.g. LogFollower.poll(), into a History. A half-logged last epoch is
+    """Fold (file name, line) pairs, e.g. LogFollower.drain(), into a History. A half-logged last epoch is
     dropped: a new attempt logs its own."""
     h, asm = history if history is not None else History(), EpochAssembler()
     for _name, line in lines:
@@ -194,6 +230,7 @@ class LogFollower:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.offsets: dict[str, int] = {}
+        self.skipping: set[str] = set()  # files whose current line is over-long: drop up to its newline
 
     def files(self) -> list[Path]:
         try:
@@ -206,25 +243,57 @@ class LogFollower:
         return fs[-1] if fs else None
 
     def poll(self) -> list[tuple[str, str]]:
-        """Return [(file name, line)] for every newly completed line."""
-        out = []
+        """Return [(file name, line)] for newly completed lines, reading at most MAX_POLL_BYTES."""
+        return self._poll()[0]
+
+    def _poll(self) -> tuple[list[tuple[str, str]], int]:
+        """(lines, bytes consumed) of one bounded read.
+
+        Lines longer than MAX_LINE_BYTES are dropped. A partial last line waits for its newline unless it
+        is already over-long: then its bytes are consumed and the file is marked as skipping, and the
+        rest of that line, whenever it comes, is discarded up to its newline."""
+        out: list[tuple[str, str]] = []
+        budget, consumed = MAX_POLL_BYTES, 0
         for p in self.files():
+            if budget <= 0:
+                break
             off = self.offsets.get(p.name, 0)
+            skipping = p.name in self.skipping
             try:
                 size = p.stat().st_size
                 if size < off:  # truncated or replaced: start over
-                    off = 0
+                    off, skipping = 0, False
                 if size == off:
                     continue
                 with open(p, "rb") as fh:
                     fh.seek(off)
-                    chunk = fh.read(size - off)
+                    chunk = fh.read(min(size - off, budget))
             except OSError:
                 continue
-            end = chunk.rfind(b"\n")
-            if end < 0:
-                continue  # only a partial line so far
-            for raw in chunk[: end + 1].splitlines():
-                out.append((p.name, raw.decode("utf-8", "replace")))
-            self.offsets[p.name] = off + end + 1
-        return out
+            budget -= len(chunk)
+            start = 0
+            if skipping:
+                nl = chunk.find(b"\n")
+                start, skipping = (len(chunk), True) if nl < 0 else (nl + 1, False)
+            end = chunk.rfind(b"\n", start) + 1  # 0: no complete line in this chunk
+            if end:
+                for raw in chunk[start:end].split(b"\n")[:-1]:
+                    if len(raw) <= MAX_LINE_BYTES:
+                        out.append((p.name, raw.decode("utf-8", "replace").rstrip("\r")))
+            else:
+                end = start
+            if len(chunk) - end > MAX_LINE_BYTES:
+                end, skipping = len(chunk), True  # an over-long line without its newline: skip past it
+            self.offsets[p.name] = off + end
+            consumed += end
+            (self.skipping.add if skipping else self.skipping.discard)(p.name)
+        return out, consumed
+
+    def drain(self):
+        """Yield every line up to the current end of the files, MAX_POLL_BYTES at a time (the start-up
+        replay: bounded memory, however long the logs)."""
+        while True:
+            batch, consumed = self._poll()
+            yield from batch
+            if not consumed:
+                return
