@@ -137,8 +137,13 @@ def apply_patches() -> None:
         if nd.producer is not quiet_producer:
             _ORIG_PRODUCER.append(nd.producer)
             nd.producer = quiet_producer
-    _state["main_pid"] = os.getpid()
     cls._cardiacseg_patched = True
+    install_signal_handlers()
+
+
+def install_signal_handlers() -> None:
+    """SIGINT/SIGTERM -> _handler, in this process (its forked workers inherit it and stay quiet)."""
+    _state["main_pid"] = os.getpid()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _handler)
 
@@ -161,16 +166,16 @@ def main() -> None:
     if rt.run_ddp is not run_ddp:
         _ORIG_RUN_DDP.append(rt.run_ddp)
         rt.run_ddp = run_ddp
+    run_until_stopped(rt.run_training_entry)
+
+
+def run_until_stopped(fn) -> None:
+    """fn(); a requested stop (KeyboardInterrupt) ends with one line instead of a traceback, exit 130."""
     try:
-        rt.run_training_entry()
+        fn()
     except KeyboardInterrupt:
-        stopped()
-
-
-def stopped() -> None:
-    """A requested stop: one line instead of the traceback, exit 130."""
-    print(stop_message(_state["signal"], _state["epoch"], _state["checkpoint"]), file=sys.stderr, flush=True)
-    sys.exit(EXIT_STOPPED)
+        print(stop_message(_state["signal"], _state["epoch"], _state["checkpoint"]), file=sys.stderr, flush=True)
+        sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":
