@@ -100,7 +100,7 @@ STOP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_requested_stop_ends_with_one_line_and_130(tmp_path):
+def test_a_requested_stop_ends_with_one_line_and_dies_by_sigint(tmp_path):
     script = tmp_path / "trainer.py"
     script.write_text(STOP_SCRIPT.format(repo=str(REPO), fold=str(tmp_path)))
     p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -112,7 +112,7 @@ def test_a_requested_stop_ends_with_one_line_and_130(tmp_path):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode == 130
+    assert p.returncode == -signal.SIGINT  # after Python's finalisation: a shell shows 130
     assert err == ("cardiacseg-train-nnunet: stopped by SIGINT after epoch 2; "
                    "last checkpoint: checkpoint_latest.pth\n"), err
     try:

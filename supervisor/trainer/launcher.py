@@ -13,8 +13,10 @@ nnUNetTrainer base class, so they hold for every trainer derived from it:
    while a checkpoint is being written, when the interrupt is raised right after the write completes.
    An interrupt at an epoch boundary thus stops after that epoch's checkpoint.
 A requested stop ends with ONE line on stderr instead of nnU-Net's KeyboardInterrupt traceback
-(`cardiacseg-train-nnunet: stopped by SIGINT after epoch 4; last checkpoint: checkpoint_latest.pth`) and
-exit status 130 (128 + SIGINT, as a shell reports it). The augmentation workers (forked children of the
+(`cardiacseg-train-nnunet: stopped by SIGINT after epoch 4; last checkpoint: checkpoint_latest.pth`); the
+KeyboardInterrupt is then re-raised with the traceback printer silenced, so Python finalises (atexit:
+multiprocessing ends the workers) and ends the process by SIGINT as it always does for an uncaught
+KeyboardInterrupt: returncode -2 for the supervisor, exit status 130 in a shell. The augmentation workers (forked children of the
 trainer, in its process group, so they receive the same SIGINT) ignore SIGINT: the trainer alone decides,
 and ends them when it exits (multiprocessing terminates its daemonic children); their own
 KeyboardInterrupt tracebacks, interleaved with the trainer's, are gone with it. SIGTERM still ends a
@@ -28,7 +30,6 @@ import os
 import signal
 import sys
 
-EXIT_STOPPED = 130
 _state = {"saving": 0, "pending": None, "main_pid": os.getpid(), "signal": None, "epoch": None,
           "checkpoint": None}
 
@@ -169,13 +170,21 @@ def main() -> None:
     run_until_stopped(rt.run_training_entry)
 
 
+def _silent_keyboard_interrupt(etype, value, tb):
+    if not issubclass(etype, KeyboardInterrupt):
+        sys.__excepthook__(etype, value, tb)
+
+
 def run_until_stopped(fn) -> None:
-    """fn(); a requested stop (KeyboardInterrupt) ends with one line instead of a traceback, exit 130."""
+    """fn(); a requested stop (KeyboardInterrupt) ends with one line instead of a traceback, by SIGINT."""
     try:
         fn()
     except KeyboardInterrupt:
         print(stop_message(_state["signal"], _state["epoch"], _state["checkpoint"]), file=sys.stderr, flush=True)
-        sys.exit(EXIT_STOPPED)
+        # re-raised, not sys.exit(130): Python then dies by SIGINT after finalising, the -2 that the
+        # supervisor has always recorded for a stopped trainer, and a shell still shows 130
+        sys.excepthook = _silent_keyboard_interrupt
+        raise
 
 
 if __name__ == "__main__":
