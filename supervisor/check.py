@@ -1,23 +1,39 @@
 """`cardiacseg-train check`: a preflight that lists every problem at once.
 
 How it works: each check appends Findings (fatal, warning or ok) instead of stopping at the first one,
-so a new user fixes everything in one pass. CUDA is probed in a short-lived subprocess with the
-trainer's environment (the supervisor itself never imports torch).
+so a new user fixes everything in one pass. What `run` would do is what `check` tests:
+- the command is resolved like `run` resolves it (job.resolve_command: PATH, else next to the
+  supervisor's own interpreter, which is how a venv install runs under systemd);
+- the trainer class is looked up the way nnUNetv2_train does, and torch's CUDA build is read, by
+  supervisor/trainer/probe.py in a subprocess with the trainer's environment and a timeout (the
+  supervisor itself never imports torch or nnunetv2);
+- every place the run will write is tested with os.access on the effective ids: the plans file AND its
+  folder (the OOM step-down renames a temp file over it), the fold folder (or the part of
+  nnUNet_results it will be created in), the state directory;
+- free space on the fold folder's filesystem must hold three checkpoints (the launcher writes a
+  temporary copy beside checkpoint_latest and checkpoint_best);
+- with device = "cuda", the driver's CUDA version (NVML) is compared with the one torch was built for.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import job
 from .config import Config
 
-MIN_FREE_GB_FATAL = 1.0
 MIN_FREE_GB_WARN = 10.0
+# A checkpoint's size before any exists: the real 3d_lowres run's is ~235 MB, the demo net's ~128 MB.
+CHECKPOINT_ESTIMATE_BYTES = 300 * 10**6
+CHECKPOINTS_ON_DISK = 3  # checkpoint_latest + checkpoint_best + the launcher's temporary copy
+PROBE = Path(__file__).parent / "trainer" / "probe.py"
+PROBE_TIMEOUT_S = 180
 
 
 @dataclass(frozen=True)
@@ -30,84 +46,227 @@ class Finding:
         return self.level == "fatal"
 
 
+def writable(path: Path) -> bool:
+    """May this process (effective uid/gid, as the run will be) create and replace files in path?"""
+    eff = os.access in os.supports_effective_ids
+    return os.access(path, os.W_OK | os.X_OK, effective_ids=eff) if path.is_dir() else \
+        os.access(path, os.W_OK, effective_ids=eff)
+
+
+def existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def dataset_problems(cfg: Config) -> list[str]:
+    """What stops nnU-Net from finding the dataset, plans or configuration ([] when they are fine).
+    Shared by `check` and `run` (plans.startup_batch_size), so both name the same cause."""
+    name = job.dataset_name(cfg)
+    if not cfg.paths.preprocessed.is_dir():
+        return [f"paths.preprocessed: {cfg.paths.preprocessed} is not a directory"]
+    if not (cfg.paths.preprocessed / name).is_dir():
+        return [f"training.dataset: {cfg.training.dataset!r} not found in {cfg.paths.preprocessed} "
+                "(run nnUNetv2_plan_and_preprocess first, or check [paths].preprocessed)"]
+    pf = job.plans_file(cfg)
+    try:
+        confs = json.loads(pf.read_text())["configurations"]
+        names = list(confs)
+    except FileNotFoundError:
+        return [f"training.plans: {pf} does not exist (plans in that folder: "
+                f"{', '.join(p.stem for p in pf.parent.glob('*Plans*.json')) or 'none'})"]
+    except OSError as e:
+        return [f"training.plans: cannot read {pf}: {e.strerror}"]
+    except (ValueError, KeyError, TypeError) as e:
+        return [f"training.plans: {pf} is not a valid plans file (key 'configurations': {e})"]
+    if cfg.training.configuration not in confs:
+        return [f"training.configuration: {cfg.training.configuration!r} is not in {pf} (has: {', '.join(names)})"]
+    return []
+
+
 def _check_dirs(cfg: Config, out: list[Finding]) -> None:
     for key, p in (("paths.preprocessed", cfg.paths.preprocessed), ("paths.results", cfg.paths.results)):
-        if not p.is_dir():
-            out.append(Finding("fatal", f"{key}: {p} is not a directory"))
-        else:
-            out.append(Finding("ok", f"{key}: {p}"))
+        out.append(Finding("ok", f"{key}: {p}") if p.is_dir() else Finding("fatal", f"{key}: {p} is not a directory"))
     if cfg.paths.raw is not None and not cfg.paths.raw.is_dir():
         out.append(Finding("warning", f"paths.raw: {cfg.paths.raw} is not a directory (only needed for planning)"))
-    d = cfg.paths.state_dir
-    probe = d if d.exists() else d.parent
-    if not os.access(probe, os.W_OK):
-        out.append(Finding("fatal", f"paths.state_dir: {d} is not writable by this user"))
 
 
 def _check_dataset(cfg: Config, out: list[Finding]) -> None:
-    name = job.dataset_name(cfg)
-    ds = cfg.paths.preprocessed / name
-    if not ds.is_dir():
-        out.append(Finding("fatal", f"training.dataset: {cfg.training.dataset!r} not found in {cfg.paths.preprocessed} "
-                                    "(run nnUNetv2_plan_and_preprocess first)"))
-        return
-    pf = job.plans_file(cfg)
-    try:
-        plans = json.loads(pf.read_text())
-        confs = plans["configurations"]
-    except FileNotFoundError:
-        out.append(Finding("fatal", f"training.plans: {pf} does not exist"))
-        return
-    except (ValueError, KeyError, TypeError) as e:
-        out.append(Finding("fatal", f"training.plans: {pf} is not a valid plans file ({e})"))
-        return
-    if cfg.training.configuration not in confs:
-        out.append(Finding("fatal", f"training.configuration: {cfg.training.configuration!r} is not in {pf} "
-                                    f"(has: {', '.join(confs)})"))
+    problems = dataset_problems(cfg)
+    if problems:
+        out += [Finding("fatal", p) for p in problems if not p.startswith("paths.preprocessed")]
         return
     from .status import plan_batch_size
-    out.append(Finding("ok", f"dataset {name}, configuration {cfg.training.configuration}, "
+    out.append(Finding("ok", f"dataset {job.dataset_name(cfg)}, configuration {cfg.training.configuration}, "
                              f"batch size {plan_batch_size(cfg)}"))
+
+
+def _check_writable(cfg: Config, out: list[Finding]) -> None:
+    """Everything the run writes, tested before the run needs it."""
+    whom = f"uid {os.geteuid()}"
+    pf = job.plans_file(cfg)
+    if cfg.oom.enabled and pf.is_file():
+        for p, why in ((pf, "the OOM step-down rewrites it"),
+                       (pf.parent, "the OOM step-down writes a temp file and the backup there, then renames")):
+            if not writable(p):
+                out.append(Finding("fatal", f"training.plans: {p} is not writable by {whom} ({why}; "
+                                            "or set [oom] enabled = false)"))
+    fd = job.fold_dir(cfg)
+    base = existing_ancestor(fd)
+    if cfg.paths.results.is_dir() and not writable(base):
+        what = "the fold folder" if base == fd else f"{base}, where the fold folder {fd} will be created,"
+        out.append(Finding("fatal", f"paths.results: {what} is not writable by {whom} (checkpoints and logs go there)"))
+    sd = existing_ancestor(cfg.paths.state_dir)
+    if not writable(sd):
+        out.append(Finding("fatal", f"paths.state_dir: {cfg.paths.state_dir} is not writable by {whom}"
+                                    + ("" if sd == cfg.paths.state_dir else f" (it would be created in {sd})")))
+
+
+def checkpoint_room(cfg: Config) -> tuple[int, str]:
+    """Bytes the fold folder's filesystem must have free, and how that figure was found."""
+    fd = job.fold_dir(cfg)
+    sizes = [(fd / n).stat().st_size for n in ("checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_final.pth")
+             if (fd / n).is_file()]
+    if sizes:
+        return CHECKPOINTS_ON_DISK * max(sizes), f"{CHECKPOINTS_ON_DISK} x the existing checkpoint's {max(sizes) / 1e6:.0f} MB"
+    return CHECKPOINTS_ON_DISK * CHECKPOINT_ESTIMATE_BYTES, \
+        f"{CHECKPOINTS_ON_DISK} x an estimated {CHECKPOINT_ESTIMATE_BYTES / 1e6:.0f} MB (no checkpoint yet)"
 
 
 def _check_results(cfg: Config, out: list[Finding]) -> None:
     fd = job.fold_dir(cfg)
     ck = job.resume_checkpoint(cfg)
-    if ck is None:
-        out.append(Finding("ok", f"no checkpoint in {fd}: training starts at epoch 0"))
-    else:
-        out.append(Finding("ok", f"--c will resume from {ck}"))
-    base = cfg.paths.results if cfg.paths.results.exists() else cfg.paths.results.parent
+    out.append(Finding("ok", f"no checkpoint in {fd}: training starts at epoch 0" if ck is None
+                       else f"--c will resume from {ck}"))
+    base = existing_ancestor(fd)
     try:
-        free = shutil.disk_usage(base).free / 1e9
+        free = shutil.disk_usage(base).free
     except OSError:
         return
-    if free < MIN_FREE_GB_FATAL:
-        out.append(Finding("fatal", f"only {free:.1f} GB free under {base}: checkpoints will fail"))
-    elif free < MIN_FREE_GB_WARN:
-        out.append(Finding("warning", f"only {free:.1f} GB free under {base}"))
+    need, how = checkpoint_room(cfg)
+    if free < need:
+        out.append(Finding("fatal", f"only {free / 1e9:.2f} GB free under {base}; checkpoints need {need / 1e9:.2f} GB "
+                                    f"({how}): checkpoint writes will fail"))
+    elif free < MIN_FREE_GB_WARN * 1e9:
+        out.append(Finding("warning", f"only {free / 1e9:.1f} GB free under {base}"))
 
 
-def _check_command(cfg: Config, out: list[Finding]) -> None:
-    env = job.build_env(cfg)
-    exe = cfg.training.command[0]
-    found = shutil.which(exe, path=env.get("PATH"))
+def _check_command(cfg: Config, env: dict, out: list[Finding]) -> None:
+    argv = job.resolve_command(cfg, env.get("PATH"))  # exactly what `run` will execute
+    exe = argv[0]
+    if "/" in exe:
+        found = exe if os.path.isfile(exe) and os.access(exe, os.X_OK) else None
+    else:
+        found = shutil.which(exe, path=env.get("PATH"))
     if found is None:
-        out.append(Finding("fatal", f"training.command: {exe!r} not found on PATH"))
+        out.append(Finding("fatal", f"training.command: {exe!r} not found on PATH ({env.get('PATH', '')}) nor "
+                                    f"next to {sys.executable}" if "/" not in exe else
+                                    f"training.command: {exe} does not exist or is not executable"))
     else:
         out.append(Finding("ok", f"training command: {found}"))
-    if cfg.training.device == "cuda":
-        code = "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+
+
+def run_probe(cfg: Config, env: dict) -> tuple[dict | None, str]:
+    """supervisor/trainer/probe.py's answer in the trainer's environment, or (None, why not)."""
+    try:
+        r = subprocess.run([sys.executable, str(PROBE), cfg.training.trainer], env=env, capture_output=True,
+                           text=True, timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return None, f"no answer within {PROBE_TIMEOUT_S} s"
+    except OSError as e:
+        return None, f"{sys.executable}: {e.strerror}"
+    for line in reversed(r.stdout.splitlines()):
+        if line.startswith("CARDIACSEG_PROBE "):
+            return json.loads(line.split(" ", 1)[1]), ""
+    tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+    return None, f"exit {r.returncode}: {tail}"
+
+
+def _check_trainer(cfg: Config, info: dict | None, why: str, out: list[Finding]) -> None:
+    name = cfg.training.trainer
+    if info is None:
+        out.append(Finding("warning", f"training.trainer: could not look {name!r} up ({why})"))
+        return
+    if info.get("torch_error"):
+        out.append(Finding("fatal", f"torch does not import in the trainer's environment: {info['torch_error']}"))
+    if info.get("trainer"):
+        out.append(Finding("ok", f"trainer class {info['trainer']}"))
+        return
+    if "searched" not in info:
+        out.append(Finding("fatal", f"training.trainer: {info.get('trainer_error')}"))
+        return
+    close = difflib.get_close_matches(name, info.get("known", []), n=3, cutoff=0.75)
+    out.append(Finding("fatal", f"training.trainer: no nnU-Net trainer class {name!r} in "
+                                + " or ".join(info["searched"])
+                                + ("" if len(info["searched"]) > 1 else
+                                   " (a trainer of your own: put its folder in [environment] nnUNet_extTrainer)")
+                                + (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "")
+                                + ("" if "not find" in (info.get("trainer_error") or "not find")
+                                   else f" ({info['trainer_error']})")))
+
+
+def cuda_mismatch(driver: int | None, built: str | None) -> Finding | None:
+    """Compare the driver's CUDA version (NVML's integer: 12020 = 12.2) with the one torch was built for
+    (torch.version.cuda: "12.1"; None for a CPU-only build). None when there is nothing to report."""
+    if driver is None or not built:
+        return None
+    d = (driver // 1000, driver % 1000 // 10)
+    b = tuple(int(x) for x in built.split(".")[:2])
+    if d >= b:
+        return None
+    fix = (f"install a torch built for CUDA {d[0]}.{d[1]} or older: pip install --force-reinstall torch "
+           f"--index-url https://download.pytorch.org/whl/cuXYZ (XYZ = a CUDA version <= {d[0]}{d[1]}, e.g. "
+           f"cu{d[0]}{min(d[1], 8)}; the indexes that exist are listed at pytorch.org/get-started/previous-versions), "
+           "or update the NVIDIA driver")
+    if d[0] < b[0]:
+        return Finding("fatal", f"torch was built for CUDA {built} but the driver supports CUDA {d[0]}.{d[1]}: "
+                                f"torch cannot use the GPU; {fix}")
+    return Finding("warning", f"torch was built for CUDA {built}, the driver supports CUDA {d[0]}.{d[1]}: it usually "
+                              f"runs (minor-version compatibility) but JIT-compiled kernels may fail; {fix}")
+
+
+def driver_cuda_version() -> tuple[int | None, str]:
+    """NVML's CUDA driver version (e.g. 12020), or (None, why) without an NVIDIA driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return None, "nvidia-ml-py is not installed"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        return None, f"NVML: {e}"
+    try:
+        return int(pynvml.nvmlSystemGetCudaDriverVersion_v2()), ""
+    except pynvml.NVMLError as e:
+        return None, f"NVML: {e}"
+    finally:
         try:
-            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
-            ok = r.returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            ok = False
-        if not ok:
-            out.append(Finding("fatal", "training.device = \"cuda\" but torch sees no CUDA device "
-                                        "(driver, CUDA_VISIBLE_DEVICES, or a CPU-only torch build?)"))
-        else:
-            out.append(Finding("ok", "CUDA is available"))
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+def _check_cuda(cfg: Config, info: dict | None, out: list[Finding]) -> None:
+    if cfg.training.device != "cuda" or info is None or "torch" not in info:
+        return
+    if not info.get("torch_cuda"):
+        out.append(Finding("fatal", f"training.device = \"cuda\" but torch {info['torch']} is a CPU-only build"))
+        return
+    driver, why = driver_cuda_version()
+    mismatch = cuda_mismatch(driver, info["torch_cuda"])
+    if driver is None:
+        out.append(Finding("warning", f"driver CUDA version unknown ({why}): not compared with torch's "
+                                      f"CUDA {info['torch_cuda']}"))
+    elif mismatch is not None:
+        out.append(mismatch)
+    else:
+        out.append(Finding("ok", f"driver supports CUDA {driver // 1000}.{driver % 1000 // 10}, torch built for "
+                                 f"CUDA {info['torch_cuda']}"))
+    if info.get("cuda_available"):
+        out.append(Finding("ok", "CUDA is available"))
+    elif mismatch is None or not mismatch.fatal:
+        out.append(Finding("fatal", "training.device = \"cuda\" but torch sees no CUDA device "
+                                    "(driver, CUDA_VISIBLE_DEVICES, or a CPU-only torch build?)"))
 
 
 def _check_thermal(cfg: Config, out: list[Finding]) -> None:
@@ -142,10 +301,15 @@ class _Quiet:
 
 def run_checks(cfg: Config) -> list[Finding]:
     out: list[Finding] = []
+    env = job.build_env(cfg)
     _check_dirs(cfg, out)
     _check_dataset(cfg, out)
+    _check_writable(cfg, out)
     _check_results(cfg, out)
-    _check_command(cfg, out)
+    _check_command(cfg, env, out)
+    info, why = run_probe(cfg, env)
+    _check_trainer(cfg, info, why, out)
+    _check_cuda(cfg, info, out)
     _check_thermal(cfg, out)
     return out
 

@@ -7,11 +7,13 @@ Exit codes of `run` (the systemd unit depends on them):
   3  gave up (restart budget exhausted)
   4  another supervisor already runs on this state directory
 `status` exits 0, or 2 when the config cannot be read. `check` exits 0 when nothing is fatal, else 2.
+Any command whose output pipe is closed early (`status | head`) exits 141 without a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import config as config_mod
@@ -32,7 +34,7 @@ def cmd_run(args) -> int:
     from .store import LockedError
 
     cfg = _load(args.config)
-    logs.setup(cfg.logging.level)
+    logs.setup(cfg.logging.level, trainer_output=not args.quiet_trainer)
     try:
         return Daemon(cfg).run()
     except config_mod.ConfigError as e:  # found at start-up (e.g. the plans file), before training
@@ -86,38 +88,100 @@ def cmd_demo(args) -> int:
     return demo_main(args)
 
 
+def version() -> str:
+    """The installed distribution's version; the package's own when run from a source tree."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("cardiacseg-train")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+        return __version__
+
+
+CONFIG_HELP = "the job's config.toml (see config.toml in the repository for every key)"
+
+SUBCOMMANDS = {  # name: (one-line help, description for `name --help`)
+    "run": ("supervise training in the foreground (what systemd starts)",
+            "Start nnU-Net training as [training] describes and keep it alive: restart it with --c after a "
+            "crash, step the batch size down after a CUDA OOM, pause it when the GPU is too hot, and stop it at "
+            "a safe point once the EMA pseudo Dice reaches [target] ema_dice. Logs go to stderr, one event "
+            "per line; Ctrl-C (or SIGTERM) stops the trainer gracefully. Exit codes: see the README."),
+    "status": ("where training stands (works with or without the daemon)",
+               "Show the state, epoch, EMA and per-class Dice, ETAs, batch size, restarts and every attempt. "
+               "Reads state.json and the training logs; never changes anything, and works while `run` is "
+               "running, after it ended, or for a run that was never supervised."),
+    "check": ("preflight: list every problem at once",
+              "Test what `run` needs before it starts: the folders and what must be writable, the dataset "
+              "and plans, the training command and the trainer class (looked up as nnU-Net does), free space "
+              "for checkpoints, torch's CUDA build against the driver, and the thermal guard. Prints one line "
+              "per finding; exits 2 when anything is fatal, else 0."),
+    "install-unit": ("install the systemd units, user and /etc config",
+                     "Write cardiacseg-train.service and cardiacseg-train@.service pointing at this install, "
+                     "create the service user (as root), and copy the example config to "
+                     "/etc/cardiacseg-train/config.toml unless one is there."),
+    "uninstall-unit": ("move the unit files aside (config and state are kept)",
+                       "Move the installed unit files aside; the config and the state directory are kept."),
+    "demo": ("synthetic dataset + real nnU-Net on the CPU under the supervisor",
+             "Make a tiny synthetic dataset, plan and preprocess it, and supervise real nnU-Net training on "
+             "the CPU with an injected crash and a reachable Dice target; then print `status`."),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cardiacseg-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="supervise training in the foreground (what systemd starts)")
-    r.add_argument("--config", required=True, help="path to config.toml")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                           help="`cardiacseg-train COMMAND --help` describes each")
+
+    def add(name):
+        short, long = SUBCOMMANDS[name]
+        return sub.add_parser(name, help=short, description=long)
+
+    r = add("run")
+    r.add_argument("--config", required=True, help=CONFIG_HELP)
+    r.add_argument("--quiet-trainer", action="store_true",
+                   help="do not echo the trainer's own output (src=trainer lines), whatever [logging] level "
+                        "says; it is still kept in <state_dir>/attempts/attempt-NNNN.log")
     r.set_defaults(fn=cmd_run)
-    s = sub.add_parser("status", help="where training stands (works with or without the daemon)")
-    s.add_argument("--config", required=True)
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s = add("status")
+    s.add_argument("--config", required=True, help=CONFIG_HELP)
+    s.add_argument("--json", action="store_true", help="machine-readable output (one JSON object)")
     s.set_defaults(fn=cmd_status)
-    c = sub.add_parser("check", help="preflight: list every problem at once")
-    c.add_argument("--config", required=True)
+    c = add("check")
+    c.add_argument("--config", required=True, help=CONFIG_HELP)
     c.set_defaults(fn=cmd_check)
-    i = sub.add_parser("install-unit", help="install the systemd units, user and /etc config")
+    i = add("install-unit")
     i.add_argument("--root", default="/", help="install below this root (default /)")
     i.add_argument("--user", default="cardiacseg", help="service user (default cardiacseg)")
     i.add_argument("--no-create-user", action="store_true", help="do not run useradd")
     i.set_defaults(fn=cmd_install)
-    u = sub.add_parser("uninstall-unit", help="move the unit files aside (config and state are kept)")
-    u.add_argument("--root", default="/")
+    u = add("uninstall-unit")
+    u.add_argument("--root", default="/", help="the root the units were installed below (default /)")
     u.set_defaults(fn=cmd_uninstall)
-    d = sub.add_parser("demo", help="synthetic dataset + real nnU-Net on the CPU under the supervisor")
+    d = add("demo")
     d.add_argument("--dir", default="demo-run", help="working folder (default ./demo-run)")
     d.add_argument("--no-crash", action="store_true", help="skip the injected crash")
     d.set_defaults(fn=cmd_demo)
     return p
 
 
+# `status | head`: the reader went away. Like a command killed by SIGPIPE, exit 128 + 13, silently.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        rc = args.fn(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's documented recipe: point stdout at devnull so the flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return rc
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """`cardiacseg-train demo`: real nnU-Net on the CPU under the supervisor, on a synthetic dataset.
 
 How it works: (1) write a tiny synthetic "cardiac" dataset to <dir>/raw (6 volumes of 32^3 with three
-nested foreground structures, the third one tiny, as in the real run where it stays at Dice 0);
+nested foreground structures, the third one tiny: like a small structure in real data, it stays at Dice 0
+for the first epochs);
 (2) run nnUNetv2_plan_and_preprocess for 3d_fullres; (3) write <dir>/config.toml with the tiny demo
-trainer (supervisor/trainer/demo_trainers via nnUNet_extTrainer), an injected crash (SIGKILL) at epoch 2 and
+trainer (supervisor/trainer/demo_trainers via nnUNet_extTrainer), an injected crash (a RuntimeError) at epoch 2 and
 a reachable EMA target; (4) run `cardiacseg-train run` on it; (5) print `cardiacseg-train status`.
 Steps 1-2 are skipped when their output already exists. The same helpers build the end-to-end tests.
 """

@@ -8,6 +8,10 @@ to stderr; calling it again (on reload) changes the level. Two renderings:
   (journald adds it), no colour, and newlines escaped as `\\n`, so one event is one journal entry and
   `journalctl -p warning` shows exactly the warnings and errors.
 Trainer output is logged with the trainer's line as the event and `src=trainer attempt=N`.
+`setup(level, trainer_output=False)` (`run --quiet-trainer`) puts `drop_trainer_output` in front of the
+renderer: events with src="trainer" are dropped from this stream, whatever the level (they are still in
+`<state_dir>/attempts/attempt-NNNN.log`, written by the daemon, not by logging). The choice is kept
+across later `setup(level)` calls (a reload) that do not pass trainer_output.
 """
 from __future__ import annotations
 
@@ -50,14 +54,29 @@ def journal_renderer(_logger, _method, ev: dict) -> str:
     return f"<{PRIORITY.get(level, 6)}>" + line.replace("\r", "").replace("\n", "\\n")
 
 
-def setup(level: str = "info", stream=None, journal: bool | None = None) -> None:
+def drop_trainer_output(_logger, _method, ev: dict) -> dict:
+    """structlog processor: the trainer's forwarded lines do not reach the console."""
+    if ev.get("src") == "trainer":
+        raise structlog.DropEvent
+    return ev
+
+
+_settings = {"trainer_output": True}
+
+
+def setup(level: str = "info", stream=None, journal: bool | None = None,
+          trainer_output: bool | None = None) -> None:
     stream = stream or sys.stderr
+    if trainer_output is not None:
+        _settings["trainer_output"] = trainer_output
     if journal is None:
         journal = under_journald(stream)
+    first = [] if _settings["trainer_output"] else [drop_trainer_output]
     if journal:
-        processors = [structlog.processors.add_log_level, journal_renderer]
+        processors = [*first, structlog.processors.add_log_level, journal_renderer]
     else:
         processors = [
+            *first,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
             structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0, sort_keys=False),

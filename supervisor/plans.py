@@ -118,17 +118,25 @@ def _backup(path: Path, backup: Path) -> None:
 
 
 def startup_batch_size(cfg) -> int | None:
-    """The plan's batch size, validated before anything starts (ConfigError names the file and key)."""
+    """The plan's batch size, validated before anything starts (ConfigError names the file and key).
+
+    A missing dataset, plans file or configuration is named as such, with the words `check` uses
+    (check.dataset_problems), whether or not [oom] needs the batch size: the trainer would only fail on it.
+    """
+    from .check import dataset_problems
     from .config import ConfigError
     from .job import plans_file
 
+    problems = dataset_problems(cfg)
+    if problems:
+        raise ConfigError(cfg.path, problems)
     if not cfg.oom.enabled:
         return None
     path = plans_file(cfg)
     try:
         bs = read_batch_size(path, cfg.training.configuration)
     except PlansError as e:
-        raise ConfigError(cfg.path, [f"[oom] needs the plans file: {e}"]) from None
+        raise ConfigError(cfg.path, [f"[oom] needs the batch size from the plans file: {e}"]) from None
     if cfg.oom.min_batch_size > bs:
         raise ConfigError(cfg.path, [
             f"oom.min_batch_size: expected <= the plan's batch size {bs} ({path}: "

@@ -3,7 +3,11 @@
 How it works: read state.json (never modify it) and the lock (held = a daemon is running). When there is
 no state yet, the epoch history comes straight from the fold's training logs, so status also describes
 a run that was never supervised. ETAs: to the target from a least-squares line through the EMA of the
-last 10 epochs (none when the EMA is not rising); to the last epoch from the median epoch time.
+last 10 epochs (none when the EMA is not rising); to the last epoch from the median epoch time. No ETA
+for a finished run, nor to a target that a class blocks: under target.min_class_dice, a class below the
+minimum whose Dice has not risen over the trend window (e.g. stuck at 0.0) is named instead.
+Restarts are the attempts the supervisor started because the previous one ended with a reason it restarts
+(a crash, an OOM, a hang, a thermal stop, ...); a new `run` after a stop or a lost supervisor is not one.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import statistics
 import time
 
 from . import job
+from .classify import RESTARTABLE, Reason
 from .config import Config
 from .logparse import EpochRecord, History, LogFollower, replay
 from .plans import PlansError, read_batch_size
@@ -20,6 +25,8 @@ from .statusline import summary_line  # noqa: F401  (re-exported)
 from .store import Lock, StateStore
 
 TREND_EPOCHS = 10
+# Reasons after which the supervisor itself starts the next attempt (thermal ones once cool).
+RESTARTED_AFTER = frozenset(r.value for r in RESTARTABLE | {Reason.THERMAL_STOP, Reason.SENSOR_LOST})
 
 
 def plan_batch_size(cfg: Config) -> int | None:
@@ -43,6 +50,32 @@ def eta_to_target(recs: list[EpochRecord], target: float | None, epoch_s: float 
     if slope <= 0:
         return None
     return math.ceil((target - pts[-1][1]) / slope) * epoch_s
+
+
+def target_blocker(recs: list[EpochRecord], min_class_dice: float | None) -> str | None:
+    """The class that keeps the target out of reach on the current trend, or None.
+
+    A class blocks when its last Dice is below min_class_dice and it has not risen over the last
+    TREND_EPOCHS epochs (at least 3 of them): the EMA can reach the target, the class rule cannot."""
+    if min_class_dice is None or len(recs) < 3:
+        return None
+    window = recs[-TREND_EPOCHS:]
+    n = min(len(r.dice) for r in window)
+    for i in range(n):
+        vals = [r.dice[i] for r in window]
+        if any(math.isnan(v) for v in vals):
+            continue
+        if vals[-1] < min_class_dice and max(vals) <= vals[0]:
+            return (f"class {i + 1} at {vals[-1]:.4f} for {len(vals)} epochs, below target.min_class_dice "
+                    f"{min_class_dice:g}: no ETA")
+    return None
+
+
+def restart_count(attempts: list[dict]) -> tuple[int, list]:
+    """(restarts the supervisor made, the reasons that caused them) from state.json's attempts."""
+    reasons = [prev.get("reason") for prev, _cur in zip(attempts, attempts[1:])
+               if prev.get("reason") in RESTARTED_AFTER]
+    return len(reasons), reasons
 
 
 def _thermal(cfg: Config) -> dict | None:
@@ -83,7 +116,11 @@ def gather(cfg: Config) -> dict:
         state = f"not running (last: {state})"
     remaining = (cfg.training.expected_epochs - last.epoch - 1) if last else cfg.training.expected_epochs
     bs = plan_batch_size(cfg)
-    restarts = [a for a in attempts[1:]]
+    n_restarts, restart_reasons = restart_count(attempts)
+    finished = sup.get("state") in ("done", "failed") or (job.fold_dir(cfg) / "checkpoint_final.pth").is_file()
+    blocker = None if finished else target_blocker(recs, cfg.target.min_class_dice)
+    eta_target = None if finished or blocker else eta_to_target(recs, cfg.target.ema_dice, epoch_s)
+    eta_end = None if finished or epoch_s is None or remaining < 0 else remaining * epoch_s
     return {
         "state": state,
         "running": bool(holder),
@@ -99,16 +136,18 @@ def gather(cfg: Config) -> dict:
         "last_epoch_time_s": last.epoch_time if last else None,
         "median_epoch_time_s": epoch_s,
         "expected_epochs": cfg.training.expected_epochs,
-        "eta_target_s": eta_to_target(recs, cfg.target.ema_dice, epoch_s),
-        "eta_last_epoch_s": remaining * epoch_s if epoch_s is not None and remaining >= 0 else None,
+        "eta_target_s": eta_target,
+        "eta_last_epoch_s": eta_end,
+        "target_blocked_by": blocker,
+        "finished": finished,
         "batch_size": bs,
         "original_batch_size": sup.get("original_batch_size") or bs,
         "min_batch_size": cfg.oom.min_batch_size,
         "n_proc_da": sup.get("n_proc_da"),
         "changes": data.get("changes", []),
         "restart_at": sup.get("restart_at"),
-        "restarts": len(restarts),
-        "restart_reasons": [a.get("reason") for a in attempts[:-1]] if attempts else [],
+        "restarts": n_restarts,
+        "restart_reasons": restart_reasons,
         "history": [{k: a.get(k) for k in ("n", "reason", "exit_code", "started_at", "ended_at",
                                               "epoch_start", "epoch_reached", "resume_from", "log")}
                     for a in attempts],
@@ -138,6 +177,27 @@ def _f4(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
+def _d(x, unit: str = "") -> str:
+    """A value for people: '-' for unknown, never 'None'."""
+    return "-" if x is None else f"{x:g}{unit}" if isinstance(x, float) else f"{x}{unit}"
+
+
+def _eta_target(i: dict) -> str:
+    if not i["target_ema_dice"]:
+        return "no target set"
+    if i.get("finished"):
+        return "-  (finished)"
+    return i.get("target_blocked_by") or _dur(i["eta_target_s"])
+
+
+def _epochs(a: dict) -> str:
+    if a.get("epoch_start") is None and a.get("epoch_reached") is None:
+        return ""
+    if a.get("epoch_reached") is None:
+        return f"from epoch {_d(a.get('epoch_start'))}" + (", none finished  " if a.get("ended_at") else "  ")
+    return f"epochs {_d(a.get('epoch_start'))}..{a['epoch_reached']}  "
+
+
 def render(i: dict) -> str:
     lines = [f"state:        {i['state']}" + (f"  ({i['supervisor']})" if i["running"] else "")]
     if i["outcome"]:
@@ -151,11 +211,11 @@ def render(i: dict) -> str:
         f"epoch:        {'-' if i['epoch'] is None else i['epoch']} of {i['expected_epochs']}",
         f"EMA Dice:     {_f4(i['ema_dice'])}{target}   best {_f4(i['best_ema_dice'])}",
         "class Dice:   " + (" / ".join(_f4(d) for d in i["dice_per_class"]) or "-"),
-        f"epoch time:   last {i['last_epoch_time_s'] or '-'} s, median {i['median_epoch_time_s'] or '-'} s",
-        f"ETA target:   {_dur(i['eta_target_s']) if i['target_ema_dice'] else 'no target set'}",
-        f"ETA end:      {_dur(i['eta_last_epoch_s'])}",
+        f"epoch time:   last {_d(i['last_epoch_time_s'], ' s')}, median {_d(i['median_epoch_time_s'], ' s')}",
+        f"ETA target:   {_eta_target(i)}",
+        f"ETA end:      {'-  (finished)' if i.get('finished') else _dur(i['eta_last_epoch_s'])}",
         f"batch size:   {i['batch_size'] if i['batch_size'] is not None else 'unknown'}"
-        f"  (original {i['original_batch_size']}, minimum {i['min_batch_size']})",
+        f"  (original {_d(i['original_batch_size'])}, minimum {i['min_batch_size']})",
         f"DA workers:   {i['n_proc_da'] or 'default'}",
         f"restarts:     {i['restarts']}" + (f"  ({', '.join(str(r) for r in i['restart_reasons'])})"
                                            if i["restart_reasons"] else ""),
@@ -180,8 +240,7 @@ def render(i: dict) -> str:
     if i["history"]:
         lines.append("attempts:")
         for a in i["history"][-10:]:
-            lines.append(f"  #{a['n']}: {_ts(a['started_at'])} -> {_ts(a['ended_at'])}  "
-                         f"epochs {a['epoch_start']}..{a['epoch_reached'] if a['epoch_reached'] is not None else '-'}  "
-                         f"{a['reason'] or 'running'}  exit {a['exit_code']}")
+            lines.append(f"  #{_d(a['n'])}: {_ts(a['started_at'])} -> {_ts(a['ended_at'])}  {_epochs(a)}"
+                         f"{a['reason'] or 'running'}" + ("" if a["exit_code"] is None else f"  exit {a['exit_code']}"))
     lines.append(f"fold folder:  {i['fold_dir']}")
     return "\n".join(lines)

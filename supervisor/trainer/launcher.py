@@ -12,6 +12,15 @@ nnUNetTrainer base class, so they hold for every trainer derived from it:
    (stopping within seconds, losing at most the partial epoch; nnU-Net saves nothing on SIGINT), except
    while a checkpoint is being written, when the interrupt is raised right after the write completes.
    An interrupt at an epoch boundary thus stops after that epoch's checkpoint.
+A requested stop ends with ONE line on stderr instead of nnU-Net's KeyboardInterrupt traceback
+(`cardiacseg-train-nnunet: stopped by SIGINT after epoch 4; last checkpoint: checkpoint_latest.pth`); the
+KeyboardInterrupt is then re-raised with the traceback printer silenced, so Python finalises (atexit:
+multiprocessing ends the workers) and ends the process by SIGINT as it always does for an uncaught
+KeyboardInterrupt: returncode -2 for the supervisor, exit status 130 in a shell. The augmentation workers (forked children of the
+trainer, in its process group, so they receive the same SIGINT) ignore SIGINT: the trainer alone decides,
+and ends them when it exits (multiprocessing terminates its daemonic children); their own
+KeyboardInterrupt tracebacks, interleaved with the trainer's, are gone with it. SIGTERM still ends a
+worker, silently.
 Under `-num_gpus N` the DDP ranks are started by torch's spawn in fresh interpreters: `run_ddp` is
 replaced by a picklable wrapper that applies the same patches in each rank.
 """
@@ -21,14 +30,39 @@ import os
 import signal
 import sys
 
-_state = {"saving": 0, "pending": None}
+_state = {"saving": 0, "pending": None, "main_pid": os.getpid(), "signal": None, "epoch": None,
+          "checkpoint": None}
 
 
 def _handler(signum, _frame):
+    if os.getpid() != _state["main_pid"]:  # a forked augmentation worker inherited this handler
+        if signum == signal.SIGTERM:
+            os._exit(128 + signum)  # multiprocessing's terminate() at the trainer's exit: go quietly
+        return  # SIGINT: the trainer stops; it ends its workers itself
+    _state["signal"] = signum
     if _state["saving"]:
         _state["pending"] = signum
         return
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+def stop_message(signum: int | None, epoch: int | None, checkpoint: str | None) -> str:
+    """The one line a requested stop ends with."""
+    by = signal.Signals(signum).name if signum else "KeyboardInterrupt"
+    when = f"after epoch {epoch}" if epoch is not None else "before the first epoch of this run finished"
+    ck = checkpoint or "none written by this run"
+    return f"cardiacseg-train-nnunet: stopped by {by} {when}; last checkpoint: {ck}"
+
+
+def quiet_producer(*args, **kwargs):
+    """batchgenerators' augmentation worker, with SIGINT ignored (also where workers are spawned)."""
+    from batchgenerators.dataloading import nondet_multi_threaded_augmenter as nd
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return _ORIG_PRODUCER[0](*args, **kwargs) if _ORIG_PRODUCER else nd.producer(*args, **kwargs)
+
+
+_ORIG_PRODUCER: list = []
 
 
 def atomic_torch_save(obj, filename: str) -> None:
@@ -44,6 +78,10 @@ def atomic_torch_save(obj, filename: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, filename)
+        _state["checkpoint"] = os.path.basename(filename)
+        if isinstance(obj, dict) and isinstance(obj.get("current_epoch"), int):
+            # nnU-Net stores the NEXT epoch; an interrupt right after this write precedes on_epoch_end's end
+            _state["epoch"] = max(_state["epoch"] if _state["epoch"] is not None else -1, obj["current_epoch"] - 1)
         dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -67,10 +105,15 @@ def apply_patches() -> None:
         return
     every = max(1, int(os.environ.get("CARDIACSEG_CHECKPOINT_EVERY", "1")))
     orig_start = cls.on_train_start
+    orig_epoch_end = cls.on_epoch_end
 
     def on_train_start(self):
         orig_start(self)
         self.save_every = every
+
+    def on_epoch_end(self):
+        orig_epoch_end(self)  # logs, saves, then advances current_epoch
+        _state["epoch"] = self.current_epoch - 1
 
     class _AtomicTorch:
         """Stands in for the `torch` module inside nnUNetTrainer.py: torch.save becomes atomic."""
@@ -86,7 +129,22 @@ def apply_patches() -> None:
 
     mod.torch = _AtomicTorch()  # the trainer module's global `torch`, used by save_checkpoint
     cls.on_train_start = on_train_start
+    cls.on_epoch_end = on_epoch_end
+    try:
+        from batchgenerators.dataloading import nondet_multi_threaded_augmenter as nd
+    except ImportError:
+        pass
+    else:
+        if nd.producer is not quiet_producer:
+            _ORIG_PRODUCER.append(nd.producer)
+            nd.producer = quiet_producer
     cls._cardiacseg_patched = True
+    install_signal_handlers()
+
+
+def install_signal_handlers() -> None:
+    """SIGINT/SIGTERM -> _handler, in this process (its forked workers inherit it and stay quiet)."""
+    _state["main_pid"] = os.getpid()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _handler)
 
@@ -109,7 +167,24 @@ def main() -> None:
     if rt.run_ddp is not run_ddp:
         _ORIG_RUN_DDP.append(rt.run_ddp)
         rt.run_ddp = run_ddp
-    rt.run_training_entry()
+    run_until_stopped(rt.run_training_entry)
+
+
+def _silent_keyboard_interrupt(etype, value, tb):
+    if not issubclass(etype, KeyboardInterrupt):
+        sys.__excepthook__(etype, value, tb)
+
+
+def run_until_stopped(fn) -> None:
+    """fn(); a requested stop (KeyboardInterrupt) ends with one line instead of a traceback, by SIGINT."""
+    try:
+        fn()
+    except KeyboardInterrupt:
+        print(stop_message(_state["signal"], _state["epoch"], _state["checkpoint"]), file=sys.stderr, flush=True)
+        # re-raised, not sys.exit(130): Python then dies by SIGINT after finalising, the -2 that the
+        # supervisor has always recorded for a stopped trainer, and a shell still shows 130
+        sys.excepthook = _silent_keyboard_interrupt
+        raise
 
 
 if __name__ == "__main__":

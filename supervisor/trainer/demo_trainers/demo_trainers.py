@@ -1,6 +1,11 @@
 """Tiny nnU-Net trainers for the CPU demo and end-to-end tests (loaded through nnUNet_extTrainer).
 
-nnUNetTrainerDemo: a few iterations per epoch and CARDIACSEG_DEMO_EPOCHS epochs (default 8). Its
+nnUNetTrainerDemo: a few iterations per epoch and CARDIACSEG_DEMO_EPOCHS epochs (default 8). Seeded
+(CARDIACSEG_DEMO_SEED, default 0): python's random, numpy and torch in the trainer, and each augmentation
+worker (nnU-Net starts them with seeds=None, i.e. from the OS), with torch's deterministic algorithms
+where they exist (warn_only). Each attempt seeds afresh, so a run with the same crash repeats the same way
+on one machine and software stack; across CPUs, thread counts or library versions the Dice values may
+still differ in the last digits, so the epoch at which an EMA crosses a target is not promised. Its
 checkpointing is stock nnU-Net's (checkpoint_latest every 50 epochs): the supervisor's default launcher
 (cardiacseg-train-nnunet) is what makes it save every epoch.
 CARDIACSEG_DEMO_CRASH_AT=k raises a RuntimeError at the start of epoch k, once per results folder
@@ -14,10 +19,22 @@ nnUNetTrainerDemoOOM: raises torch.OutOfMemoryError from its train step while th
 is above 1, like a real CUDA OOM (for the OOM step-down tests).
 """
 import os
+import random
 
+import numpy as np
 import torch
 
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 class nnUNetTrainerDemo(nnUNetTrainer):
@@ -26,6 +43,21 @@ class nnUNetTrainerDemo(nnUNetTrainer):
         self.num_iterations_per_epoch = int(os.environ.get("CARDIACSEG_DEMO_ITERS", 6))
         self.num_val_iterations_per_epoch = 2
         self.num_epochs = int(os.environ.get("CARDIACSEG_DEMO_EPOCHS", 8))
+        self.demo_seed = int(os.environ.get("CARDIACSEG_DEMO_SEED", 0))
+        seed_everything(self.demo_seed)
+
+    def get_dataloaders(self):
+        """nnU-Net's dataloaders, with its augmentation workers seeded (it passes seeds=None)."""
+        orig, seed = trainer_module.NonDetMultiThreadedAugmenter, self.demo_seed
+
+        def seeded(*args, num_processes=1, seeds=None, **kwargs):
+            return orig(*args, num_processes=num_processes, seeds=[seed + i for i in range(num_processes)], **kwargs)
+
+        trainer_module.NonDetMultiThreadedAugmenter = seeded
+        try:
+            return super().get_dataloaders()
+        finally:
+            trainer_module.NonDetMultiThreadedAugmenter = orig
 
     def on_epoch_start(self):
         crash_at = os.environ.get("CARDIACSEG_DEMO_CRASH_AT")
