@@ -61,7 +61,7 @@ def existing_ancestor(path: Path) -> Path:
 
 def dataset_problems(cfg: Config) -> list[str]:
     """What stops nnU-Net from finding the dataset, plans or configuration ([] when they are fine).
-    Shared by `check` and `run` (plans.startup_batch_size), so both name the same cause."""
+    Shared by `check` and `run` (startup_batch_size), so both name the same cause."""
     name = job.dataset_name(cfg)
     if not cfg.paths.preprocessed.is_dir():
         return [f"paths.preprocessed: {cfg.paths.preprocessed} is not a directory"]
@@ -96,9 +96,9 @@ def _check_dataset(cfg: Config, out: list[Finding]) -> None:
     if problems:
         out += [Finding("fatal", p) for p in problems if not p.startswith("paths.preprocessed")]
         return
-    from .status import plan_batch_size
+    from .plans import plan_batch_size
     out.append(Finding("ok", f"dataset {job.dataset_name(cfg)}, configuration {cfg.training.configuration}, "
-                             f"batch size {plan_batch_size(cfg)}"))
+                             f"batch size {plan_batch_size(job.plans_file(cfg), cfg.training.configuration)}"))
 
 
 def _check_writable(cfg: Config, out: list[Finding]) -> None:
@@ -311,7 +311,18 @@ def run_checks(cfg: Config) -> list[Finding]:
     _check_trainer(cfg, info, why, out)
     _check_cuda(cfg, info, out)
     _check_thermal(cfg, out)
+    _check_others(cfg, out)
+    from . import metrics, notify
+    out += [Finding(level, text) for level, text in notify.check_findings(cfg) + metrics.check_findings(cfg)]
     return out
+
+
+def _check_others(cfg: Config, out: list[Finding]) -> None:
+    from . import others
+    found = others.find(cfg)
+    if found:
+        out.append(Finding("fatal", f"another trainer is already training this fold ({others.describe(found)}): "
+                                    "`run` refuses to start a second one; stop it, or use `run --take-over`"))
 
 
 def render(findings: list[Finding]) -> str:
@@ -320,3 +331,29 @@ def render(findings: list[Finding]) -> str:
     n = sum(f.fatal for f in findings)
     lines.append(f"{n} fatal problem(s)" if n else "no fatal problems")
     return "\n".join(lines)
+
+
+def startup_batch_size(cfg) -> int | None:
+    """The plan's batch size, validated before anything starts (ConfigError names the file and key).
+
+    A missing dataset, plans file or configuration is named as such, with the words `check` uses
+    (dataset_problems), whether or not [oom] needs the batch size: the trainer would only fail on it.
+    """
+    from .config import ConfigError
+    from .plans import PlansError, read_batch_size
+
+    problems = dataset_problems(cfg)
+    if problems:
+        raise ConfigError(cfg.path, problems)
+    if not cfg.oom.enabled:
+        return None
+    path = job.plans_file(cfg)
+    try:
+        bs = read_batch_size(path, cfg.training.configuration)
+    except PlansError as e:
+        raise ConfigError(cfg.path, [f"[oom] needs the batch size from the plans file: {e}"]) from None
+    if cfg.oom.min_batch_size > bs:
+        raise ConfigError(cfg.path, [
+            f"oom.min_batch_size: expected <= the plan's batch size {bs} ({path}: "
+            f"configurations.{cfg.training.configuration}.batch_size), got {cfg.oom.min_batch_size}"])
+    return bs

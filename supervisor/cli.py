@@ -33,8 +33,18 @@ def cmd_run(args) -> int:
     from .daemon import Daemon
     from .store import LockedError
 
+    from . import others
+
     cfg = _load(args.config)
     logs.setup(cfg.logging.level, trainer_output=not args.quiet_trainer)
+    found = others.find(cfg)
+    if found and not args.take_over:
+        print(f"cardiacseg-train: another trainer is already training this fold ({others.describe(found)}); "
+              "two trainers in one results folder corrupt each other's checkpoints and logs. Stop it, or "
+              "run with --take-over to stop it at its next safe point and continue with --c.", file=sys.stderr)
+        return ExitCode.CONFIG
+    if found:
+        others.take_over(cfg, found, logs.get())
     try:
         return Daemon(cfg).run()
     except config_mod.ConfigError as e:  # found at start-up (e.g. the plans file), before training
@@ -68,6 +78,13 @@ def cmd_check(args) -> int:
     problems = run_checks(cfg)
     print(render(problems))
     return ExitCode.CONFIG if any(p.fatal for p in problems) else 0
+
+
+def cmd_plot(args) -> int:
+    from . import plot
+
+    cfg = _load(args.config)
+    return plot.main(cfg, args.output)
 
 
 def cmd_install(args) -> int:
@@ -122,6 +139,10 @@ SUBCOMMANDS = {  # name: (one-line help, description for `name --help`)
                      "/etc/cardiacseg-train/config.toml unless one is there."),
     "uninstall-unit": ("move the unit files aside (config and state are kept)",
                        "Move the installed unit files aside; the config and the state directory are kept."),
+    "plot": ("draw the progress plot (EMA, per-class Dice, restarts, OOM steps, heat, the stop)",
+             "Draw EMA and per-class pseudo Dice against epochs across all attempts, the target line, a marker "
+             "for each restart, batch-size step-down, thermal pause/stop and the stop, and epoch times. The "
+             "daemon also redraws <state_dir>/progress.png after every epoch."),
     "demo": ("synthetic dataset + real nnU-Net on the CPU under the supervisor",
              "Make a tiny synthetic dataset, plan and preprocess it, and supervise real nnU-Net training on "
              "the CPU with an injected crash and a reachable Dice target; then print `status`."),
@@ -144,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet-trainer", action="store_true",
                    help="do not echo the trainer's own output (src=trainer lines), whatever [logging] level "
                         "says; it is still kept in <state_dir>/attempts/attempt-NNNN.log")
+    r.add_argument("--take-over", action="store_true",
+                   help="another trainer (e.g. a hand-started nnUNetv2_train ... --c) trains this fold: stop it "
+                        "at its next safe point, then continue with --c (without it, run refuses: exit 2)")
     r.set_defaults(fn=cmd_run)
     s = add("status")
     s.add_argument("--config", required=True, help=CONFIG_HELP)
@@ -160,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     u = add("uninstall-unit")
     u.add_argument("--root", default="/", help="the root the units were installed below (default /)")
     u.set_defaults(fn=cmd_uninstall)
+    pl = add("plot")
+    pl.add_argument("--config", required=True, help=CONFIG_HELP)
+    pl.add_argument("-o", "--output", default=None, help="PNG to write (default <state_dir>/progress.png)")
+    pl.set_defaults(fn=cmd_plot)
     d = add("demo")
     d.add_argument("--dir", default="demo-run", help="working folder (default ./demo-run)")
     d.add_argument("--no-crash", action="store_true", help="skip the injected crash")

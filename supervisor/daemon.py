@@ -31,6 +31,7 @@ from collections import deque
 
 from . import checkpoints, job, logs, plans, proc, thermal
 from .attempt import Attempt
+from .check import startup_batch_size
 from .classify import Exit, Reason
 from .config import Config, ConfigError, load
 from .events import (ActionFailed, BatchSizeSet, ChildExited, DiskSpace, EpochDone, EpochStarted, Finish, Log,
@@ -84,7 +85,12 @@ class Daemon:
         safe_mkdir(self.cfg.paths.state_dir, follow_symlink=True)  # a linked state_dir is the admin's choice
         safe_mkdir(self.cfg.paths.state_dir / "attempts")         # a link planted inside it is refused
         self.lock.acquire()
-        data = self.store.load(job.job_identity(self.cfg), lambda ev, **kw: self.log.warning(ev, **kw))
+        try:
+            data = self.store.load(job.job_identity(self.cfg), lambda ev, **kw: self.log.warning(ev, **kw))
+        except OSError as e:  # e.g. a directory named state.json: not ours to read, never deleted
+            dest = move_aside(self.store.path, "corrupt")
+            self.log.warning("state_moved_aside", path=str(self.store.path), moved_to=str(dest), why=str(e))
+            data = None
         if data:
             try:
                 self.sup = Sup.from_json(data.get("sup", {}), self.mono(), self.wall())
@@ -99,7 +105,7 @@ class Daemon:
             leftover = cur.get("pgid") or -1  # -1: recorded before its pid was known: find it by marker
             cur.update(ended_at=self.wall(), reason="supervisor_lost")
         # The logs are the truth: replay them all (an earlier supervisor, or another machine, wrote them).
-        replay(self.follower.poll(), self.history)
+        replay(self.follower.drain(), self.history)
         if (last := self.history.last()) is not None:
             self.log.info("history_loaded", epochs=len(self.history.records), last_epoch=last.epoch,
                           ema=_r(last.ema), best_ema=_r(self.history.best_ema()))
@@ -117,7 +123,7 @@ class Daemon:
 
     # ---- main loop -----------------------------------------------------------------------------
     def run(self) -> int:
-        bs = plans.startup_batch_size(self.cfg)  # bad plans: exit 2 before anything is locked or started
+        bs = startup_batch_size(self.cfg)  # bad plans: exit 2 before anything is locked or started
         self.nvml = Nvml.open()
         self.guard = thermal.ThermalGuard.open(self.cfg, self.nvml, self.log)
         self.sinks = Sinks.open(self.cfg, self.log)

@@ -118,7 +118,9 @@ def build_env(cfg: Config, base: dict[str, str] | None = None, overrides: dict[s
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env.update(cfg.environment)
     env.update(overrides or {})
-    env.setdefault("PYTHONUNBUFFERED", "1")  # so progress lines reach us as they are printed
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # a segfault then prints "Fatal Python error: Segmentation fault": the final error classify needs
+    env.setdefault("PYTHONFAULTHANDLER", "1")  # so progress lines reach us as they are printed
     return env
 
 

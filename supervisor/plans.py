@@ -117,31 +117,12 @@ def _backup(path: Path, backup: Path) -> None:
     fsync_dir(backup.parent)
 
 
-def startup_batch_size(cfg) -> int | None:
-    """The plan's batch size, validated before anything starts (ConfigError names the file and key).
-
-    A missing dataset, plans file or configuration is named as such, with the words `check` uses
-    (check.dataset_problems), whether or not [oom] needs the batch size: the trainer would only fail on it.
-    """
-    from .check import dataset_problems
-    from .config import ConfigError
-    from .job import plans_file
-
-    problems = dataset_problems(cfg)
-    if problems:
-        raise ConfigError(cfg.path, problems)
-    if not cfg.oom.enabled:
-        return None
-    path = plans_file(cfg)
+def plan_batch_size(path: Path, configuration: str) -> int | None:
+    """The plan's batch size (inherits_from followed), None when the file cannot tell."""
     try:
-        bs = read_batch_size(path, cfg.training.configuration)
-    except PlansError as e:
-        raise ConfigError(cfg.path, [f"[oom] needs the batch size from the plans file: {e}"]) from None
-    if cfg.oom.min_batch_size > bs:
-        raise ConfigError(cfg.path, [
-            f"oom.min_batch_size: expected <= the plan's batch size {bs} ({path}: "
-            f"configurations.{cfg.training.configuration}.batch_size), got {cfg.oom.min_batch_size}"])
-    return bs
+        return read_batch_size(path, configuration)
+    except PlansError:
+        return None
 
 
 def next_batch_size(bs: int, minimum: int, strategy: str, subtract: int, factor: float) -> int | None:

@@ -150,7 +150,7 @@ def main(cfg, out_path=None) -> int:
         snap = {}
     if not snap.get("epochs"):
         from .logparse import LogFollower, replay
-        hist = replay(LogFollower(job.fold_dir(cfg)).poll())
+        hist = replay(LogFollower(job.fold_dir(cfg)).drain())
         snap = {"job": job.job_identity(cfg), "epochs": [r.to_json() for r in hist.ordered()]}
     if not snap.get("epochs"):
         print("nothing to plot yet: no epoch in state.json or the fold's training logs", file=sys.stderr)

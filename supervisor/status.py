@@ -16,25 +16,17 @@ import math
 import statistics
 import time
 
-from . import job
+from . import job, others
 from .classify import RESTARTABLE, Reason
 from .config import Config
 from .logparse import EpochRecord, History, LogFollower, replay
-from .plans import PlansError, read_batch_size
+from .plans import plan_batch_size
 from .statusline import summary_line  # noqa: F401  (re-exported)
 from .store import Lock, StateStore
 
 TREND_EPOCHS = 10
 # Reasons after which the supervisor itself starts the next attempt (thermal ones once cool).
 RESTARTED_AFTER = frozenset(r.value for r in RESTARTABLE | {Reason.THERMAL_STOP, Reason.SENSOR_LOST})
-
-
-def plan_batch_size(cfg: Config) -> int | None:
-    """The plan's batch size (inherits_from followed by plans.read_batch_size), None when unreadable."""
-    try:
-        return read_batch_size(job.plans_file(cfg), cfg.training.configuration)
-    except PlansError:
-        return None
 
 
 def eta_to_target(recs: list[EpochRecord], target: float | None, epoch_s: float | None) -> float | None:
@@ -103,7 +95,7 @@ def gather(cfg: Config) -> dict:
     if data and data.get("job") != job.job_identity(cfg):
         data, problem = {}, "state.json belongs to another job"
     history = (History([EpochRecord.from_json(r) for r in data["epochs"]]) if data.get("epochs")
-               else replay(LogFollower(job.fold_dir(cfg)).poll()))
+               else replay(LogFollower(job.fold_dir(cfg)).drain()))
     recs = history.ordered()
     last = recs[-1] if recs else None
     times = [r.epoch_time for r in recs[-TREND_EPOCHS:] if r.epoch_time]
@@ -115,12 +107,13 @@ def gather(cfg: Config) -> dict:
     if not holder and state not in ("done", "failed", "not started"):
         state = f"not running (last: {state})"
     remaining = (cfg.training.expected_epochs - last.epoch - 1) if last else cfg.training.expected_epochs
-    bs = plan_batch_size(cfg)
+    bs = plan_batch_size(job.plans_file(cfg), cfg.training.configuration)
     n_restarts, restart_reasons = restart_count(attempts)
     finished = sup.get("state") in ("done", "failed") or (job.fold_dir(cfg) / "checkpoint_final.pth").is_file()
     blocker = None if finished else target_blocker(recs, cfg.target.min_class_dice)
     eta_target = None if finished or blocker else eta_to_target(recs, cfg.target.ema_dice, epoch_s)
     eta_end = None if finished or epoch_s is None or remaining < 0 else remaining * epoch_s
+    plot_path = cfg.paths.state_dir / "progress.png"
     return {
         "state": state,
         "running": bool(holder),
@@ -156,6 +149,8 @@ def gather(cfg: Config) -> dict:
         "thermal": _thermal(cfg),
         "fold_dir": str(job.fold_dir(cfg)),
         "state_dir": str(cfg.paths.state_dir),
+        "plot": str(plot_path) if plot_path.is_file() else None,
+        "other_trainers": [{"pid": o.pid, "command": o.command} for o in others.find(cfg)],
     }
 
 
@@ -204,6 +199,10 @@ def render(i: dict) -> str:
         lines.append(f"outcome:      {i['outcome']}")
     if i["message"]:
         lines.append(f"message:      {i['message']}")
+    for o in i.get("other_trainers") or []:
+        lines.append(f"WARNING:      another trainer trains this fold: pid {o['pid']}: {o['command']}")
+    if i.get("plot"):
+        lines.append(f"picture:      {i['plot']}")
     if i["restart_at"] and i["state"] == "backoff":
         lines.append(f"restart in:   {_dur(max(0, i['restart_at'] - time.time()))}")
     target = "" if i["target_ema_dice"] is None else f"  (target {i['target_ema_dice']})"
