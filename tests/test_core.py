@@ -217,3 +217,102 @@ def test_a_full_disk_waits_for_space_without_spending_the_restart_budget(job):
     assert rc == 0, out
     assert "reason=disk_full" in out and "disk_space_ok" in out, out[-3000:]
     assert job.state_json()["sup"]["outcome"] == "completed"
+
+
+# ---- hostile machine: leftovers, other trainers, the completed check ----------------------------------
+def test_a_worker_whose_trainer_died_is_stopped_by_the_next_supervisor(job):
+    """Regression: after SIGKILL of the supervisor, a worker whose leader had died kept running beside the
+    new trainer. Every process of an attempt carries the attempt marker; the next start stops them all."""
+    import psutil
+    cfg_path = job.config(env={"FAKE_EPOCHS": "500", "FAKE_EPOCH_S": "0.2"})
+    p = job.start(cfg_path)
+    try:
+        job.wait_epochs(1)
+        att = job.state_json()["attempts"][-1]
+        leader = psutil.Process(att["pid"])
+        workers = [c.pid for c in leader.children(recursive=True)]
+        assert workers, "the fake trainer has an augmentation worker"
+        p.kill()                      # the supervisor dies without a word
+        p.communicate()
+        leader.kill()                 # ... and so does the trainer; its worker is left alone
+        leader.wait(10)
+        assert any(psutil.pid_exists(w) and psutil.Process(w).status() != psutil.STATUS_ZOMBIE for w in workers)
+        rc, out = job.run(job.config(env={"FAKE_EPOCHS": "3", "FAKE_EPOCH_S": "0.1"}), timeout=120)
+        assert rc == 0, out
+        assert "stopping_leftover_trainer" in out
+        for w in workers:
+            assert not psutil.pid_exists(w) or psutil.Process(w).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_the_attempt_is_recorded_before_the_trainer_exists(job):
+    """Regression: SIGKILL of the supervisor between spawn and the state save left an unknown trainer."""
+    from supervisor import proc
+    cfg_path = job.config(env={"FAKE_EPOCHS": "500", "FAKE_EPOCH_S": "0.2"})
+    p = job.start(cfg_path)
+    try:
+        wait_for(lambda: (job.state / "state.json").exists() and job.state_json()["attempts"], timeout=30,
+                 what="an attempt record")
+        att = job.state_json()["attempts"][0]
+        assert att["argv"] and att["log"]           # written before the fork, pid or not
+        wait_for(lambda: proc.marked_processes(job.state), timeout=30, what="the marked trainer")
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+
+
+def test_another_trainer_on_the_fold_is_refused_then_taken_over(job):
+    """Regression: a hand-started `nnUNetv2_train ... --c` on the same fold was not noticed."""
+    import os
+    import subprocess
+    import sys
+    from conftest import DATASET, FAKE, REPO
+    link = job.root / "nnUNetv2_train"      # a program named like nnU-Net's, running the fake trainer
+    link.write_text(f"#!{sys.executable}\nimport runpy, sys; sys.argv[0] = {str(FAKE)!r}; "
+                    f"runpy.run_path({str(FAKE)!r}, run_name='__main__')\n")
+    link.chmod(0o755)
+    env = {**os.environ, "nnUNet_preprocessed": str(job.pre), "nnUNet_results": str(job.results),
+           "FAKE_EPOCHS": "500", "FAKE_EPOCH_S": "0.2"}
+    other = subprocess.Popen([str(link), DATASET, "3d_fullres", "0", "-device", "cpu"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: list(job.fold.glob("checkpoint_latest.pth")), timeout=60, what="the other trainer")
+        cfg_path = job.config(env={"FAKE_EPOCHS": "6", "FAKE_EPOCH_S": "0.1"})
+        chk = subprocess.run([sys.executable, "-m", "supervisor", "check", "--config", str(cfg_path)],
+                             capture_output=True, text=True, timeout=300)
+        assert f"pid {other.pid}" in chk.stdout and "another trainer" in chk.stdout
+        rc, out = job.run(cfg_path, timeout=60)
+        assert rc == ExitCode.CONFIG and f"pid {other.pid}" in out and "--take-over" in out
+        assert other.poll() is None           # refused: nothing was done to it
+    except BaseException:
+        other.kill()
+        raise
+    # --take-over: stop it at its next safe point, continue with --c
+    p = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", str(cfg_path), "--take-over"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        out, _ = p.communicate(timeout=180)
+    finally:
+        if other.poll() is None:
+            other.kill()
+        other.wait()
+    assert p.returncode == 0, out[-3000:]
+    assert "take_over_stopping" in out and "safe_point=True" in out
+    assert job.state_json()["attempts"][0]["resume_from"] is not None  # continued with --c
+
+
+def test_completed_needs_the_validation_summary_too(job):
+    """Regression: SIGKILL after "Training done." and before the validation finished was called completed."""
+    cfg_path = job.config(env={"FAKE_EPOCHS": "2", "FAKE_EPOCH_S": "0.1"})
+    rc, out = job.run(cfg_path)
+    assert rc == 0 and (job.fold / "validation" / "summary.json").is_file()
+    (job.fold / "validation" / "summary.json").unlink()   # as if killed during the final validation
+    rc, out = job.run(cfg_path)
+    assert rc == 0, out
+    assert "final_validation_missing" in out and "--val" in out
+    assert (job.fold / "validation" / "summary.json").is_file()
+    assert job.state_json()["sup"]["outcome"] == "completed"
+    rc, out = job.run(cfg_path)                            # now it really is complete
+    assert rc == 0 and "training already completed" in out
