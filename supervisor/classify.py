@@ -47,6 +47,7 @@ class Reason(str, enum.Enum):
     THERMAL_STOP = "thermal_stop"      # too hot (or paused too long): we stopped it; restart when cool
     SENSOR_LOST = "sensor_lost"        # no temperature readings: we stopped it; restart when readable
     GPU_LOST = "gpu_lost"              # NVML: the GPU fell off the bus: we stopped it
+    PREEMPTED = "preempted"            # SLURM: time limit near or preemption; stopped at a safe point, requeued
     DISK_FULL = "disk_full"            # ENOSPC/EDQUOT, typically torch.save under nnUNet_results
 
 

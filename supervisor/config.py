@@ -248,6 +248,12 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class Slurm:
+    max_requeues: int = key(20, non_negative, "inside a SLURM job: stop at a safe point on SIGUSR1/SIGTERM and "
+                            "`scontrol requeue` at most this many times (SLURM_RESTART_COUNT)", types=int)
+
+
+@dataclass(frozen=True)
 class Logging:
     level: str = key("info", one_of("debug", "info", "warning", "error"), "`debug`, `info`, `warning`, "
                      "`error`", types=str)
@@ -326,6 +332,7 @@ class Config:
     oom: Oom
     thermal: Thermal
     checkpoint: Checkpoint
+    slurm: Slurm
     logging: Logging
     notify: Notify
     metrics: Metrics

@@ -29,13 +29,13 @@ import socket
 import time
 from collections import deque
 
-from . import checkpoints, job, logs, plans, proc, thermal
+from . import checkpoints, job, logs, plans, proc, slurm, thermal
 from .attempt import Attempt
 from .check import startup_batch_size
 from .classify import Exit, Reason
 from .config import Config, ConfigError, load
 from .events import (ActionFailed, BatchSizeSet, ChildExited, DiskSpace, EpochDone, EpochStarted, Finish, Log,
-                     MeasureDisk, NoCheckpoint, Reconfigured, SetBatchSize, SetWorkers, SignalGroup, Spawn, Start,
+                     MeasureDisk, NoCheckpoint, Reconfigured, Requeue, Requeued, SetBatchSize, SetWorkers, SignalGroup, Spawn, Start,
                      StopLeftover, StopRequested, Tick, TrainingDone)
 from .gpu import Nvml
 from .logparse import EpochAssembler, History, LogFollower, parse_line, replay
@@ -50,7 +50,7 @@ from .store import Lock, StateSaveError, StateStore, move_aside, safe_mkdir
 LOG_POLL_S = 0.25
 REAP_POLL_S = 0.05
 REAP_LIMIT_S = 30.0
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)
 
 
 class Daemon:
@@ -138,7 +138,8 @@ class Daemon:
             self.post(Start(final_checkpoint=(fold / "checkpoint_final.pth").is_file(),
                             validation_done=(fold / "validation" / "summary.json").is_file(),
                             last_epoch=self.history.last(), batch_size=bs,
-                            n_proc_da=job.configured_workers(self.cfg), leftover_pgid=leftover))
+                            n_proc_da=job.configured_workers(self.cfg), leftover_pgid=leftover,
+                            slurm_restarts=slurm.restart_count()))
             self.pump()
             self.notify.ready(self._summary())
             while self.finish_code is None:
@@ -166,8 +167,13 @@ class Daemon:
                 self._read_stream(key.fileobj, key.data)
         while self.sig_queue:
             s = self.sig_queue.popleft()
-            if s in (signal.SIGTERM, signal.SIGINT):
-                self.post(StopRequested(signal.Signals(s).name))
+            if s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                # inside a SLURM job, SIGUSR1 (time limit near) and SIGTERM (preemption) mean "requeue me"
+                preempt = slurm.in_job() and s in (signal.SIGTERM, signal.SIGUSR1)
+                if s == signal.SIGUSR1 and not preempt:
+                    self.log.info("signal_ignored", signal="SIGUSR1", why="not inside a SLURM job")
+                    continue
+                self.post(StopRequested(signal.Signals(s).name, preempt=preempt))
             elif s == signal.SIGHUP:
                 self.reload()
         if self.child is not None:
@@ -359,6 +365,12 @@ class Daemon:
             pgid = act.pgid if act.pgid > 0 else None
             proc.stop_leftovers(pgid, cur.get("members") or {}, self.cfg.paths.state_dir,
                                 self.cfg.stop.timeout_seconds, self.log)
+        elif isinstance(act, Requeue):
+            self.save()  # the requeue ends this job at once: state first
+            ok, msg = slurm.requeue(slurm.job_spec() or "")
+            if ok:
+                self.log.warning("requeued", command=msg)
+            self.post(Requeued(ok, msg))
         elif isinstance(act, MeasureDisk):
             self.post(self._measure_disk())
         else:  # pragma: no cover - a new action type without an executor is a bug
@@ -455,6 +467,7 @@ class Daemon:
             "epochs": [r.to_json() for r in self.history.ordered()],
             "changes": self.changes,
             "status_line": self._summary(),
+            "slurm": slurm.info(),
         }
         if self.sinks is not None:
             self.sinks.snapshot({**data, "temps": dict(self.sup.temps), "updated_at": self.wall()})

@@ -56,6 +56,7 @@ class Start:
     batch_size: int | None = None         # what the plans file says now
     n_proc_da: int | None = None          # what the trainer would use now
     leftover_pgid: int | None = None      # a trainer a killed supervisor left behind (still alive)
+    slurm_restarts: int | None = None     # SLURM_RESTART_COUNT inside a SLURM job (None outside)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,14 @@ class ChildExited:
 @dataclass(frozen=True)
 class StopRequested:
     signame: str = "SIGTERM"
+    preempt: bool = False  # inside a SLURM job: time limit near (SIGUSR1) or preemption (SIGTERM)
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """The result of Requeue (`scontrol requeue`)."""
+    ok: bool
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,7 @@ class Tick:
 
 
 EVENTS = (Start, Reconfigured, EpochStarted, EpochDone, TrainingDone, Activity, Readings, DiskSpace,
-          NoCheckpoint, BatchSizeSet, ActionFailed, ChildExited, StopRequested, Tick)
+          NoCheckpoint, BatchSizeSet, ActionFailed, ChildExited, StopRequested, Requeued, Tick)
 
 
 # ---- actions --------------------------------------------------------------------------------------
@@ -185,6 +194,11 @@ class SetBatchSize:
     """Write the plans file; reports BatchSizeSet or ActionFailed."""
     old: int
     new: int
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Ask SLURM to run this job again (`scontrol requeue JOB`); reports Requeued."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ and a full disk wait for their condition to clear; none of them counts against t
 
 from . import transitions as t
 from .events import (EVENTS, ActionFailed, Activity, BatchSizeSet, ChildExited, DiskSpace, EpochDone,
-                     EpochStarted, NoCheckpoint, Readings, Reconfigured, Start, StopRequested, Tick, TrainingDone)
+                     EpochStarted, NoCheckpoint, Readings, Reconfigured, Requeued, Start, StopRequested, Tick,
+                     TrainingDone)
 from .sup import ACTIVE, TERMINAL, State, Sup  # noqa: F401  (the policy's public names)
 
 # ---- the transition table ---------------------------------------------------------------------------
@@ -51,7 +52,7 @@ _rule((S.RUNNING,), (EpochDone,), t.on_epoch_done)
 _rule((S.PAUSED, S.STOP_PENDING, S.STOPPING), (EpochDone,), t.on_epoch_tracked)
 _rule((S.RUNNING,), (Activity,), t.on_activity)
 _rule((S.RUNNING, S.PAUSED, S.STOP_PENDING, S.COOLING), (Readings,), t.on_readings)
-_rule((S.STOPPING, S.IDLE, S.BACKOFF, S.NO_SPACE), (Readings,), t.on_temps_only)
+_rule((S.STOPPING, S.IDLE, S.BACKOFF, S.NO_SPACE, S.REQUEUING), (Readings,), t.on_temps_only)
 _rule((S.NO_SPACE,), (DiskSpace,), t.on_disk_space)
 _rule((S.RUNNING,), (NoCheckpoint,), t.on_no_checkpoint)
 _rule((S.BACKOFF,), (BatchSizeSet,), t.on_batch_size_set)
@@ -65,6 +66,7 @@ _rule((S.STOP_PENDING,), (Tick,), t.on_tick_safe_wait)
 _rule((S.STOPPING,), (Tick,), t.on_tick_stopping)
 _rule((S.BACKOFF,), (Tick,), t.on_tick_backoff)
 _rule((S.NO_SPACE,), (Tick,), t.on_tick_no_space)
+_rule((S.REQUEUING,), (Requeued,), t.on_requeued)
 # Everything else is t.ignored on purpose: an event that cannot matter in that state (e.g. a log line of
 # an attempt that already ended, a Tick with no deadline, anything after the final decision).
 for _st in _ALL:

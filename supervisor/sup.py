@@ -29,6 +29,7 @@ class State(str, enum.Enum):
     BACKOFF = "backoff"            # waiting to restart (or for SetBatchSize's result)
     COOLING = "cooling"            # stopped for heat; restart once cool
     NO_SPACE = "no_space"          # died of a full disk; restart once there is room
+    REQUEUING = "requeuing"        # stopped for SLURM's time limit or preemption; asking SLURM to requeue
     DONE = "done"
     FAILED = "failed"
 
@@ -75,6 +76,7 @@ class Sup:
     disk_deadline: float | None = None     # NO_SPACE: give up then
     next_disk_check: float | None = None
     disk_needed: int | None = None
+    slurm_restarts: int | None = None      # SLURM_RESTART_COUNT of this job (None outside SLURM)
 
     def to_json(self, now: float, wall: float) -> dict:
         d = dataclasses.asdict(self)

@@ -11,7 +11,7 @@ import signal
 from . import rules
 from .classify import RESTARTABLE, Reason, classify
 from .events import (ActionFailed, Activity, BatchSizeSet, ChildExited, DiskSpace, EpochDone, ExitCode, Log,
-                     MeasureDisk, NoCheckpoint, Readings, Reconfigured, SetBatchSize, SetWorkers, SignalGroup,
+                     MeasureDisk, NoCheckpoint, Readings, Reconfigured, Requeue, Requeued, SetBatchSize, SetWorkers, SignalGroup,
                      Start, StopLeftover, StopRequested, TrainingDone)
 from .plans import next_batch_size, step_sequence
 from .sup import (ACTIVE, TERMINAL, State, Sup, _finish, _r, _request_stop, _resumed, _spawn, _stop,
@@ -36,6 +36,7 @@ def on_start(s: Sup, ev: Start, now, cfg):
                 original_batch_size=s.original_batch_size, n_proc_da=s.n_proc_da, oom_steps=s.oom_steps,
                 paused_total=s.paused_total)
     acts = [StopLeftover(ev.leftover_pgid)] if ev.leftover_pgid else []
+    s = dataclasses.replace(s, slurm_restarts=ev.slurm_restarts)
     workers = [x for x in (s.n_proc_da, ev.n_proc_da) if x is not None]
     s = dataclasses.replace(s, batch_size=ev.batch_size, original_batch_size=s.original_batch_size or ev.batch_size,
                             n_proc_da=min(workers) if workers else None)  # an earlier reduction stays
@@ -216,6 +217,8 @@ def on_exit(s: Sup, ev: ChildExited, now, cfg):
                           "row. Not restarted into the same divergence: check the data and the learning rate, move "
                           "the bad checkpoints aside, then start again.", "error")
         return s, [ended, *acts]
+    if reason == Reason.PREEMPTED:
+        return _on_preempted(s, ended, cfg)
     if reason in (Reason.COMPLETED, Reason.TARGET_REACHED, Reason.STOPPED, Reason.PLATEAU):
         s, acts = _finish(s, State.DONE, reason.value, ExitCode.OK, f"attempt {s.attempt}: {reason.value}")
         return s, [ended, *acts]
@@ -259,6 +262,28 @@ def on_exit(s: Sup, ev: ChildExited, now, cfg):
                                                            "max_restarts": cfg.restart.max_restarts})]
 
 
+def _on_preempted(s: Sup, ended: Log, cfg):
+    n = s.slurm_restarts or 0
+    if n >= cfg.slurm.max_requeues:
+        s, acts = _finish(s, State.DONE, "preempted", ExitCode.OK,
+                          f"stopped for SLURM after {n} requeues (slurm.max_requeues = {cfg.slurm.max_requeues}); "
+                          "not requeued again: resubmit the job to continue with --c")
+        return s, [ended, *acts]
+    s = dataclasses.replace(s, state=State.REQUEUING)
+    return s, [ended, Requeue()]
+
+
+def on_requeued(s: Sup, ev: Requeued, now, cfg):
+    """requeued -> DONE (preempted, exit 0); refused -> FAILED (gave_up)"""
+    if ev.ok:
+        return _finish(s, State.DONE, "preempted", ExitCode.OK,
+                       f"stopped at a safe point and requeued (requeue {(s.slurm_restarts or 0) + 1}); "
+                       "the next run continues with --c")
+    return _finish(s, State.FAILED, "gave_up", ExitCode.GAVE_UP,
+                   f"stopped at a safe point, but the requeue failed: {ev.message}; resubmit the job to continue "
+                   "with --c", "error")
+
+
 def _on_cuda_oom(s: Sup, now, cfg, ended: Log):
     o, bs = cfg.oom, s.batch_size
     new = next_batch_size(bs, o.min_batch_size, o.strategy, o.subtract, o.factor)
@@ -277,12 +302,14 @@ def _on_cuda_oom(s: Sup, now, cfg, ended: Log):
 
 
 def on_stop_requested(s: Sup, ev: StopRequested, now, cfg):
-    """operator stop -> at the safe point (PAUSED: SIGCONT first)"""
+    """operator stop or SLURM preemption -> at the safe point (PAUSED: SIGCONT first)"""
     cont = [SignalGroup(signal.SIGCONT)] if s.state == State.PAUSED else []
     s = _resumed(s, now) if s.state == State.PAUSED else s
-    s, acts = _request_stop(s, Reason.STOPPED, now, cfg, f"{ev.signame} to the supervisor",
+    reason = Reason.PREEMPTED if ev.preempt else Reason.STOPPED
+    s, acts = _request_stop(s, reason, now, cfg, f"{ev.signame} to the supervisor"
+                            + (" (SLURM: time limit near or preemption)" if ev.preempt else ""),
                             cfg.stop.checkpoint_wait_seconds)
-    return s, [Log("stop_requested", fields={"signal": ev.signame}), *cont, *acts]
+    return s, [Log("stop_requested", fields={"signal": ev.signame, "preempt": ev.preempt}), *cont, *acts]
 
 
 def on_stop_forced(s: Sup, ev: StopRequested, now, cfg):

@@ -11,8 +11,8 @@ from conftest import wait_for
 from supervisor import policy
 from supervisor.classify import Exit, Reason
 from supervisor.events import (EVENTS, ActionFailed, Activity, BatchSizeSet, ChildExited, DiskSpace, EpochDone,
-                               EpochStarted, ExitCode, Finish, NoCheckpoint, Readings, Reconfigured, SetBatchSize,
-                               SignalGroup, Start, StopRequested, Tick, TrainingDone)
+                               EpochStarted, ExitCode, Finish, NoCheckpoint, Readings, Reconfigured, Requeued,
+                               SetBatchSize, SignalGroup, Start, StopRequested, Tick, TrainingDone)
 from supervisor.logparse import EpochRecord
 from supervisor.policy import IGNORED, TABLE, State, Sup, decide
 from test_policy import cfg, rec
@@ -21,7 +21,8 @@ SAMPLES = {Start: Start(), Reconfigured: Reconfigured(), EpochStarted: EpochStar
            EpochDone: EpochDone(EpochRecord(epoch=3, dice=[0.5])), TrainingDone: TrainingDone(),
            Activity: Activity(0.0), Readings: Readings((("0", 60.0),)), DiskSpace: DiskSpace(1, 2, "/r"),
            NoCheckpoint: NoCheckpoint("none"), BatchSizeSet: BatchSizeSet(4, 3), ActionFailed: ActionFailed("x", "y"),
-           ChildExited: ChildExited(Exit(1, "RuntimeError")), StopRequested: StopRequested(), Tick: Tick()}
+           ChildExited: ChildExited(Exit(1, "RuntimeError")), StopRequested: StopRequested(), Tick: Tick(),
+           Requeued: Requeued(True)}
 
 
 def test_every_state_event_pair_has_a_rule_or_is_ignored():
@@ -207,6 +208,27 @@ def test_stock_style_checkpoint_write_survives_sigterm_at_the_worst_moment(job):
     for name in ("checkpoint_latest.pth", "checkpoint_best.pth"):
         f = job.fold / name
         assert not f.exists() or verify(f) is None, f"{name} truncated"
+
+
+def test_slurm_preemption_stops_at_the_safe_point_requeues_and_is_bounded():
+    from supervisor.events import Requeue
+    c = cfg(slurm__max_requeues=2)
+    s, _ = decide(Sup(), Start(slurm_restarts=1), 0, c)
+    s, _ = decide(s, EpochDone(rec(3, 0.2)), 1, c)
+    s, acts = decide(s, StopRequested("SIGUSR1", preempt=True), 2, c)
+    assert s.state == State.STOP_PENDING and s.stop_reason == Reason.PREEMPTED
+    s, acts = decide(s, EpochStarted(4), 3, c)
+    s, acts = decide(s, ChildExited(Exit(-2, "KeyboardInterrupt")), 4, c)
+    assert s.state == State.REQUEUING and Requeue() in acts and s.last_reason == Reason.PREEMPTED
+    assert s.restart_times == ()  # no restart budget used
+    done, acts = decide(s, Requeued(True, "scontrol requeue 7"), 5, c)
+    assert done.outcome == "preempted" and Finish(ExitCode.OK) in acts
+    failed, acts = decide(s, Requeued(False, "denied"), 5, c)
+    assert failed.exit_code == ExitCode.GAVE_UP and "denied" in failed.message
+    s, _ = decide(Sup(), Start(slurm_restarts=2), 0, c)        # the bound
+    s, _ = decide(s, StopRequested("SIGUSR1", preempt=True), 1, c)
+    s, acts = decide(s, ChildExited(Exit(-2)), 2, c)
+    assert s.outcome == "preempted" and not any(isinstance(a, Requeue) for a in acts)
 
 
 def test_a_full_disk_waits_for_space_without_spending_the_restart_budget(job):
