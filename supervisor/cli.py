@@ -16,8 +16,10 @@ import json
 import os
 import sys
 
+import structlog
+
 from . import config as config_mod
-from . import logs
+from . import logs, queue
 from .events import ExitCode
 
 
@@ -37,6 +39,12 @@ def cmd_run(args) -> int:
 
     cfg = _load(args.config)
     logs.setup(cfg.logging.level, trainer_output=not args.quiet_trainer)
+    if os.environ.get(queue.ENV):  # one job of a queue, started by the queue's master process
+        spec = json.loads(os.environ[queue.ENV])
+        cfg = queue.job_config(cfg, spec)
+        structlog.contextvars.bind_contextvars(job=f"{spec['configuration']}/{spec['fold']}")
+    elif queue.is_queue(cfg):
+        return _run_queue(cfg)
     found = others.find(cfg)
     if found and not args.take_over:
         print(f"cardiacseg-train: another trainer is already training this fold ({others.describe(found)}); "
@@ -59,15 +67,38 @@ def cmd_run(args) -> int:
         return ExitCode.CONFIG
 
 
+def _run_queue(cfg) -> int:
+    from .check import dataset_problems
+    from .sdnotify import Notifier
+    from .store import Lock, LockedError, safe_mkdir
+
+    problems = dataset_problems(cfg) + queue.problems(cfg)
+    if problems:
+        print(f"cardiacseg-train: {config_mod.ConfigError(cfg.path, problems)}", file=sys.stderr)
+        return ExitCode.CONFIG
+    safe_mkdir(cfg.paths.state_dir, follow_symlink=True)
+    lock = Lock(cfg.paths.state_dir)
+    try:
+        lock.acquire()
+    except LockedError as e:
+        print(f"cardiacseg-train: {e}", file=sys.stderr)
+        return ExitCode.LOCKED
+    try:
+        return queue.QueueRunner(cfg, logs.get(), Notifier()).run()
+    finally:
+        lock.release()
+
+
 def cmd_status(args) -> int:
-    from .status import gather, render
+    from .status import gather, gather_queue, render, render_queue
 
     cfg = _load(args.config)
-    info = gather(cfg)
+    many = queue.is_queue(cfg)
+    info = gather_queue(cfg) if many else gather(cfg)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        print(render(info))
+        print(render_queue(info) if many else render(info))
     return 0
 
 

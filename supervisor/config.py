@@ -247,6 +247,29 @@ class Checkpoint:
                                   types=bool)
 
 
+def _str_or_int_list(v):
+    return None if all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v) else \
+        "a list of integers or strings"
+
+
+@dataclass(frozen=True)
+class Queue:
+    folds: tuple = key((), lambda v: next((fold(x) for x in v if fold(x)), None) or
+                       (None if len(set(map(str, v))) == len(v) else "a list without repeats"),
+                       "folds to train, one job each (with every configuration below)", types=list,
+                       reload=RESTART, default_doc="`training.fold` alone")
+    configurations: tuple = key((), lambda v: str_list(v) or (None if len(set(v)) == len(v) else
+                                "a list without repeats"),
+                                "configurations to train (a cascade waits for its 3d_lowres fold)", types=list,
+                                reload=RESTART, default_doc="`training.configuration` alone")
+    gpus: tuple = key((), _str_or_int_list, "one concurrent job per entry, each a CUDA_VISIBLE_DEVICES value",
+                      types=list, reload=RESTART, default_doc="one slot, the environment's devices")
+    on_give_up: str = key("continue", one_of("continue", "stop"), "a job that gives up: go on with the next "
+                          "job, or stop the queue (exit 3 either way at the end)", types=str, reload=RESTART)
+    find_best_configuration: bool = key(False, None, "run nnUNetv2_find_best_configuration once every job is "
+                                        "done", types=bool, reload=RESTART)
+
+
 @dataclass(frozen=True)
 class Slurm:
     max_requeues: int = key(20, non_negative, "inside a SLURM job: stop at a safe point on SIGUSR1/SIGTERM and "
@@ -332,6 +355,7 @@ class Config:
     oom: Oom
     thermal: Thermal
     checkpoint: Checkpoint
+    queue: Queue
     slurm: Slurm
     logging: Logging
     notify: Notify

@@ -71,7 +71,8 @@ def setup(level: str = "info", stream=None, journal: bool | None = None,
         _settings["trainer_output"] = trainer_output
     if journal is None:
         journal = under_journald(stream)
-    first = [] if _settings["trainer_output"] else [drop_trainer_output]
+    # merge_contextvars: a queue's job supervisor labels every line with its job (job=3d_fullres/1)
+    first = [structlog.contextvars.merge_contextvars] + ([] if _settings["trainer_output"] else [drop_trainer_output])
     if journal:
         processors = [*first, structlog.processors.add_log_level, journal_renderer]
     else:

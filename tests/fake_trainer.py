@@ -28,6 +28,7 @@ Faults on cue, from the environment (each fires once per results folder, tracked
   FAKE_OOM_ABOVE_BS=N  - OOM in the first epoch whenever the plans' batch size is above N
   FAKE_CUDA_FRACTION=f - a REAL CUDA allocation of f x batch size x the GPU's memory at start-up
                          (a real torch.OutOfMemoryError when it does not fit; GPU checks only)
+  FAKE_FAULT_FOLDS="1,3" - inject FAKE_FAULT only in these folds
   FAKE_EPOCHS (10), FAKE_EPOCH_S (0.2), FAKE_SAVE_EVERY (1), FAKE_DICE_STEP (0.05): pace and curve.
   FAKE_SAVE_S (0)      - seconds one checkpoint write takes (written in pieces, NOT atomically: stock
                          nnU-Net's torch.save; a SIGINT in the middle leaves a truncated file)
@@ -131,7 +132,8 @@ def main():
     os.makedirs(out, exist_ok=True)
     t = datetime.now()
     log = Logger(os.path.join(out, f"training_log_{t.year}_{t.month}_{t.day}_{t.hour:02d}_{t.minute:02d}_{t.second:02d}.txt"))
-    log(f"batch size: {bs}, n_proc_DA: {os.environ.get('nnUNet_n_proc_DA', 'default')}")
+    log(f"batch size: {bs}, n_proc_DA: {os.environ.get('nnUNet_n_proc_DA', 'default')}, "
+        f"CUDA_VISIBLE_DEVICES: {os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}")
 
     def validate_and_exit():
         os.makedirs(os.path.join(out, "validation"), exist_ok=True)
@@ -143,7 +145,9 @@ def main():
     epoch_s = env_f("FAKE_EPOCH_S", 0.2)
     save_every = int(env_f("FAKE_SAVE_EVERY", 1))
     faults = {}
-    for item in filter(None, os.environ.get("FAKE_FAULT", "").split(",")):
+    fault_folds = os.environ.get("FAKE_FAULT_FOLDS")  # faults only in these folds (queue tests)
+    fault_spec = os.environ.get("FAKE_FAULT", "") if not fault_folds or fold in fault_folds.split(",") else ""
+    for item in filter(None, fault_spec.split(",")):
         e, kind = item.split(":")
         faults[int(e)] = kind
     marker = os.path.join(out, ".fake_faults_fired")

@@ -131,3 +131,20 @@ def test_real_oom_steps_batch_size_down_and_completes(workdir):
     ck = torch.load(fold(workdir, "nnUNetTrainerDemoOOM") / "checkpoint_final.pth", map_location="cpu",
                     weights_only=False)
     assert ck["current_epoch"] == 2
+
+
+def test_a_queue_of_two_folds_then_find_best_configuration(workdir):
+    import json
+    cfg = demo.demo_config(workdir, target=None, crash_at=None, epochs=1)
+    cfg.write_text(cfg.read_text() + "\n[queue]\nfolds = [0, 1]\nfind_best_configuration = true\n")
+    p = start(cfg)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-5000:]
+    q = json.loads((workdir / "state" / "queue.json").read_text())
+    assert [j["status"] for j in q["jobs"]] == ["done", "done"]
+    for f in (0, 1):
+        d = workdir / "results" / demo.DEMO_NAME / "nnUNetTrainerDemo__nnUNetPlans__3d_fullres" / f"fold_{f}"
+        assert (d / "checkpoint_final.pth").is_file() and (d / "validation" / "summary.json").is_file()
+    fb = q["find_best_configuration"]
+    assert fb["exit_code"] == 0, fb
+    assert (workdir / "results" / demo.DEMO_NAME / "inference_instructions.txt").is_file()

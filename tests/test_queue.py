@@ -1,0 +1,100 @@
+"""A queue of folds and configurations: one supervisor per job, one job per GPU slot, every guarantee each."""
+import json
+import re
+import signal
+import subprocess
+import sys
+
+from conftest import REPO, wait_for
+from supervisor.queue import Job, schedule
+
+
+def test_schedule_fills_free_slots_in_order_and_a_cascade_waits_for_its_lowres_fold():
+    pending = [Job("3d_lowres", 0), Job("3d_lowres", 1), Job("3d_cascade_fullres", 0)]
+    assert schedule(pending, set(), ["0", "1"], False) == [(pending[0], "0"), (pending[1], "1")]
+    assert schedule(pending[2:], set(), ["0"], False) == [(pending[2], "0")]  # lowres trained on disk
+    assert schedule(pending, set(), ["0", "1", "2"], False)[-1][0] != pending[2]
+    assert schedule(pending[1:], {"3d_lowres/0"}, ["0", "1"], False) == [(pending[1], "0"), (pending[2], "1")]
+    assert schedule(pending, set(), ["0"], True) == []
+
+
+def status(cfg, *extra):
+    r = subprocess.run([sys.executable, "-m", "supervisor", "status", "--config", str(cfg), *extra], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_three_folds_on_two_gpus_one_crashing_once(job):
+    cfg = job.config(env={"FAKE_EPOCHS": "4", "FAKE_EPOCH_S": "0.3", "FAKE_FAULT": "1:crash", "FAKE_FAULT_FOLDS": "1"},
+                     queue={"folds": [0, 1, 2], "gpus": ["0", "1"]})
+    rc, out = job.run(cfg, timeout=180)
+    assert rc == 0, out[-4000:]
+    q = json.loads((job.state / "queue.json").read_text())
+    assert [j["status"] for j in q["jobs"]] == ["done", "done", "done"]
+    devices = {}
+    for f in (0, 1, 2):
+        st = json.loads((job.state / "jobs" / f"3d_fullres-fold_{f}" / "state.json").read_text())
+        assert st["sup"]["outcome"] == "completed"
+        assert len(st["attempts"]) == (2 if f == 1 else 1)  # fold 1 crashed once and resumed with --c
+        log = "".join(p.read_text() for p in (job.results / "Dataset001_Fake").glob(f"*/fold_{f}/training_log_*"))
+        devices[f] = set(re.findall(r"CUDA_VISIBLE_DEVICES: (\S+)", log))
+    assert devices[0] == {"0"} and devices[1] == {"1"}  # two slots at once, each on its own GPU
+    text = status(cfg)
+    assert "3/3 jobs done" in text and re.search(r"3d_fullres\s+1\s+done", text), text
+    js = json.loads(status(cfg, "--json"))
+    assert [(x["configuration"], x["fold"], x["queue_status"]) for x in js["jobs"]] == [
+        ("3d_fullres", 0, "done"), ("3d_fullres", 1, "done"), ("3d_fullres", 2, "done")]
+    assert {"epoch", "ema_dice", "best_ema_dice", "restarts", "gpu", "outcome", "state"} <= set(js["jobs"][0])
+    assert js["jobs"][1]["restarts"] == 1
+    # a restarted service skips what is done
+    rc, out = job.run(cfg, timeout=60)
+    assert rc == 0 and out.count("queue_job_skipped") == 3
+
+
+def test_a_give_up_continues_or_stops_the_queue(job):
+    env = {"FAKE_EPOCHS": "3", "FAKE_EPOCH_S": "0.2", "FAKE_FAULT": "0:crash", "FAKE_FAULT_FOLDS": "0"}
+    cfg = job.config(env=env, queue={"folds": [0, 1], "on_give_up": "continue"}, restart={"max_restarts": 0})
+    rc, out = job.run(cfg, timeout=120)
+    assert rc == 3, out[-3000:]
+    q = json.loads((job.state / "queue.json").read_text())
+    assert [j["status"] for j in q["jobs"]] == ["gave_up", "done"]
+
+
+def test_a_give_up_stops_the_queue_when_asked(job):
+    env = {"FAKE_EPOCHS": "3", "FAKE_EPOCH_S": "0.2", "FAKE_FAULT": "0:crash", "FAKE_FAULT_FOLDS": "0"}
+    cfg = job.config(env=env, queue={"folds": [0, 1], "on_give_up": "stop"}, restart={"max_restarts": 0})
+    rc, out = job.run(cfg, timeout=120)
+    assert rc == 3
+    q = json.loads((job.state / "queue.json").read_text())
+    assert [j["status"] for j in q["jobs"]] == ["gave_up", "pending"]
+
+
+def test_sigterm_stops_every_job_gracefully_and_a_restart_resumes(job):
+    cfg = job.config(env={"FAKE_EPOCHS": "200", "FAKE_EPOCH_S": "0.2"}, queue={"folds": [0, 1], "gpus": ["0", "1"]})
+    p = job.start(cfg)
+    try:
+        wait_for(lambda: all((job.state / "jobs" / f"3d_fullres-fold_{f}" / "state.json").exists() and
+                             json.loads((job.state / "jobs" / f"3d_fullres-fold_{f}" / "state.json").read_text())
+                             ["epochs"] for f in (0, 1)), timeout=60, what="both jobs training")
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out[-3000:]
+    for f in (0, 1):
+        st = json.loads((job.state / "jobs" / f"3d_fullres-fold_{f}" / "state.json").read_text())
+        assert st["sup"]["outcome"] == "stopped"
+
+
+def test_impossible_queues_are_refused_with_every_problem(job):
+    (job.pre / "Dataset001_Fake" / "splits_final.json").write_text(json.dumps([{"train": [], "val": []}] * 3))
+    cfg = job.config(queue={"folds": [0, 4], "configurations": ["3d_fullres", "3d_cascade_fullres", "2d"],
+                            "gpus": ["0", "0"]})
+    rc, out = job.run(cfg, timeout=60)
+    assert rc == 2, out
+    for needle in ("queue.gpus: expected each GPU once", "fold 4 does not exist", "'2d' is not in",
+                   "3d_cascade_fullres fold 0 needs 3d_lowres fold 0"):
+        assert needle in out, (needle, out)
+    assert "Traceback" not in out
