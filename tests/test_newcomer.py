@@ -95,8 +95,12 @@ STOP_SCRIPT = textwrap.dedent("""
     # an augmentation worker as batchgenerators starts it: a forked, daemonic child in the same group
     w = multiprocessing.get_context("fork").Process(target=spin, daemon=True)
     w.start()
-    print(w.pid, flush=True)
-    launcher.run_until_stopped(spin)
+
+    def main():  # the pid is printed inside the launcher's stop handling: a SIGINT may follow at once
+        print(w.pid, flush=True)
+        spin()
+
+    launcher.run_until_stopped(main)
 """)
 
 
