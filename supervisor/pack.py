@@ -332,3 +332,34 @@ def check_findings(cfg) -> list[tuple[str, str]]:
     """For `check`: (level, text) about what `--c` resumes from here, loaded with this torch/numpy."""
     from .unpack import resume_findings
     return resume_findings(cfg)
+
+
+def cli(args, cfg) -> int:
+    """`cardiacseg-train pack`: 0 when the archive is complete, 2 (ExitCode.CONFIG) on bad input."""
+    def err(msg: str) -> int:
+        print(f"cardiacseg-train pack: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        folds = parse_folds(args.folds) if args.folds else None
+        if cfg is not None:
+            if args.job:
+                return err("give either --config or DATASET CONFIGURATION FOLD, not both")
+            spec = spec_from_config(cfg, folds, args.with_raw)
+        elif len(args.job) != 3:
+            return err("expected --config PATH, or DATASET CONFIGURATION FOLD (like nnUNetv2_train)")
+        else:
+            spec = spec_from_env(args.job[0], args.job[1], folds or parse_folds(args.job[2]), args.trainer,
+                                 args.plans, args.with_raw)
+        if args.output == "-" and sys.stdout.isatty():
+            return err("refusing to write an archive to a terminal: use -o FILE, or pipe it (| ssh host ...)")
+        report = pack_to(args.output, spec, args.wait_seconds, quiet=args.quiet)
+    except PackError as e:
+        return err(str(e))
+    except OSError as e:
+        return err(f"cannot pack: {e.filename or ''}: {e.strerror or e}")
+    where = "stdout" if args.output == "-" else args.output
+    print(f"pack: {report['files']} files, {report['bytes'] / 1e9:.2f} GB -> {where}", file=sys.stderr)
+    for f in report["folds"]:
+        print("pack: " + mf.describe_resume(f["fold"], f["resume"], f), file=sys.stderr)
+    return 0

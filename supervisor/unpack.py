@@ -44,9 +44,11 @@ PLACE_ORDER = {"preprocessed": 0, "raw": 1, "results": 2}
 
 def _inside(path: Path, root: Path) -> bool:
     """Does path (its deepest existing ancestor resolved through links) stay inside root?"""
+    if not os.path.lexists(root):
+        return True  # nothing below it exists yet: everything will be made by us, as folders
     real_root = os.path.realpath(root)
     p = path
-    while not os.path.lexists(p) and p != p.parent:
+    while not os.path.lexists(p) and p != root:
         p = p.parent
     real = os.path.realpath(p)
     return real == real_root or real.startswith(real_root.rstrip("/") + "/")
@@ -121,7 +123,8 @@ def _verify_stream(src, roots: dict, dry_run: bool, quiet: bool, staging: dict) 
         expected = {mf.member_name(f["root"], f["path"]): f for f in doc["files"]}
         seen, summed = set(), False
         with mf.Progress("unpack: verifying", sum(f["size"] for f in doc["files"]), quiet=quiet) as p:
-            for ti in tar:
+            while (ti := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every header it read; a stream needs none of them
                 if summed:
                     raise mf.BadArchive(f"{ti.name}: after {mf.MANIFEST_SUM}, which ends the archive")
                 if ti.name == mf.MANIFEST_SUM and ti.isreg():
@@ -131,8 +134,9 @@ def _verify_stream(src, roots: dict, dry_run: bool, quiet: bool, staging: dict) 
                     summed = True
                     continue
                 root, _, rel = ti.name.partition("/")
-                if root not in mf.ROOTS or (why := mf.safe_relpath(rel)) is not None:
-                    raise mf.BadArchive(f"{ti.name}: escapes its root ({why or 'not under raw/, preprocessed/ or results/'}); refused")
+                why = mf.safe_relpath(rel) if root in mf.ROOTS else "not under raw/, preprocessed/ or results/"
+                if why is not None:
+                    raise mf.BadArchive(f"{ti.name}: escapes its root ({why}); refused")
                 if not ti.isreg():
                     raise mf.BadArchive(f"{ti.name}: {_kind(ti)}; pack writes regular files only, refused")
                 entry = expected.get(ti.name)
@@ -282,3 +286,69 @@ def resume_findings(cfg) -> list[tuple[str, str]]:
 
 
 SAVED_MANIFEST = "cardiacseg-unpacked-manifest.json"  # beside the fold folders: what `check` compares with
+
+
+def _roots(args, cfg) -> dict:
+    env = os.environ
+    roots = {"raw": env.get("nnUNet_raw"), "preprocessed": env.get("nnUNet_preprocessed"),
+             "results": env.get("nnUNet_results")}
+    if cfg is not None:
+        roots.update(raw=cfg.paths.raw, preprocessed=cfg.paths.preprocessed, results=cfg.paths.results)
+    for k in roots:
+        if getattr(args, f"to_{k}", None):  # --to-raw / --to-preprocessed / --to-results win
+            roots[k] = getattr(args, f"to_{k}")
+    return {k: (Path(v) if v else None) for k, v in roots.items()}
+
+
+def _save_manifest(doc: dict, results: Path) -> None:
+    from .store import atomic_write
+
+    for parent in {str(Path(f["path"]).parent) for f in doc["folds"]}:
+        dest = results / parent / SAVED_MANIFEST
+        if dest.parent.is_dir():
+            atomic_write(dest, (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def cli(args, cfg) -> int:
+    """`cardiacseg-train unpack`: 0 placed and loadable, 2 refused (nothing placed) or not loadable here."""
+    name = "stdin" if args.file == "-" else args.file
+    roots = _roots(args, cfg)
+    try:
+        src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    except OSError as e:
+        print(f"cardiacseg-train unpack: {name}: {e.strerror}", file=sys.stderr)
+        return 2
+    try:
+        with src:
+            result = unpack(src, roots, dry_run=args.dry_run, quiet=args.quiet)
+    except mf.BadArchive as e:
+        print(f"cardiacseg-train unpack: {name}: refused: {e}; nothing was placed", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"cardiacseg-train unpack: {name}: cannot write {e.filename or ''}: {e.strerror or e}; "
+              "files not yet moved into place were removed", file=sys.stderr)
+        return 2
+    doc = result["manifest"]
+    n, size = len(doc["files"]), sum(f["size"] for f in doc["files"]) / 1e9
+    if args.dry_run:
+        print(f"unpack: {name}: all {n} files ({size:.2f} GB) verified; nothing written (--dry-run)")
+        return 0
+    print(f"unpack: {n} files ({size:.2f} GB) verified; {result['placed']} placed, {result['same']} already "
+          f"there and identical, {len(result['moved_aside'])} different ones moved aside")
+    for p in result["moved_aside"]:
+        print(f"unpack: moved aside {p}")
+    _save_manifest(doc, roots["results"])
+    if args.skip_load_check:
+        return 0
+    from . import job
+    env = job.build_env(cfg) if cfg is not None else {**os.environ, **{
+        v: str(roots[k]) for k, v in (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed"),
+                                      ("results", "nnUNet_results")) if roots[k] is not None}}
+    info, why = run_probe(doc["job"].get("trainer"), fold_checkpoints(roots["results"], doc), env)
+    found = findings(info, why, doc["source"], doc["job"].get("trainer"), cfg.training.device if cfg else None)
+    for level, text in found:
+        print(f"unpack: {level}: {text}")
+    if any(level == "fatal" for level, _ in found):
+        print("unpack: the files are in place, but `--c` will fail here until the above is fixed", file=sys.stderr)
+        return 2
+    return 0
