@@ -1,4 +1,4 @@
-"""The `cardiacseg-train` command: run | status | check | install-unit | uninstall-unit | demo.
+"""The `cardiacseg-train` command: run | status | check | pack | unpack | install-unit | uninstall-unit | demo.
 
 Exit codes of `run` (the systemd unit depends on them):
   0  done: target reached, training completed, or stopped on request
@@ -6,7 +6,7 @@ Exit codes of `run` (the systemd unit depends on them):
   2  configuration error (config.toml, or the trainer reported a missing dataset/trainer/plans)
   3  gave up (restart budget exhausted)
   4  another supervisor already runs on this state directory
-`status` exits 0, or 2 when the config cannot be read. `check` exits 0 when nothing is fatal, else 2.
+`status` exits 0, or 2 when the config cannot be read. `pack`/`unpack` exit 0, or 2 on bad input (nothing placed). `check` exits 0 when nothing is fatal, else 2.
 Any command whose output pipe is closed early (`status | head`) exits 141 without a traceback.
 """
 from __future__ import annotations
@@ -118,6 +118,18 @@ def cmd_plot(args) -> int:
     return plot.main(cfg, args.output)
 
 
+def cmd_pack(args) -> int:
+    from . import pack
+
+    return pack.cli(args, _load(args.config) if args.config else None)
+
+
+def cmd_unpack(args) -> int:
+    from . import unpack
+
+    return unpack.cli(args, _load(args.config) if args.config else None)
+
+
 def cmd_install(args) -> int:
     from .install import install
 
@@ -174,6 +186,18 @@ SUBCOMMANDS = {  # name: (one-line help, description for `name --help`)
              "Draw EMA and per-class pseudo Dice against epochs across all attempts, the target line, a marker "
              "for each restart, batch-size step-down, thermal pause/stop and the stop, and epoch times. The "
              "daemon also redraws <state_dir>/progress.png after every epoch."),
+    "pack": ("pack a training (data, plans, split, checkpoints, logs) into one verified archive",
+             "Write one tar archive with exactly what `nnUNetv2_train ... --c` needs on another machine: from "
+             "nnUNet_preprocessed the plans, dataset.json, dataset_fingerprint.json, splits_final.json, the "
+             "configuration's data and gt_segmentations; from nnUNet_results the fold folder. MANIFEST.json "
+             "(first in the archive) records every file's size and sha256, the source's versions and what each "
+             "fold resumes from. Safe while training runs. `-o -` streams to stdout. Exits 2 on bad input."),
+    "unpack": ("verify a pack archive and move its files into place",
+               "Check every file's size and sha256 while extracting into temporary names; only when the whole "
+               "archive verified are the files moved into place (a different existing file is moved aside, "
+               "never overwritten). Then load each fold's resume checkpoint with this machine's torch and numpy "
+               "and print what `--c` will resume from. Exits 2 when the archive is refused (nothing placed) or "
+               "the checkpoint will not load here."),
     "demo": ("synthetic dataset + real nnU-Net on the CPU under the supervisor",
              "Make a tiny synthetic dataset, plan and preprocess it, and supervise real nnU-Net training on "
              "the CPU with an injected crash and a reachable Dice target; then print `status`."),
@@ -219,6 +243,31 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--config", required=True, help=CONFIG_HELP)
     pl.add_argument("-o", "--output", default=None, help="PNG to write (default <state_dir>/progress.png)")
     pl.set_defaults(fn=cmd_plot)
+    pk = add("pack")
+    pk.add_argument("job", nargs="*", metavar="DATASET CONFIGURATION FOLD",
+                    help="without --config: the job as nnUNetv2_train takes it (folders from nnUNet_raw, "
+                         "nnUNet_preprocessed, nnUNet_results)")
+    pk.add_argument("--config", default=None, help=CONFIG_HELP)
+    pk.add_argument("-o", "--output", required=True, help="archive to write; - streams to stdout")
+    pk.add_argument("-tr", dest="trainer", default="nnUNetTrainer", help="trainer class (without --config)")
+    pk.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (without --config)")
+    pk.add_argument("--folds", default=None, help="several folds, e.g. 0,1,2,3,4")
+    pk.add_argument("--with-raw", action="store_true", help="also pack nnUNet_raw/<dataset>")
+    pk.add_argument("--wait-seconds", type=float, default=120,
+                    help="how long to wait for a checkpoint being written before leaving it out (default 120)")
+    pk.add_argument("--quiet", action="store_true", help="no progress line, even on a terminal")
+    pk.set_defaults(fn=cmd_pack)
+    up = add("unpack")
+    up.add_argument("file", metavar="FILE", help="the archive; - reads stdin")
+    up.add_argument("--config", default=None, help=CONFIG_HELP + "; its [paths] are the destination")
+    up.add_argument("--to-raw", default=None, help="nnUNet_raw folder (default: the config's, else $nnUNet_raw)")
+    up.add_argument("--to-preprocessed", default=None, help="nnUNet_preprocessed folder")
+    up.add_argument("--to-results", default=None, help="nnUNet_results folder")
+    up.add_argument("--dry-run", action="store_true", help="verify the whole archive; write nothing")
+    up.add_argument("--skip-load-check", action="store_true",
+                    help="do not load the resume checkpoints with this torch/numpy afterwards")
+    up.add_argument("--quiet", action="store_true", help="no progress line, even on a terminal")
+    up.set_defaults(fn=cmd_unpack)
     d = add("demo")
     d.add_argument("--dir", default="demo-run", help="working folder (default ./demo-run)")
     d.add_argument("--no-crash", action="store_true", help="skip the injected crash")
