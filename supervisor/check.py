@@ -314,8 +314,9 @@ def run_checks(cfg: Config) -> list[Finding]:
     _check_others(cfg, out)
     from . import queue
     out += [Finding("fatal", p) for p in queue.problems(cfg)]
-    from . import metrics, notify
-    out += [Finding(level, text) for level, text in notify.check_findings(cfg) + metrics.check_findings(cfg)]
+    from . import metrics, notify, pack
+    out += [Finding(level, text) for level, text in
+            notify.check_findings(cfg) + metrics.check_findings(cfg) + pack.check_findings(cfg)]
     return out
 
 
