@@ -312,8 +312,8 @@ def run_checks(cfg: Config) -> list[Finding]:
     _check_cuda(cfg, info, out)
     _check_thermal(cfg, out)
     _check_others(cfg, out)
-    from . import queue
-    out += [Finding("fatal", p) for p in queue.problems(cfg)]
+    from . import jobqueue
+    out += [Finding("fatal", p) for p in jobqueue.problems(cfg)]
     from . import metrics, notify, pack
     out += [Finding(level, text) for level, text in
             notify.check_findings(cfg) + metrics.check_findings(cfg) + pack.check_findings(cfg)]

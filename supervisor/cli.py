@@ -19,7 +19,7 @@ import sys
 import structlog
 
 from . import config as config_mod
-from . import logs, queue
+from . import jobqueue, logs
 from .events import ExitCode
 
 
@@ -39,11 +39,11 @@ def cmd_run(args) -> int:
 
     cfg = _load(args.config)
     logs.setup(cfg.logging.level, trainer_output=not args.quiet_trainer)
-    if os.environ.get(queue.ENV):  # one job of a queue, started by the queue's master process
-        spec = json.loads(os.environ[queue.ENV])
-        cfg = queue.job_config(cfg, spec)
+    if os.environ.get(jobqueue.ENV):  # one job of a queue, started by the queue's master process
+        spec = json.loads(os.environ[jobqueue.ENV])
+        cfg = jobqueue.job_config(cfg, spec)
         structlog.contextvars.bind_contextvars(job=f"{spec['configuration']}/{spec['fold']}")
-    elif queue.is_queue(cfg):
+    elif jobqueue.is_queue(cfg):
         return _run_queue(cfg)
     found = others.find(cfg)
     if found and not args.take_over:
@@ -72,7 +72,7 @@ def _run_queue(cfg) -> int:
     from .sdnotify import Notifier
     from .store import Lock, LockedError, safe_mkdir
 
-    problems = dataset_problems(cfg) + queue.problems(cfg)
+    problems = dataset_problems(cfg) + jobqueue.problems(cfg)
     if problems:
         print(f"cardiacseg-train: {config_mod.ConfigError(cfg.path, problems)}", file=sys.stderr)
         return ExitCode.CONFIG
@@ -84,7 +84,7 @@ def _run_queue(cfg) -> int:
         print(f"cardiacseg-train: {e}", file=sys.stderr)
         return ExitCode.LOCKED
     try:
-        return queue.QueueRunner(cfg, logs.get(), Notifier()).run()
+        return jobqueue.QueueRunner(cfg, logs.get(), Notifier()).run()
     finally:
         lock.release()
 
@@ -93,7 +93,7 @@ def cmd_status(args) -> int:
     from .status import gather, gather_queue, render, render_queue
 
     cfg = _load(args.config)
-    many = queue.is_queue(cfg)
+    many = jobqueue.is_queue(cfg)
     info = gather_queue(cfg) if many else gather(cfg)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .classify import Exit, Reason
+from .classify import Exit
 from .logparse import EpochRecord
 
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 from pathlib import Path
 
+from .rules import next_batch_size, step_sequence  # noqa: F401  (pure; used by the policy)
 from .store import atomic_write, fsync_dir, keep_owner_and_mode, temp_beside
 
 BACKUP_SUFFIX = ".cardiacseg-backup"
@@ -123,23 +123,3 @@ def plan_batch_size(path: Path, configuration: str) -> int | None:
         return read_batch_size(path, configuration)
     except PlansError:
         return None
-
-
-def next_batch_size(bs: int, minimum: int, strategy: str, subtract: int, factor: float) -> int | None:
-    """The batch size to try after a CUDA OOM at `bs`, or None when `bs` is already the minimum."""
-    if bs <= minimum:
-        return None
-    if strategy == "multiply":
-        new = math.floor(bs * factor)
-        new = min(new, bs - 1)  # a factor close to 1 must still make progress
-    else:
-        new = bs - subtract
-    return max(minimum, new)
-
-
-def step_sequence(bs: int, minimum: int, strategy: str, subtract: int, factor: float) -> list[int]:
-    """Every batch size the supervisor would try, starting from `bs` (for status and messages)."""
-    out = [bs]
-    while (n := next_batch_size(out[-1], minimum, strategy, subtract, factor)) is not None:
-        out.append(n)
-    return out

@@ -93,3 +93,23 @@ def thermal_verdict(state: str, temps: dict, lost: bool, now: float, cfg, paused
         # a multi-GPU run is never paused: NCCL would time out after 10 minutes
         return "stop_hot" if cfg.training.num_gpus > 1 else "pause"
     return None
+
+
+def next_batch_size(bs: int, minimum: int, strategy: str, subtract: int, factor: float) -> int | None:
+    """The batch size to try after a CUDA OOM at `bs`, or None when `bs` is already the minimum."""
+    if bs <= minimum:
+        return None
+    if strategy == "multiply":
+        new = math.floor(bs * factor)
+        new = min(new, bs - 1)  # a factor close to 1 must still make progress
+    else:
+        new = bs - subtract
+    return max(minimum, new)
+
+
+def step_sequence(bs: int, minimum: int, strategy: str, subtract: int, factor: float) -> list[int]:
+    """Every batch size the supervisor would try, starting from `bs` (for status and messages)."""
+    out = [bs]
+    while (n := next_batch_size(out[-1], minimum, strategy, subtract, factor)) is not None:
+        out.append(n)
+    return out

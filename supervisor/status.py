@@ -21,7 +21,6 @@ from .classify import RESTARTABLE, Reason
 from .config import Config
 from .logparse import EpochRecord, History, LogFollower, replay
 from .plans import plan_batch_size
-from .statusline import summary_line  # noqa: F401  (re-exported)
 from .store import Lock, StateStore
 
 TREND_EPOCHS = 10
@@ -247,7 +246,7 @@ def render(i: dict) -> str:
 
 def gather_queue(cfg: Config) -> dict:
     """A queue's status: every job's own status (as for a single job) plus the queue's totals and ETA."""
-    from . import queue
+    from . import jobqueue
 
     try:
         qdata = json.loads((cfg.paths.state_dir / "queue.json").read_text())
@@ -256,12 +255,12 @@ def gather_queue(cfg: Config) -> dict:
     recorded = {j.get("key"): j for j in qdata.get("jobs", []) if isinstance(j, dict)}
     holder = Lock.holder(cfg.paths.state_dir)
     jobs = []
-    for j in queue.jobs(cfg):
+    for j in jobqueue.jobs(cfg):
         spec = {"configuration": j.configuration, "fold": j.fold, "state_dir": str(j.state_dir(cfg)),
                 "gpu": (recorded.get(j.key) or {}).get("gpu")}
-        i = gather(queue.job_config(cfg, spec))
+        i = gather(jobqueue.job_config(cfg, spec))
         rec = recorded.get(j.key) or {}
-        state = rec.get("status") or ("done" if i["outcome"] in queue.DONE else i["state"])
+        state = rec.get("status") or ("done" if i["outcome"] in jobqueue.DONE else i["state"])
         jobs.append({"configuration": j.configuration, "fold": j.fold, "state": i["state"], "queue_status": state,
                      "outcome": i["outcome"], "epoch": i["epoch"], "ema_dice": i["ema_dice"],
                      "best_ema_dice": i["best_ema_dice"], "target_ema_dice": i["target_ema_dice"],

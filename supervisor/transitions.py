@@ -13,7 +13,6 @@ from .classify import RESTARTABLE, Reason, classify
 from .events import (ActionFailed, Activity, BatchSizeSet, ChildExited, DiskSpace, EpochDone, ExitCode, Log,
                      MeasureDisk, NoCheckpoint, Readings, Reconfigured, Requeue, Requeued, SetBatchSize, SetWorkers, SignalGroup,
                      Start, StopLeftover, StopRequested, TrainingDone)
-from .plans import next_batch_size, step_sequence
 from .sup import (ACTIVE, TERMINAL, State, Sup, _finish, _r, _request_stop, _resumed, _spawn, _stop,
                   _track_epoch)
 
@@ -286,9 +285,9 @@ def on_requeued(s: Sup, ev: Requeued, now, cfg):
 
 def _on_cuda_oom(s: Sup, now, cfg, ended: Log):
     o, bs = cfg.oom, s.batch_size
-    new = next_batch_size(bs, o.min_batch_size, o.strategy, o.subtract, o.factor)
+    new = rules.next_batch_size(bs, o.min_batch_size, o.strategy, o.subtract, o.factor)
     if new is None:
-        tried = " -> ".join(str(b) for b in step_sequence(s.original_batch_size or bs, o.min_batch_size, o.strategy,
+        tried = " -> ".join(str(b) for b in rules.step_sequence(s.original_batch_size or bs, o.min_batch_size, o.strategy,
                                                           o.subtract, o.factor))
         s, acts = _finish(
             s, State.FAILED, "gave_up", ExitCode.GAVE_UP,

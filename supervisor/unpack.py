@@ -37,7 +37,7 @@ from .job import CHECKPOINT_ORDER
 from .store import move_aside
 
 CHUNK = 1 << 20
-PROBE = Path(__file__).parent / "resume_probe.py"
+PROBE = Path(__file__).parent / "trainer" / "resume_probe.py"
 PROBE_TIMEOUT_S = 180
 PLACE_ORDER = {"preprocessed": 0, "raw": 1, "results": 2}
 

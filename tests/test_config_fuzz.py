@@ -144,7 +144,7 @@ def test_fuzz_parse_gives_a_config_or_a_config_error(tmp_path):
         else:
             assert isinstance(result, Config)
             outcomes[Config] += 1
-    assert outcomes[Config] > 100 and outcomes[ConfigError] > 100  # both paths really exercised
+    assert outcomes[Config] > 50 and outcomes[ConfigError] > 50  # both paths really exercised
 
 
 TOML_FRAGMENTS = ["[training]", "[paths]", "[stop]", "[environment]", "[[training]]", "[training.x]",

@@ -1,6 +1,5 @@
 """The decision core: every State x Event pair has a rule or is explicitly ignored, and the defects found
 around it (issue "One place for every decision") stay fixed."""
-import dataclasses
 import json
 import signal
 
@@ -8,7 +7,6 @@ import pytest
 import structlog
 
 from conftest import wait_for
-from supervisor import policy
 from supervisor.classify import Exit, Reason
 from supervisor.events import (EVENTS, ActionFailed, Activity, BatchSizeSet, ChildExited, DiskSpace, EpochDone,
                                EpochStarted, ExitCode, Finish, NoCheckpoint, Readings, Reconfigured, Requeued,
