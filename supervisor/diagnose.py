@@ -152,6 +152,10 @@ def _data_verdict(p: EpochProfile, th: Thresholds, figs: dict) -> Verdict:
     cpu_note = "; the trainer also computes on the CPU (device cpu): a GPU comes next" if on_cpu(p) else ""
     figs.update(workers_cores=p.cpu_workers, per_worker_cores=per_worker, machine_cores_busy=p.cpu_machine)
     head = f"data wait {_pct(wait / epoch)} of the epoch"
+    if n and per_worker is None:
+        return Verdict("data_loading", figs, None, None,
+                       f"{head}; {n} workers, their CPU not measured (the supervisor's samples tell whether "
+                       f"more workers would help){cpu_note}")
     idle = n > 0 and per_worker is not None and per_worker < th.worker_idle
     if idle and p.iowait_fraction is not None and p.iowait_fraction >= th.iowait_fraction:
         return Verdict("storage", figs, "copy nnUNet_preprocessed to a local SSD/NVMe disk", None,

@@ -347,3 +347,63 @@ def test_status_shows_the_verdict_from_the_trainer_timings(job):
         "attempts": [], "changes": [], "epochs": [], "bottleneck": stored.to_json()}))
     i = gather(cfg)
     assert i["bottleneck"] == "gpu_bound" and "GPU 97 % busy" in render(i)
+
+
+# ---- real nnU-Net on the CPU --------------------------------------------------------------------------
+@pytest.mark.e2e
+def test_real_nnunet_with_a_slowed_data_loader_is_diagnosed_data_loading(tmp_path):
+    """The supervisor runs the launcher (this checkout's, via PYTHONPATH) with the sidecar variable set;
+    meanwhile this test samples the trainer's tree as the daemon will. One epoch of 4 iterations whose
+    batches take the worker 2 x 3 s more: the loop waits for data most of the epoch."""
+    from supervisor import config as config_mod
+    from supervisor import demo
+    from supervisor.status import gather, render
+
+    demo.make_dataset(tmp_path / "raw")
+    demo.preprocess(tmp_path)
+    sidecar = tmp_path / "state" / "attempts" / "attempt-0001.profile.jsonl"
+    cfg_path = demo.demo_config(tmp_path, trainer="nnUNetTrainerDemoSlowData", target=None, crash_at=None,
+                                epochs=1, extra_env={"CARDIACSEG_PROFILE_FILE": str(sidecar),
+                                                     "CARDIACSEG_DEMO_ITERS": "4",
+                                                     "CARDIACSEG_DEMO_SLOW_DATA_S": "3", "PYTHONPATH": str(REPO)})
+    sup = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", str(cfg_path), "--quiet-trainer"],
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def tree():
+        kids = [p for p in psutil.Process(sup.pid).children() if "launcher" in " ".join(p.cmdline())
+                or "nnunet" in " ".join(p.cmdline()).lower()] if sup.poll() is None else []
+        if not kids:
+            return None, []
+        return kids[0].pid, [c.pid for c in kids[0].children(recursive=True)]
+
+    sampler = MachineSampler(None, tree, interval_s=1.0)
+    follower = ProfileFollower(sidecar)
+    lines, summaries = [], []
+    try:
+        while sup.poll() is None and not lines:
+            sampler.sample(psutil.time.monotonic())
+            got = follower.poll()
+            if got:
+                lines += got
+                summaries.append(sampler.epoch_summary())
+            try:
+                sup.wait(timeout=1.0)  # paces the sampling; returns early when the run ends
+            except subprocess.TimeoutExpired:
+                pass
+        assert sup.wait(timeout=240) == 0
+    finally:
+        if sup.poll() is None:
+            sup.send_signal(signal.SIGTERM)
+            sup.wait(timeout=60)
+    lines += follower.poll()
+    assert lines, "the launcher wrote no profile line"
+    rec = lines[0]
+    assert rec["epoch"] == 0 and rec["n_proc_da"] == 1 and rec["device"] == "cpu" and len(rec["worker_pids"]) == 1
+    assert rec["data_wait_s"] + rec["step_s"] == pytest.approx(rec["train_s"], abs=1e-3)
+    cfg = config_mod.load(cfg_path)
+    v = verdict(make_profile(rec, summaries[0] if summaries else None, cfg), cfg)
+    assert v.kind == "data_loading", (v, rec)
+    assert v.figures["device"] == "cpu" and "computes on the CPU" in v.text
+    i = gather(cfg)
+    assert i["bottleneck"] == "data_loading" and i["data_wait_fraction"] >= 0.2
+    print("\n" + render(i) + f"\nwith machine samples: {v.text}")
