@@ -16,7 +16,7 @@ import math
 import statistics
 import time
 
-from . import job, others
+from . import diagnose, job, others
 from .classify import RESTARTABLE, Reason
 from .config import Config
 from .logparse import EpochRecord, History, LogFollower, replay
@@ -84,6 +84,23 @@ def _clean(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+def _bottleneck(data: dict, attempts: list[dict], cfg: Config) -> dict | None:
+    """The latest verdict: the daemon's (state.json, with the machine's figures) when it recorded one,
+    else judged here from the last line of the latest attempt's profile file (the trainer's own timings)."""
+    stored = data.get("bottleneck") or data.get("sup", {}).get("bottleneck")
+    if isinstance(stored, dict) and stored.get("kind"):
+        return stored
+    from .profile import ProfileFollower, make_profile
+
+    n = attempts[-1].get("n") if attempts else None
+    path = cfg.paths.state_dir / "attempts" / f"attempt-{n if isinstance(n, int) else 1:04d}.profile.jsonl"
+    lines = ProfileFollower(path).poll() if path.is_file() else []
+    if not lines:
+        return None
+    v = diagnose.verdict(make_profile(lines[-1], None, cfg), cfg)
+    return {**v.to_json(), "source": "trainer timings only (no machine samples)"}
+
+
 def gather(cfg: Config) -> dict:
     store = StateStore(cfg.paths.state_dir)
     problem = None
@@ -113,6 +130,7 @@ def gather(cfg: Config) -> dict:
     eta_target = None if finished or blocker else eta_to_target(recs, cfg.target.ema_dice, epoch_s)
     eta_end = None if finished or epoch_s is None or remaining < 0 else remaining * epoch_s
     plot_path = cfg.paths.state_dir / "progress.png"
+    bn = _bottleneck(data, attempts, cfg)
     return {
         "state": state,
         "running": bool(holder),
@@ -150,6 +168,9 @@ def gather(cfg: Config) -> dict:
         "state_dir": str(cfg.paths.state_dir),
         "plot": str(plot_path) if plot_path.is_file() else None,
         "other_trainers": [{"pid": o.pid, "command": o.command} for o in others.find(cfg)],
+        "bottleneck": bn["kind"] if bn else None,
+        "data_wait_fraction": (bn.get("figures") or {}).get("data_wait_fraction") if bn else None,
+        "bottleneck_detail": bn,
     }
 
 
@@ -192,6 +213,20 @@ def _epochs(a: dict) -> str:
     return f"epochs {_d(a.get('epoch_start'))}..{a['epoch_reached']}  "
 
 
+def _bottleneck_lines(b: dict | None) -> list[str]:
+    if not b:
+        return []
+    f = b.get("figures") or {}
+    out = [f"bottleneck:   {b.get('kind')} (epoch {_d(f.get('epoch'))}): {b.get('text') or ''}"]
+    if b.get("knob"):
+        gain = b.get("gain_estimate")
+        out.append(f"  knob:       {b['knob']}" + (f"  (about {100 * gain:.0f} % of the epoch time saved)"
+                                                     if isinstance(gain, (int, float)) and gain > 0 else ""))
+    if b.get("source"):
+        out.append(f"  from:       {b['source']}")
+    return out
+
+
 def render(i: dict) -> str:
     lines = [f"state:        {i['state']}" + (f"  ({i['supervisor']})" if i["running"] else "")]
     if i["outcome"]:
@@ -215,6 +250,7 @@ def render(i: dict) -> str:
         f"batch size:   {i['batch_size'] if i['batch_size'] is not None else 'unknown'}"
         f"  (original {_d(i['original_batch_size'])}, minimum {i['min_batch_size']})",
         f"DA workers:   {i['n_proc_da'] or 'default'}",
+        *_bottleneck_lines(i.get("bottleneck_detail")),
         f"restarts:     {i['restarts']}" + (f"  ({', '.join(str(r) for r in i['restart_reasons'])})"
                                            if i["restart_reasons"] else ""),
     ]

@@ -23,12 +23,18 @@ KeyboardInterrupt tracebacks, interleaved with the trainer's, are gone with it. 
 worker, silently.
 Under `-num_gpus N` the DDP ranks are started by torch's spawn in fresh interpreters: `run_ddp` is
 replaced by a picklable wrapper that applies the same patches in each rank.
+4. with CARDIACSEG_PROFILE_FILE set (the supervisor sets it per attempt), one JSON line per epoch is
+   appended to that file: where the epoch's time went (supervisor/trainer/epoch_timer.py: waiting for the
+   data loader's next batch, the train steps, validation, the end of the epoch with its checkpoints).
+   Unset, nothing is measured, wrapped or written. nnU-Net's own log is never changed.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
+
+from . import epoch_timer
 
 _state = {"saving": 0, "pending": None, "main_pid": os.getpid(), "signal": None, "epoch": None,
           "checkpoint": None}
@@ -130,6 +136,7 @@ def apply_patches() -> None:
     mod.torch = _AtomicTorch()  # the trainer module's global `torch`, used by save_checkpoint
     cls.on_train_start = on_train_start
     cls.on_epoch_end = on_epoch_end
+    epoch_timer.patch(cls, os.environ.get(epoch_timer.PROFILE_ENV))  # after ours: it wraps them
     try:
         from batchgenerators.dataloading import nondet_multi_threaded_augmenter as nd
     except ImportError:

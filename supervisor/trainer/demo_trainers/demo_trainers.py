@@ -15,11 +15,19 @@ nnUNetTrainerDemoDecline: from epoch 2 on, its validation finds no true positive
 drops to 0 and the EMA never improves again: a plateau/decline as in long real runs, where stock nnU-Net's
 checkpoint_best lags behind (the benchmark's lost-work comparison).
 
+nnUNetTrainerDemoSlowData: the demo trainer with a slow data loader: every training sample takes its
+augmentation worker CARDIACSEG_DEMO_SLOW_DATA_S seconds (default 5) more, so the training loop waits for
+its batches (the `data_loading` bottleneck of `status`). The worker sleeps rather than burning CPU: on a
+small shared machine a burning worker slows the CPU train step as much as itself, and the wait would
+depend on the machine's load. Its augmenter keeps one batch ready instead of nnU-Net's six, so a short
+epoch cannot live off a stock made at start-up.
+
 nnUNetTrainerDemoOOM: raises torch.OutOfMemoryError from its train step while the plan's batch size
 is above 1, like a real CUDA OOM (for the OOM step-down tests).
 """
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -46,11 +54,15 @@ class nnUNetTrainerDemo(nnUNetTrainer):
         self.demo_seed = int(os.environ.get("CARDIACSEG_DEMO_SEED", 0))
         seed_everything(self.demo_seed)
 
+    num_cached: int | None = None  # batches the augmenter keeps ready (None: nnU-Net's choice, >= 6)
+
     def get_dataloaders(self):
         """nnU-Net's dataloaders, with its augmentation workers seeded (it passes seeds=None)."""
-        orig, seed = trainer_module.NonDetMultiThreadedAugmenter, self.demo_seed
+        orig, seed, cached = trainer_module.NonDetMultiThreadedAugmenter, self.demo_seed, self.num_cached
 
         def seeded(*args, num_processes=1, seeds=None, **kwargs):
+            if cached is not None:
+                kwargs["num_cached"] = cached
             return orig(*args, num_processes=num_processes, seeds=[seed + i for i in range(num_processes)], **kwargs)
 
         trainer_module.NonDetMultiThreadedAugmenter = seeded
@@ -83,3 +95,23 @@ class nnUNetTrainerDemoDecline(nnUNetTrainerDemo):
             for o in val_outputs:
                 o["tp_hard"] = o["tp_hard"] * 0
         return super().on_validation_epoch_end(val_outputs)
+
+
+class SlowTransforms:
+    """nnU-Net's training transforms, `seconds` later (in the augmentation worker)."""
+
+    def __init__(self, inner, seconds: float):
+        self.inner, self.seconds = inner, seconds
+
+    def __call__(self, **data):
+        time.sleep(self.seconds)
+        return self.inner(**data)
+
+
+class nnUNetTrainerDemoSlowData(nnUNetTrainerDemo):
+    num_cached = 1  # no stock of batches made while the trainer starts or validates: the wait shows at once
+
+    @staticmethod
+    def get_training_transforms(*args, **kwargs):
+        inner = nnUNetTrainerDemo.get_training_transforms(*args, **kwargs)
+        return SlowTransforms(inner, float(os.environ.get("CARDIACSEG_DEMO_SLOW_DATA_S", "5")))
