@@ -45,7 +45,28 @@ def info(env=None) -> dict | None:
             "restart_count": restart_count(env), "spec": job_spec(env)}
 
 
+def job_state(spec: str, timeout: float = REQUEUE_TIMEOUT_S) -> str | None:
+    """JobState of `scontrol show job SPEC` (e.g. RUNNING, CANCELLED), or None when it cannot be read."""
+    try:
+        r = subprocess.run(["scontrol", "show", "job", "-o", spec], capture_output=True, text=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for word in r.stdout.split() if r.returncode == 0 else ():
+        if word.startswith("JobState="):
+            return word.partition("=")[2]
+    return None
+
+
 def requeue(spec: str, timeout: float = REQUEUE_TIMEOUT_S) -> tuple[bool, str]:
+    # `scancel JOB` sends the same SIGTERM as a preemption, and SLURM still accepts a requeue of the
+    # cancelled job: that would undo the user's cancel (measured, slurm 22.05). A job SLURM is already
+    # ending shows JobState=COMPLETING (scancel; also SLURM's own preemption kill or a time limit run out);
+    # a signal for us to act on (--signal=B:USR1@S, `scancel --signal=...`) leaves it RUNNING.
+    state = job_state(spec, timeout)
+    if state in ("COMPLETING", "CANCELLED", "COMPLETED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL"):
+        return False, (f"job {spec} is already ending (JobState={state}: cancelled with scancel, or killed by "
+                       "SLURM itself); not requeued")
     try:
         r = subprocess.run(["scontrol", "requeue", spec], capture_output=True, text=True, timeout=timeout,
                            stdin=subprocess.DEVNULL)

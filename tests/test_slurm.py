@@ -327,3 +327,53 @@ def test_a_real_time_limit_is_survived_by_requeue(cluster, job, capsys):
     with capsys.disabled():
         print(f"\n[slurm] {line}; history {reasons}; epochs lost per requeue {lost}; "
               f"{time.monotonic() - t0:.0f} s")
+
+
+
+def _kill_hard(d: Path) -> None:
+    """SIGKILL the supervisor and the trainer's process group at once: what a node crash does to them."""
+    import signal as _signal
+
+    s = state(d)
+    os.kill(s["supervisor"]["pid"], _signal.SIGKILL)
+    os.killpg(s["attempts"][-1]["pgid"], _signal.SIGKILL)
+
+
+def test_a_resubmitted_job_resumes_after_a_node_crash(cluster, job, capsys):
+    """No signal, no requeue (SIGKILL to the supervisor and the trainer, as when the node dies): a new job
+    (new id, new state folder) continues from the fold's checkpoints with --c."""
+    cfg_path = slurm_config(job, env={"FAKE_EPOCH_S": "0.3", "FAKE_EPOCHS": "10"}, training={"expected_epochs": 10})
+    jid, _ = submit(cluster, job, cfg_path, "--cpus-per-task", "1")
+    d = job.root / "state" / f"slurm-{jid}"
+    wait_for(lambda: len(state(d).get("epochs", [])) >= 3, timeout=90, interval=0.2, what="3 epochs")
+    _kill_hard(d)
+    first = wait_done(cluster, jid, 60, job)
+    assert first["Restarts"] == "0"
+    reached = max(e["epoch"] for e in state(d)["epochs"])
+    jid2, _ = submit(cluster, job, cfg_path, "--cpus-per-task", "1")
+    end = wait_done(cluster, jid2, 90, job)
+    s = state(job.root / "state" / f"slurm-{jid2}")
+    assert end["JobState"] == "COMPLETED" and s["sup"]["outcome"] == "completed", (first, end, s.get("sup"))
+    a = s["attempts"][0]
+    assert "--c" in a["argv"] and a["resume_from"] and a["epoch_start"] <= reached + 1
+    with capsys.disabled():
+        print(f"\n[slurm] killed job {jid} ({first.get('JobState')}) at epoch {reached}; resubmitted {jid2} started at "
+              f"epoch {a['epoch_start']} from {a['resume_from']}: {evidence(cluster, jid2)}")
+
+
+def test_scancel_is_not_undone_by_a_requeue(cluster, job, capsys):
+    """`scancel JOB` sends SIGTERM like a preemption does; the supervisor must not requeue a cancelled job."""
+    cfg_path = slurm_config(job, env={"FAKE_EPOCH_S": "0.3", "FAKE_EPOCHS": "30"}, training={"expected_epochs": 30})
+    jid, _ = submit(cluster, job, cfg_path, "--cpus-per-task", "1")
+    d = job.root / "state" / f"slurm-{jid}"
+    wait_for(lambda: len(state(d).get("epochs", [])) >= 2, timeout=90, interval=0.2, what="2 epochs")
+    _cmd(cluster, "scancel", jid)
+    end = wait_done(cluster, jid, 60, job)
+    # the supervisor has ended (its state is final) and the job stays cancelled: not requeued
+    wait_for(lambda: state(d).get("sup", {}).get("state") in ("done", "failed"), timeout=30, what="the end")
+    end = show(cluster, jid)
+    s = state(d)
+    assert end["JobState"] == "CANCELLED" and end["Restarts"] == "0", (evidence(cluster, jid), s["sup"])
+    assert "not requeued" in s["sup"]["message"]
+    with capsys.disabled():
+        print(f"\n[slurm] {evidence(cluster, jid)}; outcome {s['sup']['outcome']}: {s['sup']['message']}")
