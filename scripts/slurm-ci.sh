@@ -89,6 +89,7 @@ slurmd_port=$((ctld_port + 1))
 host=$(hostname -s)
 cpus=$(nproc)
 
+chmod 0755 "$S"  # munged runs as munge and must reach its socket folder (mktemp -d makes 0700)
 mkdir -p "$S/state" "$S/spool" "$S/log" "$S/munge"
 chown munge:munge "$S/munge" && chmod 0755 "$S/munge"
 [[ -f /etc/munge/munge.key ]] || { say "no /etc/munge/munge.key (munge package incomplete)"; exit 3; }

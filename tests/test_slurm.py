@@ -178,14 +178,19 @@ def cluster(tmp_path_factory):
                     ".ci/run installs them as root)")
     if os.geteuid() != 0:
         pytest.skip("SLURM tests start slurmd, which needs root")
-    scratch = tmp_path_factory.mktemp("slurm")
+    # not below pytest's tmp folder: munged (user munge) must reach its socket, and that folder is 0700
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="cardiacseg-slurm-"))
     r = subprocess.run(["bash", str(SCRIPT), "start", str(scratch)], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
+        shutil.rmtree(scratch, ignore_errors=True)
         pytest.skip(f"could not start a SLURM cluster: {r.stderr.strip()[-500:]}")
     try:
         yield str(scratch / "slurm.conf")
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop", str(scratch)], capture_output=True, timeout=120)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _env(conf: str) -> dict:
