@@ -1,4 +1,5 @@
-"""The `cardiacseg-train` command: run | status | check | pack | unpack | install-unit | uninstall-unit | demo.
+"""The `cardiacseg-train` command: run | status | check | pack | unpack | install-unit | uninstall-unit |
+plot | slurm-script | demo.
 
 Exit codes of `run` (the systemd unit depends on them):
   0  done: target reached, training completed, or stopped on request
@@ -38,6 +39,10 @@ def cmd_run(args) -> int:
     from . import others
 
     cfg = _load(args.config)
+    if args.fold is not None:  # an array task of `slurm-script --folds`: same config, this fold
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, fold=args.fold))
     logs.setup(cfg.logging.level, trainer_output=not args.quiet_trainer)
     if os.environ.get(jobqueue.ENV):  # one job of a queue, started by the queue's master process
         spec = json.loads(os.environ[jobqueue.ENV])
@@ -100,6 +105,45 @@ def cmd_status(args) -> int:
     else:
         print(render_queue(info) if many else render(info))
     return 0
+
+
+def cmd_slurm_script(args) -> int:
+    from . import slurm
+
+    cfg = _load(args.config)
+    folds = []
+    if args.folds:
+        try:
+            folds = [_fold_value(f.strip()) for f in args.folds.split(",") if f.strip()]
+        except ValueError:
+            print(f"cardiacseg-train: --folds {args.folds!r}: expected fold numbers separated by commas, "
+                  "e.g. 0,1,2", file=sys.stderr)
+            return ExitCode.CONFIG
+        if len(folds) > 1 and (sd := slurm.explicit_state_dir(cfg)):
+            print(f"cardiacseg-train: [paths] state_dir = {sd!r} would be shared by the array's tasks (one job per "
+                  "state directory); leave it unset: inside SLURM the default is state/slurm-<job>_<task>",
+                  file=sys.stderr)
+            return ExitCode.CONFIG
+    if args.time is not None and slurm.parse_time(args.time) is None:
+        print(f"cardiacseg-train: --time {args.time!r}: expected SLURM's format (MM, HH:MM:SS, D-HH:MM:SS)",
+              file=sys.stderr)
+        return ExitCode.CONFIG
+    text, warnings = slurm.sbatch_script(
+        cfg, command=[sys.executable, "-m", "supervisor"], partition=args.partition, time=args.time,
+        gpus=args.gpus, cpus_per_task=args.cpus_per_task, mem=args.mem, folds=folds)
+    for w in warnings:
+        print(f"cardiacseg-train: warning: {w}", file=sys.stderr)
+    print(text, end="")
+    return 0
+
+
+def _fold_value(text: str):
+    if text == "all":
+        return text
+    n = int(text)
+    if not 0 <= n < 1000:
+        raise ValueError(text)
+    return n
 
 
 def cmd_check(args) -> int:
@@ -198,6 +242,13 @@ SUBCOMMANDS = {  # name: (one-line help, description for `name --help`)
                "never overwritten). Then load each fold's resume checkpoint with this machine's torch and numpy "
                "and print what `--c` will resume from. Exits 2 when the archive is refused (nothing placed) or "
                "the checkpoint will not load here."),
+    "slurm-script": ("print an sbatch script that runs this config on a SLURM cluster, requeued on time limits",
+                     "Print an sbatch script for this config: --requeue, --open-mode=append, --signal=B:USR1@S "
+                     "(S = the measured median epoch time + stop.timeout_seconds + 60 s, at least 60 s; 300 s "
+                     "per epoch when none was measured yet), the GPUs and CPUs asked for, and a job array over "
+                     "--folds. It execs `run`: on SIGUSR1 or SIGTERM the supervisor stops the trainer at a safe "
+                     "point, requeues the job with `scontrol requeue`, and the requeued run continues with --c. "
+                     "Submit it with `cardiacseg-train slurm-script --config C > job.sh && sbatch job.sh`."),
     "demo": ("synthetic dataset + real nnU-Net on the CPU under the supervisor",
              "Make a tiny synthetic dataset, plan and preprocess it, and supervise real nnU-Net training on "
              "the CPU with an injected crash and a reachable Dice target; then print `status`."),
@@ -223,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--take-over", action="store_true",
                    help="another trainer (e.g. a hand-started nnUNetv2_train ... --c) trains this fold: stop it "
                         "at its next safe point, then continue with --c (without it, run refuses: exit 2)")
+    r.add_argument("--fold", type=_fold_value, default=None,
+                   help="train this fold instead of [training] fold (a job array's task: "
+                        "--fold $SLURM_ARRAY_TASK_ID)")
     r.set_defaults(fn=cmd_run)
     s = add("status")
     s.add_argument("--config", required=True, help=CONFIG_HELP)
@@ -268,6 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not load the resume checkpoints with this torch/numpy afterwards")
     up.add_argument("--quiet", action="store_true", help="no progress line, even on a terminal")
     up.set_defaults(fn=cmd_unpack)
+    ss = add("slurm-script")
+    ss.add_argument("--config", required=True, help=CONFIG_HELP)
+    ss.add_argument("--partition", default=None, help="#SBATCH --partition (default: the cluster's)")
+    ss.add_argument("--time", default=None, metavar="HH:MM:SS", help="#SBATCH --time, the job's time limit")
+    ss.add_argument("--gpus", type=int, default=None, metavar="N",
+                    help="#SBATCH --gres=gpu:N (default: [training] num_gpus for device cuda, else none)")
+    ss.add_argument("--cpus-per-task", type=int, default=None, metavar="C",
+                    help="#SBATCH --cpus-per-task; nnUNet_n_proc_DA follows it unless [environment] sets it")
+    ss.add_argument("--mem", default=None, metavar="M", help="#SBATCH --mem, e.g. 64G")
+    ss.add_argument("--folds", default=None, metavar="0,1,2",
+                    help="a job array with one task per fold (run --fold $SLURM_ARRAY_TASK_ID)")
+    ss.set_defaults(fn=cmd_slurm_script)
     d = add("demo")
     d.add_argument("--dir", default="demo-run", help="working folder (default ./demo-run)")
     d.add_argument("--no-crash", action="store_true", help="skip the injected crash")

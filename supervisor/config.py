@@ -66,6 +66,18 @@ def _check_environment(body, problems: list[str]) -> dict[str, str]:
     return {k: v for k, v in body.items() if isinstance(v, str)}
 
 
+def slurm_state_dir(env: Mapping[str, str]) -> str | None:
+    """Inside a SLURM job: `state/slurm-<ARRAY_JOB_ID or JOB_ID>[_<TASK_ID>]` (stable across requeues,
+    one per array task); None outside. The state lies beside the config, on the shared filesystem."""
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    name = env.get("SLURM_ARRAY_JOB_ID") or env["SLURM_JOB_ID"]
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        name += f"_{env['SLURM_ARRAY_TASK_ID']}"
+    name = "".join(c for c in name if c.isalnum() or c in "_-") or "job"
+    return f"state/slurm-{name}"
+
+
 def parse(raw: dict, path: Path, env: Mapping[str, str] | None = None) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     env = os.environ if env is None else env
@@ -113,7 +125,8 @@ def parse(raw: dict, path: Path, env: Mapping[str, str] | None = None) -> Config
         if p is None and name != "raw":
             problems.append(f"paths.{name}: required (or set {envname} in the environment)")
         pa[name] = resolve(p)
-    pa["state_dir"] = resolve(pa.get("state_dir") or env.get("STATE_DIRECTORY", "").split(":")[0] or "state")
+    pa["state_dir"] = resolve(pa.get("state_dir") or env.get("STATE_DIRECTORY", "").split(":")[0]
+                              or slurm_state_dir(env) or "state")
     sections = {}
     for section, cls in SECTIONS.items():
         try:

@@ -117,11 +117,23 @@ def build_env(cfg: Config, base: dict[str, str] | None = None, overrides: dict[s
     # a CUDA index mean the GPU the thermal guard watches. [environment] can still override it.
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env.update(cfg.environment)
+    if "nnUNet_n_proc_DA" not in env and (cpus := slurm_cpus(env)) is not None:
+        # nnU-Net would start 12 workers whatever the allocation; with fewer CPUs they die (nnU-Net #2863)
+        env["nnUNet_n_proc_DA"] = str(cpus)
     env.update(overrides or {})
     env.setdefault("PYTHONUNBUFFERED", "1")
     # a segfault then prints "Fatal Python error: Segmentation fault": the final error classify needs
     env.setdefault("PYTHONFAULTHANDLER", "1")  # so progress lines reach us as they are printed
     return env
+
+
+def slurm_cpus(env) -> int | None:
+    """SLURM_CPUS_PER_TASK inside a SLURM job (the allocation's CPUs per task), else None."""
+    try:
+        n = int(env.get("SLURM_CPUS_PER_TASK", ""))
+    except ValueError:
+        return None
+    return max(1, n) if env.get("SLURM_JOB_ID") else None
 
 
 NNUNET_DEFAULT_N_PROC_DA = 12  # nnunetv2.utilities.default_n_proc_DA on an unknown host, capped at CPUs

@@ -133,8 +133,11 @@ class Paths:
     results: Path | None = key(REQUIRED, nonempty, "nnUNet_results", types=str, reload=RESTART,
                                default_doc="`$nnUNet_results`")
     state_dir: Path | None = key(UNSET, nonempty, "state.json, lock, per-attempt logs; one job per "
-                                 "state_dir", types=str, reload=RESTART,
-                                 default_doc="`$STATE_DIRECTORY` or `./state`")
+                                 "state_dir. Inside a SLURM job the default is per job and array task, "
+                                 "so a requeued job (same id) finds its state; `status` finds it too",
+                                 types=str, reload=RESTART,
+                                 default_doc="`$STATE_DIRECTORY`, else in a SLURM job "
+                                 "`./state/slurm-<ARRAY_JOB_ID or JOB_ID>[_<TASK_ID>]`, else `./state`")
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,13 @@ Restarts are the attempts the supervisor started because the previous one ended 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
 import time
 
-from . import diagnose, job, others
+from . import diagnose, job, others, slurm
 from .classify import RESTARTABLE, Reason
 from .config import Config
 from .logparse import EpochRecord, History, LogFollower, replay
@@ -102,6 +103,11 @@ def _bottleneck(data: dict, attempts: list[dict], cfg: Config) -> dict | None:
 
 
 def gather(cfg: Config) -> dict:
+    if not (cfg.paths.state_dir / "state.json").exists():
+        # on a SLURM login node: the job wrote its state below, in state/slurm-<job>[_<task>]
+        found, _data = slurm.find_state(cfg)
+        if found is not None:
+            cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, state_dir=found))
     store = StateStore(cfg.paths.state_dir)
     problem = None
     try:
@@ -171,7 +177,24 @@ def gather(cfg: Config) -> dict:
         "bottleneck": bn["kind"] if bn else None,
         "data_wait_fraction": (bn.get("figures") or {}).get("data_wait_fraction") if bn else None,
         "bottleneck_detail": bn,
+        "slurm": _slurm(data.get("slurm")),
     }
+
+
+def _slurm(info) -> dict | None:
+    """state.json's "slurm" object (written inside a SLURM job): job id, array task, node, requeues."""
+    if not isinstance(info, dict):
+        return None
+    return {"job_id": info.get("job_id"), "array_job_id": info.get("array_job_id"),
+            "array_task": info.get("array_task"), "node": info.get("node"),
+            "requeues": info.get("restart_count"), "spec": info.get("spec")}
+
+
+def _slurm_line(s: dict) -> str:
+    task = f" (array {s['array_job_id']}, task {s['array_task']})" if s.get("array_task") is not None else ""
+    n = s.get("requeues")
+    return (f"slurm:        job {_d(s.get('spec') or s.get('job_id'))}{task} on node {_d(s.get('node'))}, "
+            f"requeued {_d(n)} time{'' if n == 1 else 's'} (SLURM_RESTART_COUNT)")
 
 
 def _dur(s: float | None) -> str:
@@ -235,6 +258,8 @@ def render(i: dict) -> str:
         lines.append(f"message:      {i['message']}")
     for o in i.get("other_trainers") or []:
         lines.append(f"WARNING:      another trainer trains this fold: pid {o['pid']}: {o['command']}")
+    if i.get("slurm"):
+        lines.append(_slurm_line(i["slurm"]))
     if i.get("plot"):
         lines.append(f"picture:      {i['plot']}")
     if i["restart_at"] and i["state"] == "backoff":
