@@ -14,14 +14,15 @@ from __future__ import annotations
 import psutil
 
 from . import proc
-from .events import Activity
+from .events import Activity, EpochProfiled
 from .output import TrainerOutput
+from .profiling import MachineSampler, ProfileFollower, make_profile
 
 SAMPLE_S = 5.0
 
 
 class Attempt:
-    def __init__(self, n: int, popen, output: TrainerOutput, now: float):
+    def __init__(self, n: int, popen, output: TrainerOutput, now: float, profile_path=None, nvml=None):
         self.n, self.popen, self.output = n, popen, output
         self.pid = self.pgid = popen.pid
         self.started = now
@@ -33,6 +34,17 @@ class Attempt:
         self.oom_kills_at_start = proc.cgroup_oom_kills()
         self.next_sample = 0.0
         self.cpu: list[tuple[float, float]] = []  # (time, CPU seconds of the tree), last two
+        # where each epoch's time goes: the launcher's sidecar, and the machine sampled meanwhile
+        self.profile = ProfileFollower(profile_path) if profile_path is not None else None
+        self.machine = MachineSampler(nvml, lambda: (self.pid, list(self.known)))
+
+    def profiles(self, now: float, cfg) -> list[EpochProfiled]:
+        """Sample the machine (every few seconds) and turn the launcher's new epoch lines into events."""
+        if self.profile is None:
+            return []
+        if self.returncode is None:
+            self.machine.sample(now)
+        return [EpochProfiled(make_profile(line, self.machine.epoch_summary(), cfg)) for line in self.profile.poll()]
 
     def sample(self, now: float, nvml=None) -> Activity | None:
         """Every SAMPLE_S: learn new descendants, measure the tree's CPU use; None between samples."""

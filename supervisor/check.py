@@ -314,9 +314,9 @@ def run_checks(cfg: Config) -> list[Finding]:
     _check_others(cfg, out)
     from . import jobqueue
     out += [Finding("fatal", p) for p in jobqueue.problems(cfg)]
-    from . import metrics, notify, pack
-    out += [Finding(level, text) for level, text in
-            notify.check_findings(cfg) + metrics.check_findings(cfg) + pack.check_findings(cfg)]
+    from . import metrics, notify, pack, profiling
+    out += [Finding(level, text) for level, text in notify.check_findings(cfg) + metrics.check_findings(cfg)
+            + pack.check_findings(cfg) + profiling.check_findings(cfg)]
     return out
 
 

@@ -180,6 +180,8 @@ class Daemon:
             self._forward(self.child, self.child.output.flush_stale())
             if self.child.returncode is None and (ev := self.child.sample(self.mono(), self.nvml)):
                 self.post(ev)
+            for ev in self.child.profiles(self.mono(), self.cfg):
+                self.post(ev)
         self._check_child()
         self._poll_log()
         if self.guard is not None and (ev := self.guard.poll(self.mono(), self.cfg.paths.state_dir)):
@@ -268,6 +270,8 @@ class Daemon:
             self.sel.unregister(fobj)
             fobj.close()
         self._poll_log()  # the last lines the trainer wrote belong to this attempt
+        for ev in a.profiles(self.mono(), self.cfg):
+            self.post(ev)
         a.output.close()
         self.child = None
         rec = self.attempts[-1]
@@ -367,10 +371,10 @@ class Daemon:
                                 self.cfg.stop.timeout_seconds, self.log)
         elif isinstance(act, Requeue):
             self.save()  # the requeue ends this job at once: state first
-            ok, msg = slurm.requeue(slurm.job_spec() or "")
-            if ok:
+            result, msg = slurm.requeue(slurm.job_spec() or "")
+            if result == "requeued":
                 self.log.warning("requeued", command=msg)
-            self.post(Requeued(ok, msg))
+            self.post(Requeued(result, msg))
         elif isinstance(act, MeasureDisk):
             self.post(self._measure_disk())
         else:  # pragma: no cover - a new action type without an executor is a bug
@@ -429,6 +433,8 @@ class Daemon:
         if self.sup.n_proc_da:
             overrides["nnUNet_n_proc_DA"] = str(self.sup.n_proc_da)
         log_path = self.cfg.paths.state_dir / "attempts" / f"attempt-{n:04d}.log"
+        profile_path = log_path.with_suffix(".profile.jsonl")  # the launcher's per-epoch timings
+        overrides["CARDIACSEG_PROFILE_FILE"] = str(profile_path)
         rec.update(argv=argv, log=str(log_path))
         # Durable before the trainer exists: a supervisor killed right after the fork finds this record
         # (no pid yet) and stops every process carrying the attempt's marker.
@@ -442,7 +448,7 @@ class Daemon:
             self.post(ChildExited(Exit(returncode=127, stderr_tail=f"cannot execute {argv[0]}: {e}")))
             return
         output = TrainerOutput(log_path, warn=lambda ev, **kw: self.log.warning(ev, attempt=n, **kw))
-        self.child = Attempt(n, popen, output, self.mono())
+        self.child = Attempt(n, popen, output, self.mono(), profile_path, self.nvml)
         rec.update(pid=popen.pid, pgid=popen.pid, create_time=self.child.known[popen.pid],
                    members=self.child.members())
         self.save()

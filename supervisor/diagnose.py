@@ -281,14 +281,3 @@ def static_findings(workers: int, cores: int, device: str, fs: dict | None) -> l
         out.append(("ok", f"preprocessed data: {where}"
                           + (", an SSD" if fs.get("rotational") is False else "")))
     return out
-
-
-def check_findings(cfg) -> list[tuple[str, str]]:
-    """check's static findings for cfg as (level, text), level "warning" or "ok" (never fatal)."""
-    import os
-
-    from . import job, profile
-
-    data = cfg.paths.preprocessed / job.dataset_name(cfg)
-    return static_findings(job.configured_workers(cfg), os.cpu_count() or 1, cfg.training.device,
-                           profile.storage_of(data if data.exists() else cfg.paths.preprocessed))

@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass, field
 
 from .classify import Exit
+from .diagnose import EpochProfile
 from .logparse import EpochRecord
 
 
@@ -106,6 +107,12 @@ class DiskSpace:
 
 
 @dataclass(frozen=True)
+class EpochProfiled:
+    """Where one epoch's time went: the launcher's timings plus the machine's samples (profiling.py)."""
+    profile: EpochProfile
+
+
+@dataclass(frozen=True)
 class NoCheckpoint:
     """Every checkpoint was unreadable and moved aside, and a fresh start is not allowed."""
     message: str
@@ -139,8 +146,9 @@ class StopRequested:
 
 @dataclass(frozen=True)
 class Requeued:
-    """The result of Requeue (`scontrol requeue`)."""
-    ok: bool
+    """The result of Requeue: "requeued", "ending" (SLURM already ends the job: scancel, its own kill),
+    or "failed"."""
+    result: str
     message: str = ""
 
 
@@ -149,7 +157,7 @@ class Tick:
     """Time passed (deadlines are checked against the monotonic `now` of every decision)."""
 
 
-EVENTS = (Start, Reconfigured, EpochStarted, EpochDone, TrainingDone, Activity, Readings, DiskSpace,
+EVENTS = (Start, Reconfigured, EpochStarted, EpochDone, TrainingDone, Activity, Readings, DiskSpace, EpochProfiled,
           NoCheckpoint, BatchSizeSet, ActionFailed, ChildExited, StopRequested, Requeued, Tick)
 
 

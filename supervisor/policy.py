@@ -23,7 +23,7 @@ and a full disk wait for their condition to clear; none of them counts against t
 """
 
 from . import transitions as t
-from .events import (EVENTS, ActionFailed, Activity, BatchSizeSet, ChildExited, DiskSpace, EpochDone,
+from .events import (EVENTS, ActionFailed, Activity, BatchSizeSet, ChildExited, DiskSpace, EpochDone, EpochProfiled,
                      EpochStarted, NoCheckpoint, Readings, Reconfigured, Requeued, Start, StopRequested, Tick,
                      TrainingDone)
 from .sup import ACTIVE, TERMINAL, State, Sup  # noqa: F401  (the policy's public names)
@@ -51,6 +51,7 @@ _rule((S.RUNNING, S.PAUSED, S.STOPPING), (TrainingDone,), t.on_training_done)
 _rule((S.RUNNING,), (EpochDone,), t.on_epoch_done)
 _rule((S.PAUSED, S.STOP_PENDING, S.STOPPING), (EpochDone,), t.on_epoch_tracked)
 _rule((S.RUNNING,), (Activity,), t.on_activity)
+_rule((S.RUNNING, S.PAUSED, S.STOP_PENDING, S.STOPPING), (EpochProfiled,), t.on_profiled)
 _rule((S.RUNNING, S.PAUSED, S.STOP_PENDING, S.COOLING), (Readings,), t.on_readings)
 _rule((S.STOPPING, S.IDLE, S.BACKOFF, S.NO_SPACE, S.REQUEUING), (Readings,), t.on_temps_only)
 _rule((S.NO_SPACE,), (DiskSpace,), t.on_disk_space)

@@ -58,23 +58,25 @@ def job_state(spec: str, timeout: float = REQUEUE_TIMEOUT_S) -> str | None:
     return None
 
 
-def requeue(spec: str, timeout: float = REQUEUE_TIMEOUT_S) -> tuple[bool, str]:
+def requeue(spec: str, timeout: float = REQUEUE_TIMEOUT_S) -> tuple[str, str]:
+    """("requeued" | "ending" | "failed", message). "ending": SLURM is already ending the job (scancel, its
+    own kill): no requeue is attempted, and the policy records a stop, not a failure."""
     # `scancel JOB` sends the same SIGTERM as a preemption, and SLURM still accepts a requeue of the
     # cancelled job: that would undo the user's cancel (measured, slurm 22.05). A job SLURM is already
     # ending shows JobState=COMPLETING (scancel; also SLURM's own preemption kill or a time limit run out);
     # a signal for us to act on (--signal=B:USR1@S, `scancel --signal=...`) leaves it RUNNING.
     state = job_state(spec, timeout)
     if state in ("COMPLETING", "CANCELLED", "COMPLETED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL"):
-        return False, (f"job {spec} is already ending (JobState={state}: cancelled with scancel, or killed by "
+        return "ending", (f"job {spec} is already ending (JobState={state}: cancelled with scancel, or killed by "
                        "SLURM itself); not requeued")
     try:
         r = subprocess.run(["scontrol", "requeue", spec], capture_output=True, text=True, timeout=timeout,
                            stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as e:
-        return False, f"scontrol requeue {spec}: {e}"
+        return "failed", f"scontrol requeue {spec}: {e}"
     if r.returncode != 0:
-        return False, f"scontrol requeue {spec} exited {r.returncode}: {(r.stderr or r.stdout).strip()[:300]}"
-    return True, f"scontrol requeue {spec}"
+        return "failed", f"scontrol requeue {spec} exited {r.returncode}: {(r.stderr or r.stdout).strip()[:300]}"
+    return "requeued", f"scontrol requeue {spec}"
 
 
 # ---- the sbatch script (`cardiacseg-train slurm-script`) --------------------------------------------------

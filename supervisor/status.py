@@ -91,7 +91,7 @@ def _bottleneck(data: dict, attempts: list[dict], cfg: Config) -> dict | None:
     stored = data.get("bottleneck") or data.get("sup", {}).get("bottleneck")
     if isinstance(stored, dict) and stored.get("kind"):
         return stored
-    from .profile import ProfileFollower, make_profile
+    from .profiling import ProfileFollower, make_profile
 
     n = attempts[-1].get("n") if attempts else None
     path = cfg.paths.state_dir / "attempts" / f"attempt-{n if isinstance(n, int) else 1:04d}.profile.jsonl"

@@ -77,6 +77,7 @@ class Sup:
     next_disk_check: float | None = None
     disk_needed: int | None = None
     slurm_restarts: int | None = None      # SLURM_RESTART_COUNT of this job (None outside SLURM)
+    bottleneck: dict | None = None         # the last epoch's verdict (diagnose.Verdict.to_json())
 
     def to_json(self, now: float, wall: float) -> dict:
         d = dataclasses.asdict(self)
@@ -108,9 +109,9 @@ class Sup:
                 if not isinstance(v, list) or not all(_num(x) for x in v):
                     raise ValueError(f"sup.{k}: expected a list of numbers")
                 v = tuple(x - wall + now for x in v) if k == "restart_times" else tuple(v)
-            elif k == "temps":
-                if not isinstance(v, dict):
-                    raise ValueError("sup.temps: expected an object")
+            elif k in ("temps", "bottleneck"):
+                if not isinstance(v, dict) and not (k == "bottleneck" and v is None):
+                    raise ValueError(f"sup.{k}: expected an object")
             elif isinstance(default, bool):
                 if not isinstance(v, bool):
                     raise ValueError(f"sup.{k}: expected true/false, got {v!r}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 
-from . import rules
+from . import diagnose, rules
 from .classify import RESTARTABLE, Reason, classify
 from .events import (ActionFailed, Activity, BatchSizeSet, ChildExited, DiskSpace, EpochDone, ExitCode, Log,
                      MeasureDisk, NoCheckpoint, Readings, Reconfigured, Requeue, Requeued, SetBatchSize, SetWorkers, SignalGroup,
@@ -174,6 +174,14 @@ def on_disk_space(s: Sup, ev: DiskSpace, now, cfg):
     return s, [Log("disk_space_ok", fields={"folder": ev.folder, "free_bytes": ev.free_bytes}), *acts]
 
 
+def on_profiled(s: Sup, ev, now, cfg):
+    """name the epoch's bottleneck; warn once when it changes to other than gpu_bound"""
+    v = diagnose.verdict(ev.profile, cfg)
+    prev = (s.bottleneck or {}).get("kind")
+    acts = [Log("bottleneck", "warning", diagnose.log_fields(v))] if diagnose.changed(prev, v) else []
+    return dataclasses.replace(s, bottleneck=v.to_json()), acts
+
+
 def on_no_checkpoint(s: Sup, ev: NoCheckpoint, now, cfg):
     """-> FAILED (gave_up, exit 3)"""
     return _finish(s, State.FAILED, "gave_up", ExitCode.GAVE_UP, ev.message, "error")
@@ -273,11 +281,13 @@ def _on_preempted(s: Sup, ended: Log, cfg):
 
 
 def on_requeued(s: Sup, ev: Requeued, now, cfg):
-    """requeued -> DONE (preempted, exit 0); refused -> FAILED (gave_up)"""
-    if ev.ok:
+    """requeued -> DONE (preempted); SLURM ends the job anyway -> DONE (stopped); refused -> FAILED"""
+    if ev.result == "requeued":
         return _finish(s, State.DONE, "preempted", ExitCode.OK,
                        f"stopped at a safe point and requeued (requeue {(s.slurm_restarts or 0) + 1}); "
                        "the next run continues with --c")
+    if ev.result == "ending":  # a user's scancel sends the same SIGTERM as a preemption: never undo it
+        return _finish(s, State.DONE, "stopped", ExitCode.OK, f"stopped at a safe point; {ev.message}")
     return _finish(s, State.FAILED, "gave_up", ExitCode.GAVE_UP,
                    f"stopped at a safe point, but the requeue failed: {ev.message}; resubmit the job to continue "
                    "with --c", "error")
@@ -326,7 +336,10 @@ def on_stop_escalated(s: Sup, ev: StopRequested, now, cfg):
 
 
 def on_stop_idle(s: Sup, ev: StopRequested, now, cfg):
-    """nothing runs -> DONE (stopped)"""
+    """nothing runs -> DONE (stopped); SLURM's signal -> requeue, so waiting resumes in the next run"""
+    if ev.preempt:
+        s = dataclasses.replace(s, last_reason=Reason.PREEMPTED, restart_at=None, disk_deadline=None)
+        return _on_preempted(s, Log("stop_requested", fields={"signal": ev.signame, "preempt": True}), cfg)
     return _finish(s, State.DONE, "stopped", ExitCode.OK, f"stopped by {ev.signame}")
 
 

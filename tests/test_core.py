@@ -9,8 +9,10 @@ import structlog
 from conftest import wait_for
 from supervisor.classify import Exit, Reason
 from supervisor.events import (EVENTS, ActionFailed, Activity, BatchSizeSet, ChildExited, DiskSpace, EpochDone,
+                               EpochProfiled,
                                EpochStarted, ExitCode, Finish, NoCheckpoint, Readings, Reconfigured, Requeued,
                                SetBatchSize, SignalGroup, Start, StopRequested, Tick, TrainingDone)
+from supervisor.diagnose import EpochProfile
 from supervisor.logparse import EpochRecord
 from supervisor.policy import IGNORED, TABLE, State, Sup, decide
 from test_policy import cfg, rec
@@ -20,7 +22,7 @@ SAMPLES = {Start: Start(), Reconfigured: Reconfigured(), EpochStarted: EpochStar
            Activity: Activity(0.0), Readings: Readings((("0", 60.0),)), DiskSpace: DiskSpace(1, 2, "/r"),
            NoCheckpoint: NoCheckpoint("none"), BatchSizeSet: BatchSizeSet(4, 3), ActionFailed: ActionFailed("x", "y"),
            ChildExited: ChildExited(Exit(1, "RuntimeError")), StopRequested: StopRequested(), Tick: Tick(),
-           Requeued: Requeued(True)}
+           Requeued: Requeued("requeued"), EpochProfiled: EpochProfiled(EpochProfile(epoch=3, epoch_s=10.0))}
 
 
 def test_every_state_event_pair_has_a_rule_or_is_ignored():
@@ -219,10 +221,17 @@ def test_slurm_preemption_stops_at_the_safe_point_requeues_and_is_bounded():
     s, acts = decide(s, ChildExited(Exit(-2, "KeyboardInterrupt")), 4, c)
     assert s.state == State.REQUEUING and Requeue() in acts and s.last_reason == Reason.PREEMPTED
     assert s.restart_times == ()  # no restart budget used
-    done, acts = decide(s, Requeued(True, "scontrol requeue 7"), 5, c)
+    done, acts = decide(s, Requeued("requeued", "scontrol requeue 7"), 5, c)
     assert done.outcome == "preempted" and Finish(ExitCode.OK) in acts
-    failed, acts = decide(s, Requeued(False, "denied"), 5, c)
+    failed, acts = decide(s, Requeued("failed", "denied"), 5, c)
     assert failed.exit_code == ExitCode.GAVE_UP and "denied" in failed.message
+    cancelled, acts = decide(s, Requeued("ending", "JobState=COMPLETING"), 5, c)  # scancel is never undone
+    assert cancelled.outcome == "stopped" and cancelled.exit_code == ExitCode.OK
+    s, _ = decide(Sup(), Start(slurm_restarts=0), 0, c)        # SLURM's signal during a backoff: requeue
+    s, _ = decide(s, ChildExited(Exit(1, "RuntimeError")), 1, c)
+    assert s.state == State.BACKOFF
+    s, acts = decide(s, StopRequested("SIGUSR1", preempt=True), 2, c)
+    assert s.state == State.REQUEUING and Requeue() in acts
     s, _ = decide(Sup(), Start(slurm_restarts=2), 0, c)        # the bound
     s, _ = decide(s, StopRequested("SIGUSR1", preempt=True), 1, c)
     s, acts = decide(s, ChildExited(Exit(-2)), 2, c)

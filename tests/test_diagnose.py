@@ -16,9 +16,9 @@ import pynvml
 import pytest
 
 from conftest import REPO, wait_for
-from supervisor import diagnose
+from supervisor import diagnose, profiling
 from supervisor.diagnose import EpochProfile, verdict
-from supervisor.profile import MachineSampler, ProfileFollower, make_profile, storage_of
+from supervisor.profiling import MachineSampler, ProfileFollower, make_profile, storage_of
 from supervisor.trainer import epoch_timer
 
 
@@ -320,7 +320,7 @@ def test_static_findings_workers_and_filesystems(tmp_path):
 def test_check_findings_for_a_config(job):
     from supervisor import config as config_mod
     cfg = config_mod.load(job.config(env={"nnUNet_n_proc_DA": "64"}))
-    found = diagnose.check_findings(cfg)
+    found = profiling.check_findings(cfg)
     assert found[0][0] == "warning" and "nnUNet_n_proc_DA=64" in found[0][1]
     assert any("preprocessed data:" in text for _, text in found)
 

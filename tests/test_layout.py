@@ -7,10 +7,11 @@ from pathlib import Path
 PKG = Path(__file__).parent.parent / "supervisor"
 # lower layers never import higher ones
 LAYERS = [
-    {"schema", "events", "classify", "rules", "logparse"},                       # vocabulary and pure rules
+    {"schema", "classify", "rules", "logparse", "diagnose"},                     # pure rules and parsers
+    {"events"},                                                                  # the vocabulary of decide
     {"sup", "transitions", "policy", "config", "reload", "statusline"},          # decisions, the config
     {"store", "job", "proc", "plans", "checkpoints", "gpu", "output", "attempt", "thermal", "sdnotify",
-     "logs", "slurm", "others", "notify", "metrics", "plot", "sinks", "manifest", "diagnose", "profiling"},
+     "logs", "slurm", "others", "notify", "metrics", "plot", "sinks", "manifest", "profiling"},
     {"daemon", "check", "jobqueue", "pack", "unpack"},                            # the loop, preflight, master
     {"status", "install", "demo", "cli", "__main__", "__init__"},                 # commands
 ]

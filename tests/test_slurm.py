@@ -310,7 +310,7 @@ def test_array_of_three_folds_one_task_preempted(cluster, job, capsys):
     s1 = state(d1)
     assert [a["reason"] for a in s1["attempts"]] == ["preempted", "completed"]
     with capsys.disabled():
-        print(f"\n[slurm] " + " | ".join(lines) + f"; {time.monotonic() - t0:.0f} s")
+        print("\n[slurm] " + " | ".join(lines) + f"; {time.monotonic() - t0:.0f} s")
 
 
 def test_a_real_time_limit_is_survived_by_requeue(cluster, job, capsys):

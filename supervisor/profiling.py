@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from .diagnose import EpochProfile
+from .diagnose import EpochProfile, static_findings
 
 __all__ = ["EpochProfile", "MachineSampler", "ProfileFollower", "make_profile", "storage_of"]
 MAX_LINE = 64 * 1024
@@ -241,3 +241,12 @@ def storage_of(path, mountinfo: str = "/proc/self/mountinfo", sysfs: str = "/sys
         except OSError:
             continue
     return {"path": str(path), "mount": best[0], "type": best[1], "rotational": rot}
+
+
+def check_findings(cfg) -> list[tuple[str, str]]:
+    """check's static findings for cfg as (level, text), level "warning" or "ok" (never fatal)."""
+    from . import job
+
+    data = cfg.paths.preprocessed / job.dataset_name(cfg)
+    return static_findings(job.configured_workers(cfg), os.cpu_count() or 1, cfg.training.device,
+                           storage_of(data if data.exists() else cfg.paths.preprocessed))
