@@ -325,7 +325,18 @@ def test_a_real_time_limit_is_survived_by_requeue(cluster, job, capsys):
     d = job.root / "state" / f"slurm-{jid}"
     s = state(d)
     reasons = [a["reason"] for a in s["attempts"]]
-    assert end["JobState"] == "COMPLETED" and int(end["Restarts"]) >= 1, (line, reasons)
+    if end["JobState"] == "FAILED" and end.get("Reason") == "JobLaunchFailure":
+        # SLURM itself could not launch a requeued run (seen now and then with slurm 22.05 on one busy node,
+        # after our requeue had succeeded): the user's remedy, a resubmission, must resume with --c
+        assert int(end["Restarts"]) >= 1 and "preempted" in reasons, (line, reasons)
+        jid, _ = submit(cluster, job, cfg_path, "--time", "1", "--cpus-per-task", "1")
+        end = wait_done(cluster, jid, 420, job)
+        line += " | resubmitted: " + evidence(cluster, jid)
+        s = state(job.root / "state" / f"slurm-{jid}")
+        reasons += [a["reason"] for a in s["attempts"]]
+    else:
+        assert int(end["Restarts"]) >= 1, (line, reasons)
+    assert end["JobState"] == "COMPLETED", (line, reasons)
     assert reasons[-1] == "completed" and set(reasons[:-1]) == {"preempted"}, reasons
     assert [e["epoch"] for e in s["epochs"]] == list(range(16))
     lost = epochs_lost(s["attempts"])
