@@ -131,7 +131,8 @@ def event_for(event: str, fields: dict) -> str | None:
         return "crash" if fields.get("reason") == "crash" else None
     return {"batch_size_reduced": "cuda_oom", "thermal_stop": "thermal_stop", "thermal_pause": "thermal_pause",
             "hang_detected": "hang", "diverged": "diverged", "target_reached": "target_reached",
-            "attempt_started": "started", "epoch": "epoch"}.get(event)
+            "attempt_started": "started", "epoch": "epoch", "bottleneck": "bottleneck", "disk_full": "disk_full",
+            "requeued": "preempted"}.get(event)
 
 
 def _num(x, nd=4):
@@ -161,6 +162,11 @@ def _text(kind: str, f: dict, b: dict) -> str:
         "crash": f"attempt {f.get('attempt')} crashed (exit code {f.get('exit_code')}); restarting with --c",
         "started": f"training started: attempt {f.get('attempt')}"
                    + (f", resuming from {f['resume_from']}" if f.get("resume_from") else ""),
+        "bottleneck": f"training is slower than it could be: {f.get('why') or f.get('bottleneck')}"
+                      + (f"; knob: {f['knob']}" if f.get("knob") else ""),
+        "disk_full": f"the disk is full: training waits (up to {f.get('wait_minutes')} min) for room for the next "
+                     "checkpoint, then resumes with --c; checkpoints are kept",
+        "preempted": "SLURM time limit or preemption: stopped at a safe point and requeued; continues with --c",
         "epoch": f"epoch {b['epoch']}: EMA {ema} (best {b['best_ema_dice']}, target {b['target_ema_dice']}), "
                  f"batch size {b['batch_size']}, {b['restarts']} restarts",
     }.get(kind, kind)

@@ -276,8 +276,8 @@ def loopback_listen(v):
 
 
 NOTIFY_EVENTS = ("target_reached", "completed", "gave_up", "cuda_oom", "thermal_stop", "hang", "diverged",
-                 "config_error", "crash", "thermal_pause", "started", "epoch")
-NOTIFY_DEFAULT_EVENTS = NOTIFY_EVENTS[:8]
+                 "config_error", "bottleneck", "disk_full", "crash", "thermal_pause", "started", "epoch", "preempted")
+NOTIFY_DEFAULT_EVENTS = NOTIFY_EVENTS[:10]
 
 
 def notify_events(v):
