@@ -150,10 +150,18 @@ def final_error(text: str) -> str:
     return text if start is None else "\n".join(lines[start:])
 
 
+# How Python prints the last line of a traceback: a (dotted) exception class name, then ": message" or
+# nothing. Interleaved output of dying threads can put other unindented text inside a traceback.
+_EXC_LINE = re.compile(r"[A-Za-z_][\w.]*(?::|$)")
+
+
 def _exception_line(lines: list[str], tb: int) -> int | None:
-    """Index of the unindented line that ends the traceback starting at `tb`."""
+    """Index of the exception line that ends the traceback starting at `tb` (None: cut off)."""
     for k in range(tb + 1, len(lines)):
-        if lines[k] and not lines[k][0].isspace():
+        line = lines[k]
+        if line.startswith(_TB):
+            return None  # another traceback began before this one ended: cut off
+        if line and not line[0].isspace() and _EXC_LINE.match(line[:MAX_EVIDENCE_LINE]):
             return k
     return None
 

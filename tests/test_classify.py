@@ -12,6 +12,9 @@ FIX = Path(__file__).parent / "fixtures"
 @pytest.mark.parametrize("fixture,rc,expected", [
     # captured from real nnU-Net 2.8.1 on this machine (the OOM raised by the demo OOM trainer):
     ("real_nnunet_oom_sigabrt.txt", -signal.SIGABRT, Reason.CUDA_OOM),
+    # real nnU-Net 2.8.1: the OOM, then two dying augmenter threads' tracebacks interleaved and cut off
+    # (an unindented `fd = df.detach()` inside them is not an exception line)
+    ("real_nnunet_oom_interleaved_threads.txt", 1, Reason.CUDA_OOM),
     ("oom_exit1.txt", 1, Reason.CUDA_OOM),
     ("oom_abort.txt", -signal.SIGABRT, Reason.CUDA_OOM),   # same OOM, death by SIGABRT
     ("cublas.txt", 1, Reason.CUDA_OOM),
