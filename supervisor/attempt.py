@@ -29,6 +29,7 @@ class Attempt:
         self.open_streams = 2
         self.returncode: int | None = None
         self.reap_deadline: float | None = None
+        self.after_our_stop: bool | None = None  # the supervisor was stopping it when its exit was seen
         self.gpu_deadline: float | None = None
         self.known: dict[int, float | None] = {self.pid: proc.process_start_time(self.pid)}
         self.oom_kills_at_start = proc.cgroup_oom_kills()

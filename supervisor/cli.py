@@ -42,7 +42,9 @@ def cmd_run(args) -> int:
     if args.fold is not None:  # an array task of `slurm-script --folds`: same config, this fold
         import dataclasses
 
-        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, fold=args.fold))
+        # one fold of one configuration: a [queue] in the same config must not run in every array task
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, fold=args.fold),
+                                  queue=dataclasses.replace(cfg.queue, folds=(), configurations=(), gpus=()))
     logs.setup(cfg.logging.level, trainer_output=not args.quiet_trainer)
     if os.environ.get(jobqueue.ENV):  # one job of a queue, started by the queue's master process
         spec = json.loads(os.environ[jobqueue.ENV])

@@ -104,6 +104,8 @@ class Daemon:
         if cur and cur.get("ended_at") is None:
             leftover = cur.get("pgid") or -1  # -1: recorded before its pid was known: find it by marker
             cur.update(ended_at=self.wall(), reason="supervisor_lost")
+        if leftover is None and proc.marked_processes(self.cfg.paths.state_dir):
+            leftover = -1  # a trainer of ours whose record was lost (state moved aside, a failed save)
         # The logs are the truth: replay them all (an earlier supervisor, or another machine, wrote them).
         replay(self.follower.drain(), self.history)
         if (last := self.history.last()) is not None:
@@ -135,7 +137,9 @@ class Daemon:
                     target=self.cfg.target.ema_dice, batch_size=bs, nvml=self.nvml is not None,
                     systemd=self.notify.enabled)
         try:
+            best = fold / "checkpoint_best.pth"
             self.post(Start(final_checkpoint=(fold / "checkpoint_final.pth").is_file(),
+                            best_checkpoint_ok=best.is_file() and checkpoints.verify(best) is None,
                             validation_done=(fold / "validation" / "summary.json").is_file(),
                             last_epoch=self.history.last(), batch_size=bs,
                             n_proc_da=job.configured_workers(self.cfg), leftover_pgid=leftover,
@@ -255,9 +259,12 @@ class Daemon:
             if rc is None:
                 return
             a.returncode, a.reap_deadline = rc, now + REAP_LIMIT_S
+            # whether our SIGINT came first decides if our stop explains the exit (not what happens while
+            # the rest of the tree is reaped)
+            a.after_our_stop = self.sup.state == State.STOPPING
             # The trainer is gone; what is left of it is useless and may hold GPU memory.
             proc.signal_group(a.pgid, signal.SIGKILL)
-            for pid in a.survivors():
+            for pid in a.survivors() + proc.marked_processes(self.cfg.paths.state_dir, a.n):
                 proc.kill_pid(pid)
         proc.reap_zombies(skip={a.pid, self.guard.pid if self.guard else None})
         if (proc.group_alive(a.pgid) or a.open_streams or a.survivors()) and now < a.reap_deadline:
@@ -283,7 +290,8 @@ class Daemon:
         self.post(ChildExited(Exit(returncode=a.returncode, stderr_tail=a.output.evidence(),
                                    final_checkpoint=(job.fold_dir(self.cfg) / "checkpoint_final.pth").is_file(),
                                    oom_kills_delta=delta),
-                              best_checkpoint_ok=not best.is_file() or checkpoints.verify(best) is None))
+                              best_checkpoint_ok=best.is_file() and checkpoints.verify(best) is None,
+                              after_our_stop=a.after_our_stop))
         self.pump()
         rec["reason"] = self.sup.last_reason.value if self.sup.last_reason else None
         self.save()
@@ -356,12 +364,13 @@ class Daemon:
         elif isinstance(act, SetBatchSize):
             path = job.plans_file(self.cfg)
             try:
-                old, backup = plans.set_batch_size(path, self.cfg.training.configuration, act.new)
+                old, new, backup = plans.lower_batch_size(path, self.cfg.training.configuration, act.new)
             except (plans.PlansError, OSError) as e:
                 self.post(ActionFailed("SetBatchSize", f"could not lower the batch size in {path}: {e}"))
                 return
-            self._record_change("batch_size", old, act.new, file=str(path), backup=str(backup))
-            self.post(BatchSizeSet(old, act.new))
+            if new < old:
+                self._record_change("batch_size", old, new, file=str(path), backup=str(backup))
+            self.post(BatchSizeSet(act.old, new))
         elif isinstance(act, SetWorkers):
             self._record_change("nnUNet_n_proc_DA", act.old, act.new)
         elif isinstance(act, StopLeftover):
@@ -406,7 +415,7 @@ class Daemon:
         self.save()
 
     def _pick_checkpoint(self):
-        prev = self.attempts[-2] if len(self.attempts) >= 2 else None
+        prev = self.attempts[-1] if self.attempts else None  # called before the new record is appended
         suspect = prev["resume_from"] if prev and prev.get("reason") == Reason.CORRUPT_CHECKPOINT.value else None
         return checkpoints.choose(job.fold_dir(self.cfg), suspect, self.cfg, self.history, self.log,
                                   lambda name, dest, why: self._record_change("checkpoint", name, dest, why=why))

@@ -57,6 +57,7 @@ class Start:
     batch_size: int | None = None         # what the plans file says now
     n_proc_da: int | None = None          # what the trainer would use now
     leftover_pgid: int | None = None      # a trainer a killed supervisor left behind (still alive)
+    best_checkpoint_ok: bool = False      # checkpoint_best.pth exists and is a complete archive
     slurm_restarts: int | None = None     # SLURM_RESTART_COUNT inside a SLURM job (None outside)
 
 
@@ -135,7 +136,8 @@ class ActionFailed:
 @dataclass(frozen=True)
 class ChildExited:
     exit: Exit
-    best_checkpoint_ok: bool = True  # checkpoint_best.pth (if any) is a complete archive
+    best_checkpoint_ok: bool = True       # checkpoint_best.pth exists and is a complete archive
+    after_our_stop: bool | None = None    # our SIGINT was sent before the exit was seen (None: unknown)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from .events import ExitCode
 
 ENV = "CARDIACSEG_QUEUE_JOB"
 DONE = ("target_reached", "completed")
+CHILD_RETRIES = 3  # a job whose supervisor process itself died is run again at most this often
 
 
 @dataclass(frozen=True)
@@ -115,17 +116,20 @@ def outcome_of(code: int | None) -> str:
     return {ExitCode.OK: "done", ExitCode.GAVE_UP: "gave_up", ExitCode.CONFIG: "config_error"}.get(code, "failed")
 
 
-def schedule(pending: list[Job], done: set[str], free_slots: list, stopping: bool) -> list[tuple[Job, object]]:
-    """Pure: which pending jobs start now on which free slots (in queue order)."""
+def schedule(pending: list[Job], done: set[str], free_slots: list, stopping: bool,
+             queued: set[str] | None = None) -> list[tuple[Job, object]]:
+    """Pure: which pending jobs start now on which free slots (in queue order). A cascade fold starts only
+    once its 3d_lowres fold is done, when that fold is part of the queue (`queued`: every job's key)."""
     if stopping:
         return []
+    queued = {p.key for p in pending} if queued is None else queued
     out, slots = [], list(free_slots)
     for j in pending:
         if not slots:
             break
-        if j.configuration == "3d_cascade_fullres" and Job("3d_lowres", j.fold).key not in done \
-                and Job("3d_lowres", j.fold).key in {p.key for p in pending}:
-            continue  # its lowres stage is still queued or running
+        low = Job("3d_lowres", j.fold).key
+        if j.configuration == "3d_cascade_fullres" and low in queued and low not in done:
+            continue  # its lowres stage is queued, running, or did not finish
         out.append((j, slots.pop(0)))
     return out
 
@@ -149,13 +153,14 @@ class QueueRunner:
         self.sigs: list[int] = []
         self.stopping = False
         self.best: dict | None = None
+        self.retries: dict[str, int] = {}
 
     def run(self) -> int:
         sel, (r, w) = selectors.DefaultSelector(), socket.socketpair()
         for s in (r, w):
             s.setblocking(False)
         signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
             signal.signal(s, lambda n, _f: self.sigs.append(n))
         sel.register(r, selectors.EVENT_READ)
         for j in self.all:
@@ -191,10 +196,10 @@ class QueueRunner:
     def _signals(self) -> None:
         while self.sigs:
             s = self.sigs.pop(0)
-            if s in (signal.SIGTERM, signal.SIGINT):
+            if s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 self.stopping = True
                 self.log.info("queue_stopping", signal=signal.Signals(s).name, running=list(self.running))
-            if s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 for p, _slot in self.running.values():  # each job stops (or reloads) as a single job does
                     p.send_signal(s)
 
@@ -205,7 +210,19 @@ class QueueRunner:
                 continue
             del self.running[key]
             self.codes[key] = code
+            job = next(j for j in self.all if j.key == key)
+            if code not in (ExitCode.OK, ExitCode.CONFIG, ExitCode.GAVE_UP, ExitCode.LOCKED) and not self.stopping \
+                    and self.retries.get(key, 0) < CHILD_RETRIES:
+                # the job's supervisor itself died (a bug, the OOM killer): its trainer may still run in its
+                # own session. Run the job again on the same slot: the new supervisor stops that trainer
+                # (by its marker) before it starts anything, and continues with --c.
+                self.retries[key] = self.retries.get(key, 0) + 1
+                self.log.error("queue_job_supervisor_died", job=key, exit_code=code, retry=self.retries[key])
+                self._launch(job, _slot)
+                continue
             self.status[key] = outcome_of(code)
+            if self.status[key] == "done" and not already_done(self.cfg, job):
+                self.status[key] = "stopped"  # exit 0 without a finished training: stopped or preempted
             level = "info" if self.status[key] == "done" else "error"
             getattr(self.log, level)("queue_job_ended", job=key, exit_code=code, outcome=self.status[key])
             if self.status[key] == "config_error" or (self.status[key] != "done" and
@@ -218,15 +235,20 @@ class QueueRunner:
         busy = {slot for _p, slot in self.running.values()}
         free = [s for s in self.slots if s not in busy]
         done = {k for k, v in self.status.items() if v == "done"}
-        for j, slot in schedule(self._pending(), done, free, self.stopping):
-            spec = {"configuration": j.configuration, "fold": j.fold, "state_dir": str(j.state_dir(self.cfg)),
-                    "gpu": slot}
-            env = {k: v for k, v in os.environ.items() if k not in jobmod.PRIVATE_ENV}
-            env[ENV] = json.dumps(spec)
-            argv = [sys.executable, "-m", "supervisor", "run", "--config", str(self.cfg.path)]
-            self.running[j.key] = (subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL), slot)
-            self.status[j.key] = "running"
-            self.log.info("queue_job_started", job=j.key, gpu=slot, state_dir=spec["state_dir"])
+        for j, slot in schedule(self._pending(), done, free, self.stopping, {j.key for j in self.all}):
+            self._launch(j, slot)
+
+    def _launch(self, j: Job, slot) -> None:
+        spec = {"configuration": j.configuration, "fold": j.fold, "state_dir": str(j.state_dir(self.cfg)),
+                "gpu": slot}
+        env = {k: v for k, v in os.environ.items() if k not in jobmod.PRIVATE_ENV}
+        env[ENV] = json.dumps(spec)
+        argv = [sys.executable, "-m", "supervisor", "run", "--config", str(self.cfg.path)]
+        # its own session: a terminal's Ctrl-C reaches the master only, which forwards it once
+        self.running[j.key] = (subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True),
+                               slot)
+        self.status[j.key] = "running"
+        self.log.info("queue_job_started", job=j.key, gpu=slot, state_dir=spec["state_dir"])
 
     def exit_code(self) -> int:
         st = set(self.status.values())

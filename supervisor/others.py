@@ -119,6 +119,14 @@ def take_over(cfg, found: list[Other], log) -> None:
             groups.add(os.getpgid(o.pid))
         except OSError:
             continue
+    groups.discard(os.getpgrp())  # started with `&` from our own shell script: never signal ourselves
+    for o in found:               # ... such a trainer is stopped by its pid and its children
+        try:
+            if os.getpgid(o.pid) == os.getpgrp():
+                for p in [o.pid, *proc.descendants(o.pid)]:
+                    os.kill(p, signal.SIGINT)
+        except OSError:
+            continue
     for g in groups:
         proc.signal_group(g, signal.SIGINT)
         proc.signal_group(g, signal.SIGCONT)

@@ -123,3 +123,24 @@ def plan_batch_size(path: Path, configuration: str) -> int | None:
         return read_batch_size(path, configuration)
     except PlansError:
         return None
+
+
+def lower_batch_size(path: Path, configuration: str, new: int) -> tuple[int, int, Path | None]:
+    """Lower the batch size to `new`, never raise it: (value found, value now in force, backup).
+
+    The folds of a queue share one plans file: under an flock on `<plans>.json.cardiacseg-lock`, the file
+    is re-read and only a smaller value is written, so a job that saw an older, larger size cannot undo
+    another job's step-down, and two step-downs at once cannot lose one."""
+    import fcntl
+
+    lock = Path(path).with_name(Path(path).name + ".cardiacseg-lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        current = read_batch_size(path, configuration)
+        if current <= new:
+            return current, current, None
+        old, backup = set_batch_size(path, configuration, new)
+        return old, new, backup
+    finally:
+        os.close(fd)

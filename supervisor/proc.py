@@ -182,15 +182,16 @@ def attempt_marker(state_dir: Path, n: int) -> str:
     return f"{Path(state_dir).resolve()}#{n}"
 
 
-def marked_processes(state_dir: Path) -> list[int]:
-    """Live processes whose environment names an attempt of this state directory (ours, any attempt)."""
-    prefix = f"{Path(state_dir).resolve()}#"
+def marked_processes(state_dir: Path, attempt: int | None = None) -> list[int]:
+    """Live processes whose environment names an attempt of this state directory (any attempt, or one)."""
+    prefix = f"{Path(state_dir).resolve()}#" if attempt is None else attempt_marker(state_dir, attempt)
     found = []
     for p in psutil.process_iter(["pid"]):
         if p.pid == os.getpid():
             continue
         try:
-            if p.environ().get(ATTEMPT_ENV, "").startswith(prefix):
+            mark = p.environ().get(ATTEMPT_ENV, "")
+            if (mark.startswith(prefix) if attempt is None else mark == prefix):
                 found.append(p.pid)
         except (psutil.Error, OSError):
             continue

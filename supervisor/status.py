@@ -321,7 +321,8 @@ def gather_queue(cfg: Config) -> dict:
                 "gpu": (recorded.get(j.key) or {}).get("gpu")}
         i = gather(jobqueue.job_config(cfg, spec))
         rec = recorded.get(j.key) or {}
-        state = rec.get("status") or ("done" if i["outcome"] in jobqueue.DONE else i["state"])
+        # queue.json is the master's view while it runs; afterwards each job's own state tells
+        state = (rec.get("status") if holder else None) or ("done" if i["outcome"] in jobqueue.DONE else i["state"])
         jobs.append({"configuration": j.configuration, "fold": j.fold, "state": i["state"], "queue_status": state,
                      "outcome": i["outcome"], "epoch": i["epoch"], "ema_dice": i["ema_dice"],
                      "best_ema_dice": i["best_ema_dice"], "target_ema_dice": i["target_ema_dice"],

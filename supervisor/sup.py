@@ -48,6 +48,7 @@ class Sup:
     safe_deadline: float | None = None     # STOP_PENDING: SIGINT at the latest then
     stop_deadline: float | None = None     # STOPPING: SIGKILL then
     killed: bool = False                   # SIGKILL sent to this attempt
+    stop_asked: bool = False               # a stop request arrived while a stop was already pending/underway
     restart_at: float | None = None        # BACKOFF: spawn then (None: waiting for an action's result)
     restart_counts: bool = True            # the coming restart counts against the crash budget
     restart_times: tuple = ()              # monotonic times of counted restarts (intensity window)
@@ -157,6 +158,7 @@ def _finish(s: Sup, state: State, outcome: str, code: ExitCode, message: str, le
 def _spawn(s: Sup, now, restart: bool, validate_only: bool = False):
     times = s.restart_times + ((now,) if restart and s.restart_counts else ())
     s = dataclasses.replace(s, state=State.RUNNING, attempt=s.attempt + 1, stop_reason=None, killed=False,
+                            stop_asked=False,
                             restart_at=None, stop_deadline=None, safe_deadline=None, progress=False,
                             restart_times=times, restart_counts=True, writing=False, final_phase=False,
                             last_progress=now, epochs_this_attempt=0, validate_only=validate_only,

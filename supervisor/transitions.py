@@ -47,7 +47,7 @@ def on_start(s: Sup, ev: Start, now, cfg):
         s, more = _spawn(s, now, restart=False, validate_only=True)
         return s, acts + [Log("final_validation_missing", "warning",
                               {"action": "running nnU-Net's --val before calling it done"}), *more]
-    if rules.target_met(ev.last_epoch, cfg):
+    if rules.target_met(ev.last_epoch, cfg) and ev.best_checkpoint_ok:
         s, more = _finish(s, State.DONE, "target_reached", ExitCode.OK,
                           f"target already reached at epoch {ev.last_epoch.epoch} (EMA {ev.last_epoch.ema:.4f})")
         return s, acts + more
@@ -209,8 +209,8 @@ def on_exit(s: Sup, ev: ChildExited, now, cfg):
         s = _resumed(s, now)
     # Only a stop we asked for (SIGINT sent) explains the exit; a death while waiting for the safe point
     # is judged on its own evidence (e.g. ENOSPC writing checkpoint_best.pth is not a target reached).
-    x = dataclasses.replace(ev.exit, stop_intent=s.stop_reason if st == State.STOPPING else None,
-                            we_killed=s.killed)
+    ours = st == State.STOPPING and ev.after_our_stop is not False
+    x = dataclasses.replace(ev.exit, stop_intent=s.stop_reason if ours else None, we_killed=s.killed)
     reason = classify(x)
     if reason in (Reason.TARGET_REACHED, Reason.PLATEAU) and not ev.best_checkpoint_ok:
         reason = Reason.CRASH  # outcome target_reached promises a complete checkpoint_best.pth
@@ -322,15 +322,24 @@ def on_stop_requested(s: Sup, ev: StopRequested, now, cfg):
 
 
 def on_stop_forced(s: Sup, ev: StopRequested, now, cfg):
-    """a second stop request -> SIGINT now"""
-    return _stop(s, Reason.STOPPED, now, cfg, f"second {ev.signame}: not waiting for the checkpoint write")
+    """another stop request while waiting: ours (operator/SLURM) -> SIGINT now; else note it, keep waiting"""
+    if s.stop_reason in (Reason.STOPPED, Reason.PREEMPTED) or s.stop_asked:
+        return _stop(s, s.stop_reason or Reason.STOPPED, now, cfg,
+                     f"{ev.signame} again: not waiting for the checkpoint write")
+    # the supervisor's own stop (target, heat, ...) already waits for the safe point: the first request
+    # of the operator (or SLURM) must not truncate checkpoint_best.pth; a further one forces it
+    return dataclasses.replace(s, stop_asked=True), [Log("stop_already_pending", fields={
+        "signal": ev.signame, "reason": s.stop_reason.value if s.stop_reason else None,
+        "hint": "send it again to stop without waiting for the checkpoint write"})]
 
 
 def on_stop_escalated(s: Sup, ev: StopRequested, now, cfg):
-    """another stop request while stopping -> SIGKILL"""
-    s = dataclasses.replace(s, stop_reason=Reason.STOPPED if s.stop_reason == Reason.TARGET_REACHED else s.stop_reason)
+    """another stop request while stopping: after an earlier one -> SIGKILL; else note it"""
     if s.killed:
         return s, []
+    if not s.stop_asked and s.stop_reason not in (Reason.STOPPED, Reason.PREEMPTED):
+        return dataclasses.replace(s, stop_asked=True), [Log("stop_already_underway", fields={
+            "signal": ev.signame, "hint": "send it again to kill the trainer now"})]
     return dataclasses.replace(s, killed=True), [Log("stop_escalated", "warning", {"signal": ev.signame}),
                                                  SignalGroup(signal.SIGKILL)]
 

@@ -91,8 +91,16 @@ def test_sigterm_while_a_checkpoint_is_written_waits_for_the_safe_point_and_a_se
     """Regression: SIGTERM right after the target epoch sent SIGINT at once and truncated checkpoint_best."""
     c = cfg()
     s = target_pending(c)
-    s, acts = decide(s, StopRequested("SIGTERM"), 2, c)  # a first stop while waiting: SIGINT now
-    assert s.state == State.STOPPING and SignalGroup(signal.SIGINT) in acts
+    s, acts = decide(s, StopRequested("SIGTERM"), 2, c)  # systemctl stop while the target stop waits
+    assert s.state == State.STOP_PENDING and not any(isinstance(a, SignalGroup) for a in acts)
+    assert s.stop_reason == Reason.TARGET_REACHED        # ... the outcome stays target_reached
+    s2, acts = decide(s, StopRequested("SIGTERM"), 3, c)  # a second one forces it
+    assert s2.state == State.STOPPING and SignalGroup(signal.SIGINT) in acts
+    s3, acts = decide(s2, StopRequested("SIGTERM"), 4, c)  # a third: SIGKILL
+    assert SignalGroup(signal.SIGKILL) in acts
+    s, _ = decide(s, EpochStarted(7), 3, c)              # or the safe point comes first: SIGINT then
+    s, acts = decide(s, ChildExited(Exit(-2, "KeyboardInterrupt"), after_our_stop=True), 4, c)
+    assert s.outcome == "target_reached"
     s, _ = decide(Sup(), Start(), 0, c)
     s, _ = decide(s, EpochDone(rec(3, 0.2)), 1, c)       # saves follow this line
     s, acts = decide(s, StopRequested("SIGTERM"), 2, c)
@@ -119,6 +127,27 @@ def test_a_failed_plans_write_is_decided_after_the_fact_not_logged_as_done():
     assert s2.state == State.FAILED and s2.exit_code == ExitCode.CONFIG and s2.batch_size == 4
     s3, acts = decide(s, BatchSizeSet(4, 3), 2, c)
     assert s3.batch_size == 3 and [a.event for a in acts][0] == "batch_size_reduced"
+
+
+def test_an_exit_seen_before_our_sigint_is_judged_on_its_own_evidence():
+    """Regression (review): the trainer died of ENOSPC while the target stop waited; the checkpoint wait ran
+    out during the reaping and the exit was then labelled target_reached."""
+    c = cfg()
+    s = target_pending(c)
+    s, _ = decide(s, Tick(), 1000, c)                    # wait over: SIGINT (but the trainer was already gone)
+    assert s.state == State.STOPPING
+    s, acts = decide(s, ChildExited(Exit(1, "OSError: [Errno 28] No space left on device"),
+                                    after_our_stop=False), 1001, c)
+    assert s.last_reason == Reason.DISK_FULL and s.outcome is None
+
+
+def test_a_restart_with_the_target_met_needs_a_complete_checkpoint_best():
+    """Regression (review): a restarted supervisor called the run target_reached with a truncated best."""
+    c = cfg()
+    s, acts = decide(Sup(state=State.NO_SPACE), Start(last_epoch=rec(5, 0.75), best_checkpoint_ok=False), 0, c)
+    assert s.outcome is None
+    s, acts = decide(Sup(), Start(last_epoch=rec(5, 0.75), best_checkpoint_ok=True), 0, c)
+    assert s.outcome == "target_reached"
 
 
 def test_daemon_queues_follow_up_events_in_order(job, monkeypatch):

@@ -157,3 +157,17 @@ def test_a_dangling_link_planted_as_the_backup_creates_nothing(pf, tmp_path):
     (tmp_path / "nowhere").mkdir()
     set_batch_size(pf, "3d_lowres", 1)
     assert not (tmp_path / "nowhere" / "new").exists()
+
+
+def test_a_step_down_never_raises_what_another_job_lowered(tmp_path):
+    """Regression (review): queue folds share a plans file; a job that saw 6 must not write 5 over 4."""
+    import json
+    from supervisor.plans import lower_batch_size, read_batch_size
+    p = tmp_path / "nnUNetPlans.json"
+    p.write_text(json.dumps({"configurations": {"3d_fullres": {"batch_size": 4}}}, indent=4))
+    before = p.read_bytes()
+    assert lower_batch_size(p, "3d_fullres", 5) == (4, 4, None)
+    assert p.read_bytes() == before and not p.with_name(p.name + ".cardiacseg-backup").exists()
+    old, new, backup = lower_batch_size(p, "3d_fullres", 3)
+    assert (old, new) == (4, 3) and read_batch_size(p, "3d_fullres") == 3 and backup.exists()
+

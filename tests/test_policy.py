@@ -143,7 +143,7 @@ def test_start_when_already_done():
     c = cfg()
     s, acts = decide(Sup(), Start(final_checkpoint=True, validation_done=True), 0, c)
     assert s.outcome == "completed" and Finish(0) in acts
-    s, acts = decide(Sup(), Start(last_epoch=rec(40, 0.72)), 0, c)
+    s, acts = decide(Sup(), Start(last_epoch=rec(40, 0.72), best_checkpoint_ok=True), 0, c)
     assert s.outcome == "target_reached" and not any(isinstance(a, Spawn) for a in acts)
     # a raised target means: keep training
     s, acts = decide(Sup(), Start(last_epoch=rec(40, 0.72)), 0, cfg(target__ema_dice=0.8))

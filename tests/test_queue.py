@@ -16,6 +16,10 @@ def test_schedule_fills_free_slots_in_order_and_a_cascade_waits_for_its_lowres_f
     assert schedule(pending, set(), ["0", "1", "2"], False)[-1][0] != pending[2]
     assert schedule(pending[1:], {"3d_lowres/0"}, ["0", "1"], False) == [(pending[1], "0"), (pending[2], "1")]
     assert schedule(pending, set(), ["0"], True) == []
+    # regression (review): the lowres fold is running (no longer pending): its cascade fold still waits
+    everything = {j.key for j in pending}
+    assert schedule(pending[2:], set(), ["1"], False, everything) == []
+    assert schedule(pending[2:], {"3d_lowres/0"}, ["1"], False, everything) == [(pending[2], "1")]
 
 
 def status(cfg, *extra):
