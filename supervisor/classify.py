@@ -136,7 +136,7 @@ _NOT_AN_EXCEPTION = ("terminate called without an active exception", "Fatal Pyth
 def final_error(text: str) -> str:
     """The final error of a stderr tail and everything after it (see the module docstring)."""
     lines = text.splitlines()
-    start = None
+    start = thread_start = None
     for i, line in enumerate(lines):
         if _FATAL.match(line[:MAX_EVIDENCE_LINE]):
             start = i
@@ -146,7 +146,13 @@ def final_error(text: str) -> str:
                 continue  # cut off, or reporting an earlier failure
             if i > 0 and lines[i - 1].startswith("Exception ignored in"):
                 continue  # teardown noise (a __del__ that failed), never why the process died
+            if i > 0 and "Exception in thread" in lines[i - 1]:
+                # a thread's uncaught exception does not end the process; after the main thread died, the
+                # data-augmentation threads die of its consequences (Connection reset, workers gone)
+                thread_start = j
+                continue
             start = j
+    start = start if start is not None else thread_start
     return text if start is None else "\n".join(lines[start:])
 
 

@@ -15,6 +15,8 @@ FIX = Path(__file__).parent / "fixtures"
     # real nnU-Net 2.8.1: the OOM, then two dying augmenter threads' tracebacks interleaved and cut off
     # (an unindented `fd = df.detach()` inside them is not an exception line)
     ("real_nnunet_oom_interleaved_threads.txt", 1, Reason.CUDA_OOM),
+    # real nnU-Net 2.8.1: the OOM, then the augmenter threads die of it (ConnectionResetError in a thread)
+    ("real_nnunet_oom_then_thread_errors.txt", 1, Reason.CUDA_OOM),
     ("oom_exit1.txt", 1, Reason.CUDA_OOM),
     ("oom_abort.txt", -signal.SIGABRT, Reason.CUDA_OOM),   # same OOM, death by SIGABRT
     ("cublas.txt", 1, Reason.CUDA_OOM),
