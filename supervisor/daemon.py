@@ -76,6 +76,7 @@ class Daemon:
         self.next_extend = 0.0
         self.guard: thermal.ThermalGuard | None = None
         self.save_failed = False
+        self._epoch_cache: dict[int, tuple] = {}
         self.sinks: Sinks | None = None  # notifications, metrics, the progress plot (never block the loop)
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -313,7 +314,6 @@ class Daemon:
         return True
 
     def _poll_log(self) -> None:
-        changed = False
         for _name, line in self.follower.poll():
             ev = parse_line(line)
             if ev is None:
@@ -328,28 +328,26 @@ class Daemon:
             rec = self.assembler.feed(ev)
             if rec is not None:
                 rec = self.history.add(rec)
-                changed = True
                 self._event("info", "epoch", epoch=rec.epoch, ema=_r(rec.ema), dice=[_r(d) for d in rec.dice],
                             train_loss=rec.train_loss, val_loss=rec.val_loss, epoch_time_s=rec.epoch_time,
                             best_ema=_r(self.history.best_ema()), attempt=self.sup.attempt)
                 self.post(EpochDone(rec))
-        if changed:
-            self.save()
 
     # ---- decisions and actions -------------------------------------------------------------
     def post(self, ev) -> None:
         self.events.append(ev)
 
     def pump(self) -> None:
-        """Decide on every queued event in order; actions may queue follow-ups, handled in this loop."""
+        """Decide on every queued event in order; actions may queue follow-ups, handled in this loop.
+        State is saved once the queue is empty (actions that must be durable first save themselves)."""
+        start = self.sup
         while self.events:
             ev = self.events.popleft()
-            before = self.sup
             self.sup, actions = decide(self.sup, ev, self.mono(), self.cfg)
             for act in actions:
                 self.execute(act)
-            if self.sup != before:
-                self.save()
+        if self.sup != start:
+            self.save()
 
     def execute(self, act) -> None:
         if isinstance(act, Log):
@@ -467,6 +465,16 @@ class Daemon:
         self._event("info", "attempt_started", attempt=n, pid=popen.pid, resume_from=rec["resume_from"],
                     argv=" ".join(argv))
 
+    def _epochs_json(self) -> list[dict]:
+        """The epochs for state.json; a record is converted once (saves come after every epoch, for days)."""
+        out = []
+        for r in self.history.ordered():
+            hit = self._epoch_cache.get(r.epoch)
+            if hit is None or hit[0] is not r:
+                hit = self._epoch_cache[r.epoch] = (r, r.to_json())
+            out.append(hit[1])
+        return out
+
     def save(self) -> None:
         if self.child is not None and self.attempts:
             self.attempts[-1]["members"] = self.child.members()
@@ -479,7 +487,7 @@ class Daemon:
                          "window_minutes": self.cfg.restart.window_minutes},
             "sup": self.sup.to_json(self.mono(), self.wall()),
             "attempts": self.attempts,
-            "epochs": [r.to_json() for r in self.history.ordered()],
+            "epochs": self._epochs_json(),
             "changes": self.changes,
             "status_line": self._summary(),
             "slurm": slurm.info(),

@@ -35,7 +35,6 @@ import stat
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
@@ -222,6 +221,8 @@ class Webhook:
         self.url = urllib.parse.urlunsplit(p)
 
     def send(self, msg: dict, timeout: float) -> None:
+        import urllib.request  # only when a webhook is configured: the daemon stays small otherwise
+
         req = urllib.request.Request(self.url, data=json.dumps(msg).encode(), method="POST", headers=self.headers)
         with urllib.request.urlopen(req, timeout=timeout) as r:
             r.read()

@@ -200,8 +200,11 @@ def example_snapshot(seed: int = 7) -> dict:
             "updated_at": t0 + 4e4}
 
 
-if __name__ == "__main__":  # python -m supervisor.plot --example docs/progress.png
+if __name__ == "__main__":  # --example OUT.png (the README's picture) | --snapshot SNAP.json OUT.png (the daemon)
     if len(sys.argv) == 3 and sys.argv[1] == "--example":
         print(render(example_snapshot(), sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--snapshot":
+        with open(sys.argv[2]) as fh:
+            render(json.load(fh), sys.argv[3])
     else:
-        sys.exit("usage: python -m supervisor.plot --example OUT.png")
+        sys.exit("usage: python -m supervisor.plot --example OUT.png | --snapshot SNAP.json OUT.png")

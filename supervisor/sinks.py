@@ -18,15 +18,25 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from . import notify, plot
-from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 MAX_MARKS = 500
+
+
+PLOT_MIN_INTERVAL_S = 60.0  # the picture is for people: once a minute at most (and at the end)
+PLOT_TIMEOUT_S = 120
 
 
 class Latest:
@@ -111,6 +121,7 @@ class Sinks:
         self.metrics_worker = (Latest("metrics_textfile", lambda _snap: metrics.write_textfile(), log)
                                if metrics is not None and metrics.textfile is not None else None)
         self.plot_worker = Latest("plot", self._draw, log) if plot_path else None
+        self._plot_next = 0.0
 
     @classmethod
     def open(cls, cfg, log, env=None) -> "Sinks":
@@ -126,6 +137,8 @@ class Sinks:
             if m.textfile:
                 textfile = Path(os.path.expanduser(m.textfile))
                 textfile = textfile if textfile.is_absolute() else Path(cfg.path).parent / textfile
+            from .metrics import Metrics  # prometheus_client only when metrics are asked for
+
             metrics = Metrics(textfile)
             if m.listen:
                 try:
@@ -165,20 +178,35 @@ class Sinks:
                     self.metrics_worker.submit(snap)
             if self.plot_worker is not None and snap.get("epochs"):
                 key = (len(snap["epochs"]), (snap.get("sup") or {}).get("outcome"), len(self.marks))
-                if key != self._plotted:
-                    self._plotted = key
+                now = time.monotonic()
+                # at most one drawing per PLOT_MIN_INTERVAL_S (a 5 s epoch must not mean a redraw every 5 s),
+                # and the final state always
+                if key != self._plotted and (now >= self._plot_next or key[1] is not None):
+                    self._plotted, self._plot_next = key, now + PLOT_MIN_INTERVAL_S
                     self.plot_worker.submit({**snap, "marks": list(self.marks)})
         except Exception as e:
             self._once("snapshot", e)
 
     def _draw(self, snap: dict) -> None:
-        marks_file = Path(self.cfg.paths.state_dir) / plot.MARKS_FILE
+        """Draw in a child process: matplotlib never enters the daemon (its memory and CPU stay small)."""
+        state_dir = Path(self.cfg.paths.state_dir)
+        marks_file = state_dir / plot.MARKS_FILE
         if snap["marks"]:
             fd, tmp = tempfile.mkstemp(prefix=f".{marks_file.name}.", dir=marks_file.parent)
             with os.fdopen(fd, "w") as fh:
                 json.dump(snap["marks"], fh)
             os.replace(tmp, marks_file)
-        plot.render(snap, self.plot_path)
+        fd, src = tempfile.mkstemp(prefix=".plot-snapshot.", suffix=".json", dir=state_dir)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(snap, fh, default=str)
+            r = subprocess.run([sys.executable, "-m", "supervisor.plot", "--snapshot", src, str(self.plot_path)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               timeout=PLOT_TIMEOUT_S)
+            if r.returncode != 0:
+                raise RuntimeError((r.stderr or b"").decode(errors="replace").strip()[-300:] or f"exit {r.returncode}")
+        finally:
+            os.unlink(src)
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush in order of importance (notifications, textfile, picture) within one deadline."""
@@ -189,6 +217,11 @@ class Sinks:
         try:
             if self.notifier is not None:
                 self.notifier.close(left())
+            if self.plot_worker is not None and self._last is not None and self._last.get("epochs"):
+                key = (len(self._last["epochs"]), (self._last.get("sup") or {}).get("outcome"), len(self.marks))
+                if key != self._plotted:  # the last epochs, held back by the interval
+                    self._plotted = key
+                    self.plot_worker.submit({**self._last, "marks": list(self.marks)})
             for w in (self.metrics_worker, self.plot_worker):
                 if w is not None:
                     w.close(left())

@@ -253,7 +253,8 @@ class StateStore:
         """Write state.json atomically. Raises StateSaveError when it cannot (disk full: ENOSPC, EDQUOT,
         EIO, EROFS, ...); the previous state.json is then unchanged and no temp file is left."""
         data = {**data, "version": STATE_VERSION, "updated_at": time.time()}
-        text = (json.dumps(data, indent=1, allow_nan=False) + "\n").encode()
+        # no indent: only then does json use its C encoder (saved after every epoch, for days)
+        text = (json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n").encode()
         try:
             atomic_write(self.path, text)
         except OSError as e:

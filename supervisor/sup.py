@@ -81,7 +81,9 @@ class Sup:
     bottleneck: dict | None = None         # the last epoch's verdict (diagnose.Verdict.to_json())
 
     def to_json(self, now: float, wall: float) -> dict:
-        d = dataclasses.asdict(self)
+        # shallow (asdict deep-copies every value; this runs after every epoch): only dicts are copied
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update(temps=dict(self.temps), bottleneck=dict(self.bottleneck) if self.bottleneck else None)
         d["state"] = self.state.value
         for k in ("last_reason", "stop_reason"):
             d[k] = getattr(self, k).value if getattr(self, k) else None
