@@ -54,6 +54,7 @@ def test_redrawn_in_the_background_one_at_a_time_at_most_once_a_minute(tmp_path,
     monkeypatch.setattr(Sinks, "_draw", slow_draw)
     sinks = Sinks.open(make_cfg(tmp_path, metrics_sec={"plot": True}), RecLog(), env={})
     full = example_snapshot()
+    full["sup"] = {**full.get("sup", {}), "outcome": None}  # still training: the interval applies
     t0 = time.perf_counter()
     for n in range(1, 30):
         sinks.snapshot({**full, "epochs": full["epochs"][:n]})
