@@ -374,3 +374,21 @@ def test_completed_needs_the_validation_summary_too(job):
     assert job.state_json()["sup"]["outcome"] == "completed"
     rc, out = job.run(cfg_path)                            # now it really is complete
     assert rc == 0 and "training already completed" in out
+
+
+def test_no_space_waits_measures_and_gives_up_with_the_amount_needed():
+    from supervisor.events import MeasureDisk
+    c = cfg(restart__disk_full_wait_minutes=10)
+    s, _ = decide(Sup(), Start(), 0, c)
+    s, _ = decide(s, ChildExited(Exit(1, "OSError: [Errno 28] No space left on device")), 1, c)
+    assert s.state == State.NO_SPACE and s.restart_times == ()   # no restart budget used
+    s, acts = decide(s, Tick(), 2, c)
+    assert MeasureDisk() in acts
+    s, acts = decide(s, DiskSpace(free_bytes=10, needed_bytes=500, folder="/r"), 2, c)
+    assert s.state == State.NO_SPACE and acts == []             # still full: keep waiting
+    s2, acts = decide(s, Tick(), 10, c)
+    assert acts == []                                            # measured every 30 s, not every tick
+    s3, acts = decide(s, DiskSpace(free_bytes=900, needed_bytes=500, folder="/r"), 40, c)
+    assert s3.state == State.RUNNING and acts[-1].__class__.__name__ == "Spawn"
+    s4, acts = decide(s, Tick(), 1 + 600, c)
+    assert s4.exit_code == ExitCode.GAVE_UP and "500 bytes are needed" in s4.message
