@@ -12,7 +12,8 @@ LAYERS = [
     {"sup", "transitions", "policy", "config", "reload", "statusline"},          # decisions, the config
     {"store", "job", "proc", "plans", "checkpoints", "gpu", "output", "attempt", "thermal", "sdnotify",
      "logs", "slurm", "others", "notify", "metrics", "plot", "sinks", "manifest", "profiling"},
-    {"daemon", "check", "jobqueue", "pack", "unpack"},                            # the loop, preflight, master
+    {"actions", "check", "jobqueue", "pack", "unpack"},                           # acting, preflight, master
+    {"daemon"},                                                                   # the loop
     {"status", "install", "demo", "cli", "__main__", "__init__"},                 # commands
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
