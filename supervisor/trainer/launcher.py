@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 from . import epoch_timer
 
@@ -187,6 +188,9 @@ def run_until_stopped(fn) -> None:
     try:
         fn()
     except KeyboardInterrupt:
+        # the data loader's result threads die of the stop (their workers are gone: ConnectionResetError,
+        # "background workers are no longer alive"); that is not news after a requested stop
+        threading.excepthook = lambda _args: None
         print(stop_message(_state["signal"], _state["epoch"], _state["checkpoint"]), file=sys.stderr, flush=True)
         # re-raised, not sys.exit(130): Python then dies by SIGINT after finalising, the -2 that the
         # supervisor has always recorded for a stopped trainer, and a shell still shows 130
