@@ -25,8 +25,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-STATES = ("idle", "running", "paused", "cooling", "stop_pending", "stopping", "backoff", "no_space", "done",
-          "failed")
+from .sup import State
+
+STATES = tuple(s.value for s in State)  # every state of the decision core, one label each
 
 
 def _num(x) -> float | None:

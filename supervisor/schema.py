@@ -313,7 +313,7 @@ class Metrics:
                                "written atomically", types=str, reload=RESTART, default_doc="unset")
     listen: str | None = key(UNSET, loopback_listen, "serve `/metrics` on this loopback `HOST:PORT`",
                              types=str, reload=RESTART, default_doc="off")
-    plot: bool = key(True, None, "redraw `<state_dir>/progress.png` after every epoch", types=bool,
+    plot: bool = key(True, None, "redraw `<state_dir>/progress.png` (a child process; at most once a minute, and at the end)", types=bool,
                      reload=RESTART)
 
 
