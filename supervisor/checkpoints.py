@@ -44,7 +44,7 @@ _ELEMENT_SIZE = {
 MAX_PICKLE_BYTES = 256 << 20  # nnU-Net's data.pkl is well under 1 MiB (tensors live in data/N)
 
 
-class _Stub:
+class Stub:
     """Stands for any class or function a pickle names: accepts every call and every state."""
 
     def __new__(cls, *args, **kwargs):
@@ -54,7 +54,7 @@ class _Stub:
         pass
 
     def __call__(self, *args, **kwargs):
-        return _Stub()
+        return Stub()
 
     def __setstate__(self, state):
         pass
@@ -80,14 +80,14 @@ class _StorageCollector(pickle.Unpickler):
     def find_class(self, module, name):
         key = (str(module), str(name))
         if key not in self._stubs:
-            self._stubs[key] = type("Stub", (_Stub,), {"qualname": f"{key[0]}.{key[1]}"})
+            self._stubs[key] = type("Stub", (Stub,), {"qualname": f"{key[0]}.{key[1]}"})
         return self._stubs[key]
 
     def persistent_load(self, pid):
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
             kind = getattr(pid[1], "qualname", "").rpartition(".")[2]
             self.storages.append((kind, str(pid[2]), pid[4]))
-        return _Stub()
+        return Stub()
 
 
 def _missing_storage(z: zipfile.ZipFile, pkl: str) -> str | None:

@@ -32,6 +32,8 @@ import time
 import zipfile
 from importlib import metadata
 
+from .checkpoints import Stub
+
 FORMAT = "cardiacseg-pack/1"
 MANIFEST = "MANIFEST.json"
 MANIFEST_SUM = "MANIFEST.json.sha256"
@@ -130,26 +132,14 @@ _STRUCT = {"f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h", "i1
            "u4": "I", "u2": "H", "u1": "B", "b1": "?"}
 
 
-class _Inert:
-    """Any class or function the pickle names: remembers its arguments, accepts any state."""
+class _Inert(Stub):
+    """Any class or function the pickle names (checkpoints.Stub's inertness), remembering its arguments."""
 
     def __init__(self, *args, **kwargs):
         self.args = args
 
     def __call__(self, *args, **kwargs):
         return _Inert(*args)
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, item):
-        pass
-
-    def extend(self, items):
-        pass
 
 
 class _Dtype(_Inert):
