@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-fast bench gpu-check clean
+.PHONY: demo test test-fast bench gpu-check docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test-fast: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/run.py
+
+docs: $(BIN)/.installed
+	$(BIN)/python -m supervisor.commands.docs
 
 gpu-check: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -ra tests/gpu

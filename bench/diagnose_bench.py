@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from supervisor.profiling import MachineSampler, ProfileFollower  # noqa: E402
+from supervisor.integrations.profiling import MachineSampler, ProfileFollower  # noqa: E402
 from supervisor.trainer.epoch_timer import EpochTimer, TimedLoader  # noqa: E402
 
 

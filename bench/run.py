@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 from conftest import Job, wait_for  # noqa: E402
-from supervisor import demo  # noqa: E402
+from supervisor.commands import demo  # noqa: E402
 
 PY = sys.executable
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.serialization as ts
 
-from supervisor.checkpoints import pick_resume, verify
+from supervisor.core.criteria import choose_resume
+from supervisor.integrations.checkpoints import verify
 
 
 def nnunet_like_checkpoint() -> dict:
@@ -179,13 +180,15 @@ def test_verify_never_executes_a_malicious_pickle(tmp_path):
         marker.unlink()
 
 
-def test_pick_resume_moves_a_half_written_latest_aside_and_falls_back_to_best(good, tmp_path):
+def test_a_half_written_latest_is_chosen_against_and_best_resumes(good, tmp_path):
+    """verify measures, the core chooses: the half-written latest goes aside, --c loads best."""
     fold = tmp_path
     torch.save(nnunet_like_checkpoint(), fold / "checkpoint_best.pth")
     rewrite(good, fold / "half.pth", keep=lambda i: not i.filename.endswith("/data/15"))
     (fold / "half.pth").replace(good)
-    pick = pick_resume(fold)
-    assert pick.resume == fold / "checkpoint_best.pth"
-    ((name, moved_to, why),) = pick.moved
-    assert name == "checkpoint_latest.pth" and why == "checkpoint_latest/data/15 is missing (the checkpoint was cut off while being written)"
-    assert not good.exists() and zipfile.ZipFile(moved_to).namelist()  # moved, not deleted
+    found = tuple((n, verify(fold / n)) for n in ("checkpoint_latest.pth", "checkpoint_best.pth"))
+    pick = choose_resume(found, suspect=None)
+    assert pick.resume_from == "checkpoint_best.pth"
+    assert pick.bad == (("checkpoint_latest.pth",
+                         "checkpoint_latest/data/15 is missing (the checkpoint was cut off while being written)"),)
+    assert choose_resume(found[1:], suspect="checkpoint_best.pth").resume_from is None  # it died loading it

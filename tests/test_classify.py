@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.classify import Exit, Reason, classify, final_error
+from supervisor.core.classify import Exit, Reason, classify, final_error
 
 FIX = Path(__file__).parent / "fixtures"
 

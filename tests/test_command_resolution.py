@@ -3,8 +3,8 @@ import os
 import subprocess
 import sys
 
-from supervisor import job
-from supervisor.config import load
+from supervisor.config import job
+from supervisor.config.loader import load
 
 SCRIPT = "import sys; print('script ran:', ' '.join(sys.argv[1:4]))\n"
 

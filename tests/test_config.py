@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import ConfigError, load
+from supervisor.config.loader import ConfigError, load
 
 REPO = Path(__file__).parent.parent
 GOOD = """

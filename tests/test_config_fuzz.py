@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import SECTIONS, Config, ConfigError, load, parse
+from supervisor.config.loader import SECTIONS, Config, ConfigError, load, parse
 
 REPO = Path(__file__).parent.parent
 GOOD = '[training]\ndataset = "Dataset001_X"\n[paths]\npreprocessed = "pre"\nresults = "res"\n'

@@ -1,50 +1,122 @@
 """The decision core: every State x Event pair has a rule or is explicitly ignored, and the defects found
 around it (issue "One place for every decision") stay fixed."""
+import dataclasses
 import json
 import signal
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import structlog
 
 from conftest import wait_for
-from supervisor.classify import Exit, Reason
-from supervisor.events import (EVENTS, ActionFailed, Activity, BatchSizeSet, ChildExited, DiskSpace, EpochDone,
-                               EpochProfiled,
-                               EpochStarted, ExitCode, Finish, NoCheckpoint, Readings, Reconfigured, Requeued,
-                               SetBatchSize, SignalGroup, Start, StopRequested, Tick, TrainingDone)
-from supervisor.diagnose import EpochProfile
-from supervisor.logparse import EpochRecord
-from supervisor.policy import IGNORED, TABLE, State, Sup, decide
+from supervisor.core.classify import Exit, Reason
+from supervisor.core.actions import Finish, SetBatchSize, SignalGroup, StateChanged
+from supervisor.core.events import (EVENTS, ActionFailed, Activity, BatchSizeSet, CheckpointsInspected, ChildExited,
+                                    DiskSpace, EpochDone, EpochProfiled, EpochStarted, Readings, Reconfigured,
+                                    Remnants, Requeued, Signalled, SlurmJobState, Start, Tick, TrainerExited,
+                                    TrainingDone)
+from supervisor.core.exit_codes import ExitCode
+from supervisor.core.diagnose import EpochProfile
+from supervisor.core.training_log import EpochRecord
+from supervisor.core import policy
+from supervisor.core.policy import TABLE, Ignored, Rule, decide
+from supervisor.core.record import State, Sup
 from test_policy import cfg, rec
 
 SAMPLES = {Start: Start(), Reconfigured: Reconfigured(), EpochStarted: EpochStarted(3),
            EpochDone: EpochDone(EpochRecord(epoch=3, dice=[0.5])), TrainingDone: TrainingDone(),
            Activity: Activity(0.0), Readings: Readings((("0", 60.0),)), DiskSpace: DiskSpace(1, 2, "/r"),
-           NoCheckpoint: NoCheckpoint("none"), BatchSizeSet: BatchSizeSet(4, 3), ActionFailed: ActionFailed("x", "y"),
-           ChildExited: ChildExited(Exit(1, "RuntimeError")), StopRequested: StopRequested(), Tick: Tick(),
-           Requeued: Requeued("requeued"), EpochProfiled: EpochProfiled(EpochProfile(epoch=3, epoch_s=10.0))}
+           CheckpointsInspected: CheckpointsInspected((("checkpoint_latest.pth", None),)),
+           BatchSizeSet: BatchSizeSet(4, 3), ActionFailed: ActionFailed("x", "y"), TrainerExited: TrainerExited(1),
+           Remnants: Remnants(), ChildExited: ChildExited(Exit(1, "RuntimeError")), Signalled: Signalled(),
+           SlurmJobState: SlurmJobState("RUNNING"), Tick: Tick(), Requeued: Requeued("requeued"),
+           EpochProfiled: EpochProfiled(EpochProfile(epoch=3, epoch_s=10.0))}
 
 
-def test_every_state_event_pair_has_a_rule_or_is_ignored():
+def test_every_state_event_pair_is_a_rule_or_explicitly_ignored():
     assert set(SAMPLES) == set(EVENTS)
     pairs = [(st, et) for st in State for et in EVENTS]
     assert set(TABLE) == set(pairs)
-    rules = [p for p in pairs if TABLE[p] is not IGNORED]
+    assert all(isinstance(TABLE[p], Rule) or (isinstance(TABLE[p], Ignored) and len(TABLE[p].why) > 10)
+               for p in pairs)
+    rules, ignored = policy.counts()
     print(f"transition table: {len(State)} states x {len(EVENTS)} events = {len(pairs)} pairs, "
-          f"{len(rules)} rules, {len(pairs) - len(rules)} ignored")
-    assert all(callable(TABLE[p]) for p in pairs)
+          f"{rules} rules, {ignored} explicitly ignored")
+    assert rules + ignored == len(pairs)
+
+
+def _import_edited_policy(monkeypatch, old: str, new: str):
+    """Import a scratch copy of core/policy.py with `old` replaced by `new`."""
+    src = Path(policy.__file__).read_text()
+    assert old in src
+    scratch = types.ModuleType("scratch_policy")
+    monkeypatch.setitem(sys.modules, "scratch_policy", scratch)
+    exec(compile(src.replace(old, new), "scratch_policy.py", "exec"), scratch.__dict__)
+
+
+def test_deleting_a_rule_stops_the_import_naming_the_pair(monkeypatch):
+    """The table has no default: a deleted rule is a hole, never silently "ignored"."""
+    line = "rule((S.RUNNING,), (EpochDone,), st.on_epoch_done, to=(S.STOP_PENDING, S.STOPPING))\n"
+    with pytest.raises(AssertionError, match="no rule and not ignored: RUNNING x EpochDone$"):
+        _import_edited_policy(monkeypatch, line, "")
+
+
+def test_a_pair_declared_twice_stops_the_import(monkeypatch):
+    mark = "# ---- ignored on purpose"
+    with pytest.raises(AssertionError, match="RUNNING x EpochDone is declared twice"):
+        _import_edited_policy(monkeypatch, mark, "ignore((S.RUNNING,), (EpochDone,), 'a second one')\n" + mark)
 
 
 @pytest.mark.parametrize("st", list(State))
-def test_ignored_pairs_change_nothing_and_rules_run(st):
+def test_ignored_pairs_change_nothing_and_rules_move_only_where_declared(st):
     c = cfg()
     s = Sup(state=st, attempt=1, last_progress=0.0, batch_size=4, restart_at=5.0, safe_deadline=5.0,
             stop_deadline=5.0, disk_deadline=50.0, stop_reason=Reason.TARGET_REACHED)
     for et, ev in SAMPLES.items():
-        s2, acts = decide(s, ev, 10.0, c)
-        if TABLE[(st, et)] is IGNORED:
+        s2, acts = decide(s, ev, 10.0, c)  # decide checks every move against the rule's declaration
+        entry = TABLE[(st, et)]
+        if isinstance(entry, Ignored):
             assert (s2, acts) == (s, []), f"{st.name} x {et.__name__}"
-        assert isinstance(s2, Sup)
+        elif s2.state != st:
+            assert s2.state in entry.targets
+            assert [(a.old, a.new) for a in acts if isinstance(a, StateChanged)] == [(st.value, s2.state.value)]
+
+
+def test_a_rule_that_moves_where_it_did_not_declare_is_refused(monkeypatch):
+    def rogue(s, ev, now, cfg):
+        """rogue"""
+        return dataclasses.replace(s, state=State.DONE), []
+    monkeypatch.setitem(TABLE, (State.RUNNING, Tick), Rule(rogue, frozenset()))
+    with pytest.raises(policy.IllegalMove, match="without transition"):
+        decide(Sup(state=State.RUNNING), Tick(), 0, cfg())
+
+    def sneaky(s, ev, now, cfg):
+        """sneaky"""
+        from supervisor.core.transition import transition
+        s, ch = transition(s, State.DONE, "x")
+        return s, [ch]
+    monkeypatch.setitem(TABLE, (State.RUNNING, Tick), Rule(sneaky, frozenset({State.FAILED})))
+    with pytest.raises(policy.IllegalMove, match="declared"):
+        decide(Sup(state=State.RUNNING), Tick(), 0, cfg())
+
+
+def test_every_move_emits_one_state_changed():
+    c = cfg()
+    s, acts = decide(Sup(), Start(), 0, c)
+    assert [a for a in acts if isinstance(a, StateChanged)] == [StateChanged("idle", "running", "start", 1)]
+    s, acts = decide(s, EpochDone(rec(6, 0.71)), 1, c)
+    assert [(a.old, a.new, a.cause) for a in acts if isinstance(a, StateChanged)] == [
+        ("running", "stop_pending", "target_reached")]
+
+
+def test_every_action_has_an_executor():
+    from supervisor.core import actions
+    from supervisor.daemon.executor import HANDLERS
+    declared = {v for v in vars(actions).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+                and v.__module__ == actions.__name__}
+    assert declared == set(HANDLERS)
 
 
 def test_an_unknown_event_type_is_an_error_not_silence():
@@ -54,9 +126,9 @@ def test_an_unknown_event_type_is_an_error_not_silence():
 
 def test_lifecycle_doc_is_generated_from_the_table():
     doc = State.__doc__
-    for (st, et), fn in TABLE.items():
-        if fn is not IGNORED:
-            assert f"{st.name:<12} {et.__name__:<14} {fn.__doc__.splitlines()[0]}" in doc
+    for (st, et), entry in TABLE.items():
+        if isinstance(entry, Rule):
+            assert f"{st.name:<12} {et.__name__:<20} {entry.summary}" in doc
 
 
 def target_pending(c):
@@ -91,19 +163,19 @@ def test_sigterm_while_a_checkpoint_is_written_waits_for_the_safe_point_and_a_se
     """Regression: SIGTERM right after the target epoch sent SIGINT at once and truncated checkpoint_best."""
     c = cfg()
     s = target_pending(c)
-    s, acts = decide(s, StopRequested("SIGTERM"), 2, c)  # systemctl stop while the target stop waits
+    s, acts = decide(s, Signalled("SIGTERM"), 2, c)  # systemctl stop while the target stop waits
     assert s.state == State.STOP_PENDING and not any(isinstance(a, SignalGroup) for a in acts)
     assert s.stop_reason == Reason.TARGET_REACHED        # ... the outcome stays target_reached
-    s2, acts = decide(s, StopRequested("SIGTERM"), 3, c)  # a second one forces it
+    s2, acts = decide(s, Signalled("SIGTERM"), 3, c)  # a second one forces it
     assert s2.state == State.STOPPING and SignalGroup(signal.SIGINT) in acts
-    s3, acts = decide(s2, StopRequested("SIGTERM"), 4, c)  # a third: SIGKILL
+    s3, acts = decide(s2, Signalled("SIGTERM"), 4, c)  # a third: SIGKILL
     assert SignalGroup(signal.SIGKILL) in acts
     s, _ = decide(s, EpochStarted(7), 3, c)              # or the safe point comes first: SIGINT then
-    s, acts = decide(s, ChildExited(Exit(-2, "KeyboardInterrupt"), after_our_stop=True), 4, c)
+    s, acts = decide(s, ChildExited(Exit(-2, "KeyboardInterrupt")), 4, c)
     assert s.outcome == "target_reached"
     s, _ = decide(Sup(), Start(), 0, c)
     s, _ = decide(s, EpochDone(rec(3, 0.2)), 1, c)       # saves follow this line
-    s, acts = decide(s, StopRequested("SIGTERM"), 2, c)
+    s, acts = decide(s, Signalled("SIGTERM"), 2, c)
     assert s.state == State.STOP_PENDING and s.stop_reason == Reason.STOPPED and not any(
         isinstance(a, SignalGroup) for a in acts)
     s, acts = decide(s, EpochStarted(4), 3, c)
@@ -112,7 +184,7 @@ def test_sigterm_while_a_checkpoint_is_written_waits_for_the_safe_point_and_a_se
     assert s.outcome == "stopped"
     s, _ = decide(Sup(), Start(), 0, c)                  # mid-epoch (nothing is written): at once
     s, _ = decide(s, EpochStarted(0), 1, c)
-    s, acts = decide(s, StopRequested("SIGTERM"), 2, c)
+    s, acts = decide(s, Signalled("SIGTERM"), 2, c)
     assert s.state == State.STOPPING
 
 
@@ -134,10 +206,10 @@ def test_an_exit_seen_before_our_sigint_is_judged_on_its_own_evidence():
     out during the reaping and the exit was then labelled target_reached."""
     c = cfg()
     s = target_pending(c)
+    s, _ = decide(s, TrainerExited(1), 999, c)           # it died while we waited for the safe point
     s, _ = decide(s, Tick(), 1000, c)                    # wait over: SIGINT (but the trainer was already gone)
     assert s.state == State.STOPPING
-    s, acts = decide(s, ChildExited(Exit(1, "OSError: [Errno 28] No space left on device"),
-                                    after_our_stop=False), 1001, c)
+    s, acts = decide(s, ChildExited(Exit(1, "OSError: [Errno 28] No space left on device")), 1001, c)
     assert s.last_reason == Reason.DISK_FULL and s.outcome is None
 
 
@@ -152,9 +224,9 @@ def test_a_restart_with_the_target_met_needs_a_complete_checkpoint_best():
 
 def test_daemon_queues_follow_up_events_in_order(job, monkeypatch):
     """With a plans write that fails, the log shows the failure and nothing claims the size changed."""
-    from supervisor import plans
-    from supervisor.config import load
-    from supervisor.daemon import Daemon
+    from supervisor.integrations import plans
+    from supervisor.config.loader import load
+    from supervisor.daemon.loop import Daemon
 
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
@@ -176,8 +248,8 @@ def test_daemon_queues_follow_up_events_in_order(job, monkeypatch):
 
 def test_deadlines_use_the_monotonic_clock(job):
     """Regression: a wall-clock step of -1 h during backoff delayed the restart by an hour."""
-    from supervisor.config import load
-    from supervisor.daemon import Daemon
+    from supervisor.config.loader import load
+    from supervisor.daemon.loop import Daemon
 
     clock = {"mono": 1000.0, "wall": 5_000_000.0}
     d = Daemon(load(job.config(restart={"backoff_seconds": 30, "backoff_max_seconds": 60})),
@@ -202,8 +274,8 @@ def test_a_state_json_with_impossible_fields_is_moved_aside(job, bad):
     """Regression: state: "exploded" or attempts: "oops" made every start exit 1 with a traceback."""
     cfg_path = job.config(env={"FAKE_EPOCHS": "2"})
     job.state.mkdir()
-    from supervisor import job as jobmod
-    from supervisor.config import load
+    from supervisor.config import job as jobmod
+    from supervisor.config.loader import load
     identity = jobmod.job_identity(load(cfg_path))
     (job.state / "state.json").write_text(json.dumps({"version": 1, "job": identity, **bad}))
     rc, out = job.run(cfg_path)
@@ -222,7 +294,7 @@ def test_a_directory_named_state_json_is_moved_aside(job):
 
 def test_stock_style_checkpoint_write_survives_sigterm_at_the_worst_moment(job):
     """Regression: a stop in the middle of a stock torch.save truncated checkpoint_best.pth."""
-    from supervisor.checkpoints import verify
+    from supervisor.integrations.checkpoints import verify
     cfg_path = job.config(env={"FAKE_EPOCHS": "50", "FAKE_EPOCH_S": "0.3", "FAKE_SAVE_S": "2"},
                           stop={"timeout_seconds": 20, "checkpoint_wait_seconds": 30})
     p = job.start(cfg_path)
@@ -240,31 +312,53 @@ def test_stock_style_checkpoint_write_survives_sigterm_at_the_worst_moment(job):
 
 
 def test_slurm_preemption_stops_at_the_safe_point_requeues_and_is_bounded():
-    from supervisor.events import Requeue
+    from supervisor.core.actions import QuerySlurmJob, Requeue
     c = cfg(slurm__max_requeues=2)
     s, _ = decide(Sup(), Start(slurm_restarts=1), 0, c)
     s, _ = decide(s, EpochDone(rec(3, 0.2)), 1, c)
-    s, acts = decide(s, StopRequested("SIGUSR1", preempt=True), 2, c)
+    s, acts = decide(s, Signalled("SIGUSR1", in_slurm=True), 2, c)
     assert s.state == State.STOP_PENDING and s.stop_reason == Reason.PREEMPTED
     s, acts = decide(s, EpochStarted(4), 3, c)
     s, acts = decide(s, ChildExited(Exit(-2, "KeyboardInterrupt")), 4, c)
-    assert s.state == State.REQUEUING and Requeue() in acts and s.last_reason == Reason.PREEMPTED
+    assert s.state == State.REQUEUING and QuerySlurmJob() in acts and s.last_reason == Reason.PREEMPTED
     assert s.restart_times == ()  # no restart budget used
+    s, acts = decide(s, SlurmJobState("RUNNING"), 5, c)    # SLURM asked us to act: requeue
+    assert s.state == State.REQUEUING and acts == [Requeue()]
     done, acts = decide(s, Requeued("requeued", "scontrol requeue 7"), 5, c)
     assert done.outcome == "preempted" and Finish(ExitCode.OK) in acts
     failed, acts = decide(s, Requeued("failed", "denied"), 5, c)
     assert failed.exit_code == ExitCode.GAVE_UP and "denied" in failed.message
-    cancelled, acts = decide(s, Requeued("ending", "JobState=COMPLETING"), 5, c)  # scancel is never undone
-    assert cancelled.outcome == "stopped" and cancelled.exit_code == ExitCode.OK
+    for ending in ("COMPLETING", "CANCELLED"):                   # scancel is never undone
+        cancelled, acts = decide(s, SlurmJobState(ending), 5, c)
+        assert cancelled.outcome == "stopped" and cancelled.exit_code == ExitCode.OK and Requeue() not in acts
+        assert ending in cancelled.message
     s, _ = decide(Sup(), Start(slurm_restarts=0), 0, c)        # SLURM's signal during a backoff: requeue
     s, _ = decide(s, ChildExited(Exit(1, "RuntimeError")), 1, c)
     assert s.state == State.BACKOFF
-    s, acts = decide(s, StopRequested("SIGUSR1", preempt=True), 2, c)
-    assert s.state == State.REQUEUING and Requeue() in acts
+    s, acts = decide(s, Signalled("SIGUSR1", in_slurm=True), 2, c)
+    assert s.state == State.REQUEUING and QuerySlurmJob() in acts
     s, _ = decide(Sup(), Start(slurm_restarts=2), 0, c)        # the bound
-    s, _ = decide(s, StopRequested("SIGUSR1", preempt=True), 1, c)
+    s, _ = decide(s, Signalled("SIGUSR1", in_slurm=True), 1, c)
     s, acts = decide(s, ChildExited(Exit(-2)), 2, c)
-    assert s.outcome == "preempted" and not any(isinstance(a, Requeue) for a in acts)
+    assert s.outcome == "preempted" and not any(isinstance(a, (Requeue, QuerySlurmJob)) for a in acts)
+
+
+def test_a_signal_means_what_the_policy_says_inside_and_outside_slurm():
+    """Moved from the daemon into the core: SIGUSR1 outside SLURM is ignored, SIGHUP reloads, SIGTERM stops
+    (requeues inside SLURM)."""
+    from supervisor.core.actions import Log, Reload
+    c = cfg()
+    run, _ = decide(Sup(), Start(), 0, c)
+    s, acts = decide(run, Signalled("SIGUSR1"), 1, c)
+    assert s == run and [a.event for a in acts if isinstance(a, Log)] == ["signal_ignored"]
+    s, acts = decide(run, Signalled("SIGHUP"), 1, c)
+    assert s == run and acts == [Reload()]
+    s, _ = decide(run, Signalled("SIGTERM"), 1, c)
+    assert s.stop_reason == Reason.STOPPED
+    s, _ = decide(run, Signalled("SIGTERM", in_slurm=True), 1, c)
+    assert s.stop_reason == Reason.PREEMPTED
+    s, _ = decide(run, Signalled("SIGINT", in_slurm=True), 1, c)
+    assert s.stop_reason == Reason.STOPPED
 
 
 def test_a_full_disk_waits_for_space_without_spending_the_restart_budget(job):
@@ -307,7 +401,7 @@ def test_a_worker_whose_trainer_died_is_stopped_by_the_next_supervisor(job):
 
 def test_the_attempt_is_recorded_before_the_trainer_exists(job):
     """Regression: SIGKILL of the supervisor between spawn and the state save left an unknown trainer."""
-    from supervisor import proc
+    from supervisor.integrations import proc
     cfg_path = job.config(env={"FAKE_EPOCHS": "500", "FAKE_EPOCH_S": "0.2"})
     p = job.start(cfg_path)
     try:
@@ -357,8 +451,12 @@ def test_another_trainer_on_the_fold_is_refused_then_taken_over(job):
             other.kill()
         other.wait()
     assert p.returncode == 0, out[-3000:]
-    assert "take_over_stopping" in out and "safe_point=True" in out
-    assert job.state_json()["attempts"][0]["resume_from"] is not None  # continued with --c
+    assert "take_over_waiting_for_safe_point" in out, out[-3000:]
+    assert "taking over: the other trainer's checkpoint writes finished" in out, out[-3000:]  # at its safe point
+    assert "take_over_done" in out and "continuing with --c" in out
+    first, ours = job.state_json()["attempts"][:2]
+    assert first["adopted"] == [other.pid]           # the other trainer was the attempt the policy stopped
+    assert ours["resume_from"] is not None and "--c" in ours["argv"]  # continued with --c
 
 
 def test_completed_needs_the_validation_summary_too(job):
@@ -377,18 +475,20 @@ def test_completed_needs_the_validation_summary_too(job):
 
 
 def test_no_space_waits_measures_and_gives_up_with_the_amount_needed():
-    from supervisor.events import MeasureDisk
+    from supervisor.core.actions import InspectCheckpoints, MeasureDisk
+    from supervisor.core.criteria import space_needed
     c = cfg(restart__disk_full_wait_minutes=10)
+    need = space_needed(500, 2)                                  # the one formula: check and docs use it too
     s, _ = decide(Sup(), Start(), 0, c)
     s, _ = decide(s, ChildExited(Exit(1, "OSError: [Errno 28] No space left on device")), 1, c)
     assert s.state == State.NO_SPACE and s.restart_times == ()   # no restart budget used
     s, acts = decide(s, Tick(), 2, c)
     assert MeasureDisk() in acts
-    s, acts = decide(s, DiskSpace(free_bytes=10, needed_bytes=500, folder="/r"), 2, c)
-    assert s.state == State.NO_SPACE and acts == []             # still full: keep waiting
+    s, acts = decide(s, DiskSpace(free_bytes=10, largest_checkpoint=500, folder="/r", existing=2), 2, c)
+    assert s.state == State.NO_SPACE and acts == [] and s.disk_needed == need   # still full: keep waiting
     s2, acts = decide(s, Tick(), 10, c)
     assert acts == []                                            # measured every 30 s, not every tick
-    s3, acts = decide(s, DiskSpace(free_bytes=900, needed_bytes=500, folder="/r"), 40, c)
-    assert s3.state == State.RUNNING and acts[-1].__class__.__name__ == "Spawn"
+    s3, acts = decide(s, DiskSpace(free_bytes=need, largest_checkpoint=500, folder="/r", existing=2), 40, c)
+    assert s3.state == State.RUNNING and isinstance(acts[-1], InspectCheckpoints)
     s4, acts = decide(s, Tick(), 1 + 600, c)
-    assert s4.exit_code == ExitCode.GAVE_UP and "500 bytes are needed" in s4.message
+    assert s4.exit_code == ExitCode.GAVE_UP and f"{need} bytes are needed" in s4.message

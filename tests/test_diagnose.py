@@ -16,9 +16,10 @@ import pynvml
 import pytest
 
 from conftest import REPO, wait_for
-from supervisor import diagnose, profiling
-from supervisor.diagnose import EpochProfile, verdict
-from supervisor.profiling import MachineSampler, ProfileFollower, make_profile, storage_of
+from supervisor.core import diagnose
+from supervisor.integrations import profiling
+from supervisor.core.diagnose import EpochProfile, verdict
+from supervisor.integrations.profiling import MachineSampler, ProfileFollower, make_profile, storage_of
 from supervisor.trainer import epoch_timer
 
 
@@ -318,7 +319,7 @@ def test_static_findings_workers_and_filesystems(tmp_path):
 
 
 def test_check_findings_for_a_config(job):
-    from supervisor import config as config_mod
+    from supervisor.config import loader as config_mod
     cfg = config_mod.load(job.config(env={"nnUNet_n_proc_DA": "64"}))
     found = profiling.check_findings(cfg)
     assert found[0][0] == "warning" and "nnUNet_n_proc_DA=64" in found[0][1]
@@ -326,8 +327,8 @@ def test_check_findings_for_a_config(job):
 
 
 def test_status_shows_the_verdict_from_the_trainer_timings(job):
-    from supervisor import config as config_mod
-    from supervisor.status import gather, render
+    from supervisor.config import loader as config_mod
+    from supervisor.commands.status import gather, render
     cfg = config_mod.load(job.config())
     assert gather(cfg)["bottleneck"] is None
     (job.state / "attempts").mkdir(parents=True)
@@ -340,8 +341,8 @@ def test_status_shows_the_verdict_from_the_trainer_timings(job):
     assert "bottleneck:   data_loading (epoch 1): data wait 55 % of the epoch" in text
     assert "trainer timings only" in text
     stored = diagnose.Verdict("gpu_bound", {"epoch": 7, "data_wait_fraction": 0.01}, None, None, "GPU 97 % busy")
-    from supervisor import job as job_mod
-    from supervisor.store import STATE_VERSION
+    from supervisor.config import job as job_mod
+    from supervisor.integrations.store import STATE_VERSION
     (job.state / "state.json").write_text(json.dumps({
         "version": STATE_VERSION, "job": job_mod.job_identity(cfg), "sup": {"state": "running"},
         "attempts": [], "changes": [], "epochs": [], "bottleneck": stored.to_json()}))
@@ -355,9 +356,9 @@ def test_real_nnunet_with_a_slowed_data_loader_is_diagnosed_data_loading(tmp_pat
     """The supervisor runs the launcher (this checkout's, via PYTHONPATH) with the sidecar variable set;
     meanwhile this test samples the trainer's tree as the daemon will. One epoch of 4 iterations whose
     batches take the worker 2 x 3 s more: the loop waits for data most of the epoch."""
-    from supervisor import config as config_mod
-    from supervisor import demo
-    from supervisor.status import gather, render
+    from supervisor.config import loader as config_mod
+    from supervisor.commands import demo
+    from supervisor.commands.status import gather, render
 
     demo.make_dataset(tmp_path / "raw")
     demo.preprocess(tmp_path)

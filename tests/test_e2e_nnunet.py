@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO, LoggedPopen, wait_for
-from supervisor import demo
-from supervisor.store import StateStore
+from supervisor.commands import demo
+from supervisor.integrations.store import StateStore
 
 pytestmark = pytest.mark.e2e
 
@@ -114,7 +114,7 @@ def test_target_stops_with_sigint_and_checkpoint_best_loads(workdir):
 
 def test_real_oom_steps_batch_size_down_and_completes(workdir):
     import json
-    from supervisor.plans import BACKUP_SUFFIX
+    from supervisor.integrations.plans import BACKUP_SUFFIX
 
     plans = workdir / "preprocessed" / demo.DEMO_NAME / "nnUNetPlans.json"
     original = plans.read_text()

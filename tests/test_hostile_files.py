@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.output import TrainerOutput
-from supervisor.store import (Lock, StateSaveError, StateStore, UnsafePathError, atomic_write,
+from supervisor.daemon.trainer_output import TrainerOutput
+from supervisor.integrations.store import (Lock, StateSaveError, StateStore, UnsafePathError, atomic_write,
                               open_append_nofollow, safe_mkdir)
 
 REPO = Path(__file__).parent.parent
@@ -213,7 +213,7 @@ def test_write_errors_other_than_enospc_also_degrade(tmp_path):
     code = f"""
 import resource, signal, sys
 sys.path.insert(0, {str(REPO)!r})
-from supervisor.output import TrainerOutput
+from supervisor.daemon.trainer_output import TrainerOutput
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 seen = []

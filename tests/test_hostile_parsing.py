@@ -7,8 +7,9 @@ import math
 import random
 import time
 
-from supervisor.logparse import (MAX_EPOCH, MAX_EPOCH_TIME_S, MAX_LINE_BYTES, MAX_POLL_BYTES, EpochAssembler,
-                                 History, LogFollower, parse_line, replay)
+from supervisor.core.training_log import (MAX_EPOCH, MAX_EPOCH_TIME_S, MAX_LINE_BYTES, EpochAssembler, History,
+                                          parse_line, replay)
+from supervisor.integrations.log_follower import MAX_POLL_BYTES, LogFollower
 
 TS = "2026-11-25 22:55:43.190388: "
 BOUND_S = 0.5

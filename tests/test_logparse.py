@@ -1,7 +1,8 @@
 """Training-log parsing and nnU-Net's EMA."""
 import math
 
-from supervisor.logparse import EpochAssembler, History, LogFollower, parse_dice, parse_line
+from supervisor.core.training_log import EpochAssembler, History, parse_dice, parse_line
+from supervisor.integrations.log_follower import LogFollower
 
 EPOCH3 = """2026-11-25 22:55:18.701000: 
 2026-11-25 22:55:18.702000: Epoch 3 
@@ -54,7 +55,7 @@ def nnunet_ema(mfds):
 
 
 def mk(epoch, dice):
-    from supervisor.logparse import EpochRecord
+    from supervisor.core.training_log import EpochRecord
     return EpochRecord(epoch=epoch, dice=list(dice))
 
 

@@ -6,10 +6,10 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.config import ConfigError
-from supervisor.metrics import STATES, families
-from supervisor.plot import example_snapshot
-from supervisor.sinks import Sinks
+from supervisor.config.loader import ConfigError
+from supervisor.integrations.metrics import STATES, families
+from supervisor.integrations.plot import example_snapshot
+from supervisor.integrations.publish import Sinks
 from test_notify import RecLog, make_cfg
 
 

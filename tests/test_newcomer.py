@@ -15,7 +15,9 @@ import pytest
 import structlog
 
 from conftest import REPO, LoggedPopen
-from supervisor import __version__, cli, logs
+from supervisor import __version__
+from supervisor.commands import cli
+from supervisor.integrations import log_setup as logs
 
 
 def test_version(capsys):

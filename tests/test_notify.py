@@ -9,10 +9,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from supervisor import notify
-from supervisor.config import parse
-from supervisor.plot import example_snapshot
-from supervisor.sinks import Sinks
+from supervisor.core.actions import Diagnosed, Spawn, StateChanged
+from supervisor.core.events import EpochDone
+from supervisor.core.training_log import EpochRecord
+from supervisor.integrations import notices, notify
+from supervisor.config.loader import parse
+from supervisor.integrations.plot import example_snapshot
+from supervisor.integrations.publish import Sinks
 
 REQUIRED = ("event", "message", "dataset", "configuration", "fold", "epoch", "ema_dice", "best_ema_dice",
             "batch_size", "restarts", "host", "time")
@@ -91,20 +94,44 @@ def make_cfg(tmp_path, notify_sec=None, metrics_sec=None):
 
 
 SNAP = example_snapshot()
+
+
+def moved(to, cause, frm="running", attempt=2, **detail):
+    """A StateChanged as the policy makes it (core/transition.py)."""
+    return StateChanged(frm, to, cause, attempt, detail)
+
+
+def crash(attempt=2, restart=3):
+    return moved("backoff", "crash", attempt=attempt, delay_s=40.0, restart=restart, budget_used=restart,
+                 max_restarts=5, counted=True)
+
+
+def gave_up(message="budget spent"):
+    return moved("failed", "gave_up", frm="backoff", message=message, exit_code=3)
+
+
 FAST = {"timeout_seconds": 2, "retries": 2, "backoff_seconds": 0.01}
 
 
-def test_event_mapping():
-    assert notify.event_for("finished", {"outcome": "gave_up"}) == "gave_up"
-    assert notify.event_for("finished", {"outcome": "config_error"}) == "config_error"
-    assert notify.event_for("finished", {"outcome": "completed"}) == "completed"
-    assert notify.event_for("finished", {"outcome": "target_reached"}) is None  # announced at detection
-    assert notify.event_for("attempt_ended", {"reason": "crash"}) == "crash"
-    assert notify.event_for("attempt_ended", {"reason": "cuda_oom"}) is None
-    assert notify.event_for("batch_size_reduced", {"old": 6, "new": 5}) == "cuda_oom"
-    assert notify.event_for("hang_detected", {}) == "hang"
-    assert notify.event_for("thermal_stop", {}) == "thermal_stop"
-    assert notify.event_for("epoch abc", {}) is None
+def test_what_the_policy_decided_is_what_is_told():
+    """Notifications follow the policy's decisions (StateChanged and the rest), never log event names."""
+    assert notices.notice_for(gave_up())[0] == "gave_up"
+    assert notices.notice_for(moved("failed", "config_error", message="m"))[0] == "config_error"
+    assert notices.notice_for(moved("failed", "diverged", message="m"))[0] == "diverged"
+    assert notices.notice_for(moved("done", "completed"))[0] == "completed"
+    assert notices.notice_for(moved("done", "target_reached", frm="stopping"))[0] == "target_reached"
+    assert notices.notice_for(moved("done", "stopped", frm="stopping")) is None      # the operator knows
+    assert notices.notice_for(crash())[0] == "crash"
+    assert notices.notice_for(moved("backoff", "cuda_oom", old=6, new=5))[0] == "cuda_oom"
+    assert notices.notice_for(moved("backoff", "hang", frm="stopping"))[0] == "hang"
+    assert notices.notice_for(moved("cooling", "thermal_stop", frm="stopping"))[0] == "thermal_stop"
+    assert notices.notice_for(moved("paused", "thermal_pause"))[0] == "thermal_pause"
+    assert notices.notice_for(moved("no_space", "disk_full"))[0] == "disk_full"
+    assert notices.notice_for(moved("stop_pending", "target_reached")) is None       # not yet decided to be done
+    assert notices.notice_for(Diagnosed({"bottleneck": "data_loading"}))[0] == "bottleneck"
+    assert notices.notice_for(Spawn("checkpoint_latest.pth", resume=True))[0] == "started"
+    assert notices.notice_for(EpochDone(EpochRecord(epoch=4)))[0] == "epoch"
+    assert notices.notice_for("epoch abc") is None
 
 
 def test_webhook_receives_target_crash_and_give_up(tmp_path, hook):
@@ -112,13 +139,12 @@ def test_webhook_receives_target_crash_and_give_up(tmp_path, hook):
     cfg = make_cfg(tmp_path, {"webhook": hook.url, "events": ["target_reached", "crash", "gave_up", "cuda_oom"],
                               **FAST})
     s = Sinks.open(cfg, log, env={})
-    s.publish("target_reached", {"epoch": 79, "ema": 0.7961, "target": 0.794}, SNAP)
-    s.publish("target_reached", {"epoch": 80, "ema": 0.7971, "target": 0.794}, SNAP)  # once per run
-    s.publish("attempt_ended", {"attempt": 2, "reason": "crash", "exit_code": 1}, SNAP)
-    s.publish("attempt_ended", {"attempt": 3, "reason": "stopped", "exit_code": 0}, SNAP)
-    s.publish("batch_size_reduced", {"old": 6, "new": 5}, SNAP)
-    s.publish("hang_detected", {"quiet_s": 10, "limit_s": 5}, SNAP)  # not in events
-    s.publish("finished", {"outcome": "gave_up", "exit_code": 3, "message": "10 restarts within 360 min"}, SNAP)
+    s.publish(moved("done", "target_reached", frm="stopping", message="attempt 2: target_reached"), SNAP)
+    s.publish(crash(), SNAP)
+    s.publish(moved("done", "stopped", frm="stopping"), SNAP)                        # not news
+    s.publish(moved("backoff", "cuda_oom", old=6, new=5, restart=4), SNAP)
+    s.publish(moved("backoff", "hang", frm="stopping", delay_s=10.0, restart=5), SNAP)  # not in events
+    s.publish(gave_up("10 restarts within 360 min"), SNAP)
     s.close(timeout=10)  # the give-up message goes out before close returns
     events = [b["event"] for b in hook.bodies]
     assert events == ["target_reached", "crash", "cuda_oom", "gave_up"]
@@ -126,10 +152,12 @@ def test_webhook_receives_target_crash_and_give_up(tmp_path, hook):
         assert set(REQUIRED) <= set(b), set(REQUIRED) - set(b)
         assert b["dataset"] == "Dataset001_CardiacSeg" and b["fold"] == 0
         assert datetime.fromisoformat(b["time"]).tzinfo is not None
-    tgt, crash, oom, gave = hook.bodies
-    assert tgt["epoch"] == 79 and tgt["ema_dice"] == 0.7961 and "0.794" in tgt["message"]
-    assert crash["restarts"] == 3 and "exit code 1" in crash["message"]
+    tgt, crashed, oom, gave = hook.bodies
+    assert tgt["epoch"] == 79 and tgt["ema_dice"] == 0.7959 and "0.794" in tgt["message"]
+    assert "stopped at a safe point" in tgt["message"]
+    assert crashed["restarts"] == SNAP["sup"].get("restarts", 0) and "restart 3 in 40.0 s" in crashed["message"]
     assert oom["old_batch_size"] == 6 and oom["new_batch_size"] == 5 and oom["batch_size"] == 5
+    assert "lowering it to 5" in oom["message"]
     assert "10 restarts" in gave["message"] and gave["best_ema_dice"] == max(e["ema"] for e in SNAP["epochs"])
     assert hook.requests[0][1]["Content-Type"] == "application/json"
 
@@ -142,12 +170,12 @@ def test_hanging_server_does_not_delay_the_caller(tmp_path):
                                  "max_per_hour": 1000})
         s = Sinks.open(cfg, log, env={})
         t0 = time.perf_counter()
-        s.publish("attempt_ended", {"attempt": 1, "reason": "crash", "exit_code": 1}, SNAP)
+        s.publish(crash(attempt=1), SNAP)
         first = time.perf_counter() - t0
         assert h.wait_requests(1)  # the worker is now stuck inside the server
         t0 = time.perf_counter()
         for i in range(notify.QUEUE_MAX + 20):  # more than the queue holds: dropped and counted, not blocking
-            s.publish("attempt_ended", {"attempt": i, "reason": "crash", "exit_code": 1}, SNAP)
+            s.publish(crash(attempt=i), SNAP)
         many = time.perf_counter() - t0
         assert first < 0.05 and many < 0.5, (first, many)
         assert s.notifier.dropped_full >= 20 and len(log.events("notify_queue_full")) == 1
@@ -166,12 +194,12 @@ def test_server_500_is_retried_with_backoff_and_logged_once(tmp_path):
         cfg = make_cfg(tmp_path, {"webhook": h.url, "events": ["crash", "gave_up"], **FAST})
         s = Sinks.open(cfg, log, env={})
         t0 = time.perf_counter()
-        s.publish("attempt_ended", {"attempt": 1, "reason": "crash", "exit_code": 1}, SNAP)
-        s.publish("attempt_ended", {"attempt": 2, "reason": "crash", "exit_code": 1}, SNAP)
+        s.publish(crash(attempt=1), SNAP)
+        s.publish(crash(attempt=2), SNAP)
         assert time.perf_counter() - t0 < 0.05
         assert h.wait_requests(6)  # 1 try + 2 retries, for each message
         h.mode = "ok"
-        s.publish("finished", {"outcome": "gave_up", "exit_code": 3, "message": "budget spent"}, SNAP)
+        s.publish(gave_up("budget spent"), SNAP)
         s.close(timeout=10)
         assert [b["event"] for b in h.bodies] == ["gave_up"]
         failed = log.events("notify_failed")
@@ -186,8 +214,8 @@ def test_rate_limit_drops_and_counts_but_final_outcomes_pass(tmp_path, hook):
     cfg = make_cfg(tmp_path, {"webhook": hook.url, "events": ["crash", "gave_up"], "max_per_hour": 2, **FAST})
     s = Sinks.open(cfg, log, env={})
     for i in range(5):
-        s.publish("attempt_ended", {"attempt": i, "reason": "crash", "exit_code": 1}, SNAP)
-    s.publish("finished", {"outcome": "gave_up", "exit_code": 3, "message": "x"}, SNAP)
+        s.publish(crash(attempt=i), SNAP)
+    s.publish(gave_up("x"), SNAP)
     s.close(timeout=10)
     assert [b["event"] for b in hook.bodies] == ["crash", "crash", "gave_up"]
     assert s.notifier.dropped_rate == 3 and len(log.events("notify_rate_limited")) == 1
@@ -196,10 +224,10 @@ def test_rate_limit_drops_and_counts_but_final_outcomes_pass(tmp_path, hook):
 def test_epoch_digest_every_n_and_started_once(tmp_path, hook):
     cfg = make_cfg(tmp_path, {"webhook": hook.url, "events": ["epoch", "started"], "epoch_every": 5, **FAST})
     s = Sinks.open(cfg, RecLog(), env={})
-    s.publish("attempt_started", {"attempt": 4, "resume_from": "checkpoint_latest.pth"}, SNAP)
-    s.publish("attempt_started", {"attempt": 5}, SNAP)
+    s.publish(Spawn("checkpoint_latest.pth", resume=True), SNAP)
+    s.publish(Spawn("checkpoint_latest.pth", resume=True), SNAP)                    # started: once per process
     for ep in range(11):
-        s.publish("epoch", {"epoch": ep, "ema": 0.5}, SNAP)
+        s.publish(EpochDone(EpochRecord(epoch=ep)), SNAP)
     s.close(timeout=10)
     assert [(b["event"], b["epoch"]) for b in hook.bodies][1:] == [("epoch", 0), ("epoch", 5), ("epoch", 10)]
     assert hook.bodies[0]["event"] == "started" and "checkpoint_latest" in hook.bodies[0]["message"]
@@ -210,7 +238,7 @@ def test_apprise_json_url(tmp_path, hook):
     log = RecLog()
     cfg = make_cfg(tmp_path, {"urls": [f"json://127.0.0.1:{hook.port}/"], **FAST})
     s = Sinks.open(cfg, log, env={})
-    s.publish("finished", {"outcome": "gave_up", "exit_code": 3, "message": "CUDA OOM at batch size 1"}, SNAP)
+    s.publish(gave_up("CUDA OOM at batch size 1"), SNAP)
     s.close(timeout=15)
     assert len(hook.bodies) == 1, log.calls
     b = hook.bodies[0]
@@ -231,7 +259,7 @@ def test_urls_file_readable_by_others_is_refused(tmp_path, hook):
     assert s.notifier is None and log.events("notify_config_problem")
     f.chmod(0o600)
     s = Sinks.open(cfg, RecLog(), env={})
-    s.publish("finished", {"outcome": "gave_up", "exit_code": 3, "message": "m"}, SNAP)
+    s.publish(gave_up("m"), SNAP)
     s.close(timeout=10)
     assert [b["event"] for b in hook.bodies] == ["gave_up"]
     assert notify.check_findings(cfg, env={})[0][0] == "ok"
@@ -244,7 +272,7 @@ def test_systemd_credential_is_read(tmp_path, hook):
     cfg = make_cfg(tmp_path, {**FAST})
     assert notify.load_urls(cfg, env={})[1] == []
     s = Sinks.open(cfg, RecLog(), env={"CREDENTIALS_DIRECTORY": str(creds)})
-    s.publish("finished", {"outcome": "completed", "exit_code": 0, "message": "m"}, SNAP)
+    s.publish(moved("done", "completed", message="m"), SNAP)
     s.close(timeout=10)
     assert [b["event"] for b in hook.bodies] == ["completed"]
 
@@ -258,7 +286,7 @@ def test_credentials_never_appear_in_log_output(tmp_path, caplog, capsys):
         cfg = make_cfg(tmp_path, {"webhook": secret_hook, "urls": urls, "events": ["crash"], **FAST})
         log = RecLog()
         s = Sinks.open(cfg, log, env={})
-        s.publish("attempt_ended", {"attempt": 1, "reason": "crash", "exit_code": 1}, SNAP)
+        s.publish(crash(attempt=1), SNAP)
         s.close(timeout=10)
         assert h.requests and h.requests[0][0] == "/hook/TOKENxyz123?key=QUERYsecret"
         assert h.requests[0][1]["Authorization"].startswith("Basic ")  # userinfo sent as auth, not lost

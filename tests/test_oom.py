@@ -2,11 +2,13 @@
 import json
 import signal
 
-from supervisor.classify import Exit
-from supervisor.plans import BACKUP_SUFFIX
-from supervisor.events import (BatchSizeSet, ChildExited, ExitCode, SetBatchSize, SetWorkers, Spawn, Start,
-                               Tick)
-from supervisor.policy import State, Sup, decide
+from supervisor.core.classify import Exit
+from supervisor.integrations.plans import BACKUP_SUFFIX
+from supervisor.core.events import BatchSizeSet, ChildExited, Start, Tick
+from supervisor.core.actions import SetBatchSize, SetWorkers, InspectCheckpoints
+from supervisor.core.exit_codes import ExitCode
+from supervisor.core.policy import decide
+from supervisor.core.record import State, Sup
 
 EXIT_GAVE_UP = ExitCode.GAVE_UP
 from test_policy import cfg
@@ -26,7 +28,7 @@ def test_policy_steps_down_without_using_the_crash_budget_then_gives_up_at_the_m
         assert acts == []  # no restart before the plans file says the new size
         s, acts = decide(s, BatchSizeSet(*seen[-1]), t + 100, c)
         s, acts = decide(s, Tick(), t + 200, c)
-        assert Spawn() in acts
+        assert InspectCheckpoints() in acts
     assert seen == [(6, 5), (5, 4), (4, 3), (3, 2)]
     assert s.restart_times == () and s.original_batch_size == 6 and s.batch_size == 2
     s, acts = decide(s, ChildExited(Exit(-signal.SIGABRT, OOM)), 200, c)
@@ -83,7 +85,8 @@ def test_fake_trainer_ooms_above_2_from_6_reaches_2_and_finishes(job):
     assert st["sup"]["original_batch_size"] == 6 and st["sup"]["restart_times"] == []
     assert "batch_size_reduced" in out
 
-    from supervisor import config, status
+    from supervisor.config import loader as config
+    from supervisor.commands import status
     info = status.gather(config.load(cfg_path))
     assert (info["batch_size"], info["original_batch_size"], info["min_batch_size"]) == (2, 6, 1)
 

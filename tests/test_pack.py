@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from conftest import REPO
-from supervisor import manifest as mf
-from supervisor import pack, unpack
+from supervisor.commands import pack_manifest as mf
+from supervisor.commands import pack
+from supervisor.commands import unpack
 
 DS = "Dataset001_Fake"
 TR = "nnUNetTrainer__nnUNetPlans__3d_fullres"
@@ -340,7 +341,7 @@ def test_findings_name_each_incompatibility_with_its_fix():
 
 def test_check_findings_loads_the_configured_folds_checkpoint(src, tmp_path):
     from conftest import write_config
-    from supervisor import config
+    from supervisor.config import loader as config
     cfg = config.load(write_config(tmp_path / "config.toml", {
         "training": {"dataset": DS, "configuration": "3d_fullres", "fold": 0, "device": "cpu"},
         "paths": {"preprocessed": str(src / "preprocessed"), "results": str(src / "results")}}))

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import REPO, LoggedPopen, wait_for
-from supervisor import demo
-from supervisor.store import StateStore
+from supervisor.commands import demo
+from supervisor.integrations.store import StateStore
 
 pytestmark = pytest.mark.e2e
 TR = "nnUNetTrainerDemo__nnUNetPlans__3d_fullres"

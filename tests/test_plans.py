@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from supervisor import plans
-from supervisor.plans import PlansError, next_batch_size, read_batch_size, set_batch_size, step_sequence
+from supervisor.integrations import plans
+from supervisor.integrations.plans import PlansError, next_batch_size, read_batch_size, set_batch_size, step_sequence
 
 PLANS = {
     "dataset_name": "Dataset001_CardiacSeg",
@@ -162,7 +162,7 @@ def test_a_dangling_link_planted_as_the_backup_creates_nothing(pf, tmp_path):
 def test_a_step_down_never_raises_what_another_job_lowered(tmp_path):
     """Regression (review): queue folds share a plans file; a job that saw 6 must not write 5 over 4."""
     import json
-    from supervisor.plans import lower_batch_size, read_batch_size
+    from supervisor.integrations.plans import lower_batch_size, read_batch_size
     p = tmp_path / "nnUNetPlans.json"
     p.write_text(json.dumps({"configurations": {"3d_fullres": {"batch_size": 4}}}, indent=4))
     before = p.read_bytes()

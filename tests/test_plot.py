@@ -3,9 +3,9 @@ import json
 import threading
 import time
 
-from supervisor import plot
-from supervisor.plot import example_snapshot, figure, markers, render
-from supervisor.sinks import Sinks
+from supervisor.integrations import plot
+from supervisor.integrations.plot import example_snapshot, figure, markers, render
+from supervisor.integrations.publish import Sinks
 from test_notify import RecLog, make_cfg
 
 
@@ -72,7 +72,8 @@ def test_sinks_draw_into_state_dir_with_thermal_marks(tmp_path):
     snap.pop("marks")
     sinks = Sinks.open(cfg, RecLog(), env={})
     sinks.snapshot({**snap, "epochs": snap["epochs"][:45]})
-    sinks.publish("thermal_pause", {"temps": {"0": 88.0}, "above": 86.0}, None)  # uses the last snapshot
+    from supervisor.core.actions import StateChanged
+    sinks.publish(StateChanged("running", "paused", "thermal_pause", 3, {"temps": {"0": 88.0}}))  # last snapshot
     sinks.snapshot(snap)
     assert sinks.plot_worker.wait_idle(30)
     sinks.close(5)
@@ -85,7 +86,7 @@ def test_sinks_draw_into_state_dir_with_thermal_marks(tmp_path):
 def test_main_from_state_json(tmp_path, capsys):
     cfg = make_cfg(tmp_path)
     assert plot.main(cfg, None) == 1  # nothing yet
-    from supervisor import job
+    from supervisor.config import job
     snap = example_snapshot()
     snap.update(version=1, job=job.job_identity(cfg))
     (cfg.paths.state_dir / "state.json").write_text(json.dumps(snap))

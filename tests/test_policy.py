@@ -2,13 +2,15 @@
 import signal
 from pathlib import Path
 
-from supervisor.classify import Exit
-from supervisor.config import parse
-from supervisor.logparse import EpochRecord
-from supervisor.events import (ChildExited, EpochDone, EpochStarted, ExitCode, Finish, SignalGroup, Spawn,
-                               Start, StopRequested, Tick)
-from supervisor.policy import State, Sup, decide
-from supervisor.rules import backoff_delay
+from supervisor.core.classify import Exit
+from supervisor.config.loader import parse
+from supervisor.core.training_log import EpochRecord
+from supervisor.core.events import ChildExited, EpochDone, EpochStarted, Signalled, Start, Tick
+from supervisor.core.actions import Finish, SignalGroup, InspectCheckpoints
+from supervisor.core.exit_codes import ExitCode
+from supervisor.core.policy import decide
+from supervisor.core.record import State, Sup
+from supervisor.core.criteria import backoff_delay
 
 EXIT_CONFIG, EXIT_GAVE_UP = ExitCode.CONFIG, ExitCode.GAVE_UP
 
@@ -37,7 +39,7 @@ def kinds(actions):
 
 def running(c, now=0.0):
     s, acts = decide(Sup(), Start(), now, c)
-    assert s.state == State.RUNNING and any(isinstance(a, Spawn) for a in acts)
+    assert s.state == State.RUNNING and any(isinstance(a, InspectCheckpoints) for a in acts)
     return s
 
 
@@ -79,7 +81,7 @@ def test_min_class_dice_blocks_the_stop_while_a_class_is_unlearned():
 def test_stop_escalates_to_sigkill_after_timeout():
     c = cfg()
     s = running(c)
-    s, acts = decide(s, StopRequested("SIGTERM"), 100, c)
+    s, acts = decide(s, Signalled("SIGTERM"), 100, c)
     assert s.state == State.STOPPING and SignalGroup(signal.SIGINT) in acts
     s, acts = decide(s, Tick(), 129, c)
     assert acts == []
@@ -97,7 +99,7 @@ def test_crash_backoff_doubles_and_is_a_deadline_not_a_sleep():
     s, acts = decide(s, Tick(), 109.9, c)
     assert acts == [] and s.state == State.BACKOFF
     s, acts = decide(s, Tick(), 110, c)
-    assert s.state == State.RUNNING and Spawn() in acts and s.attempt == 2
+    assert s.state == State.RUNNING and InspectCheckpoints() in acts and s.attempt == 2
     s, _ = decide(s, ChildExited(Exit(1)), 120, c)
     assert s.restart_at == 140  # 2 x 10 s: no epoch finished in between
     assert [backoff_delay(n, c) for n in (1, 2, 3, 4, 5)] == [10, 20, 40, 60, 60]
@@ -144,17 +146,17 @@ def test_start_when_already_done():
     s, acts = decide(Sup(), Start(final_checkpoint=True, validation_done=True), 0, c)
     assert s.outcome == "completed" and Finish(0) in acts
     s, acts = decide(Sup(), Start(last_epoch=rec(40, 0.72), best_checkpoint_ok=True), 0, c)
-    assert s.outcome == "target_reached" and not any(isinstance(a, Spawn) for a in acts)
+    assert s.outcome == "target_reached" and not any(isinstance(a, InspectCheckpoints) for a in acts)
     # a raised target means: keep training
     s, acts = decide(Sup(), Start(last_epoch=rec(40, 0.72)), 0, cfg(target__ema_dice=0.8))
-    assert Spawn() in acts
+    assert InspectCheckpoints() in acts
 
 
 def test_stop_during_backoff_finishes_at_once():
     c = cfg()
     s = running(c)
     s, _ = decide(s, ChildExited(Exit(1)), 0, c)
-    s, acts = decide(s, StopRequested("SIGINT"), 1, c)
+    s, acts = decide(s, Signalled("SIGINT"), 1, c)
     assert s.state == State.DONE and s.outcome == "stopped" and Finish(0) in acts
 
 

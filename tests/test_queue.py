@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from conftest import REPO, wait_for
-from supervisor.jobqueue import Job, schedule
+from supervisor.core.queue_policy import Job, schedule
 
 
 def test_schedule_fills_free_slots_in_order_and_a_cascade_waits_for_its_lowres_fold():

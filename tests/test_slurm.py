@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 
 from conftest import DATASET, FAKE, REPO, Job, wait_for, write_config
-from supervisor import config as config_mod
-from supervisor import job as job_mod
-from supervisor import slurm
-from supervisor.config import load
-from supervisor.status import gather, render
+from supervisor.config import job as job_mod
+from supervisor.integrations import slurm
+from supervisor.config.loader import load
+from supervisor.commands.status import gather, render
 
 SCRIPT = REPO / "scripts" / "slurm-ci.sh"
 
@@ -148,7 +147,7 @@ def test_status_shows_the_job_from_the_login_node(job):
 
 
 def test_run_fold_overrides_the_config(job):
-    from supervisor.cli import build_parser
+    from supervisor.commands.cli import build_parser
 
     args = build_parser().parse_args(["run", "--config", "x", "--fold", "3"])
     assert args.fold == 3

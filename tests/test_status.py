@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 from conftest import REPO
-from supervisor import config as config_mod
-from supervisor import job as job_mod
-from supervisor.status import gather, render
-from supervisor.store import STATE_VERSION
+from supervisor.config import loader as config_mod
+from supervisor.config import job as job_mod
+from supervisor.commands.status import gather, render
+from supervisor.integrations.store import STATE_VERSION
 
 JSON_KEYS = {"state", "outcome", "epoch", "ema_dice", "best_ema_dice", "dice_per_class", "batch_size",
              "restarts", "history"}
@@ -66,18 +66,19 @@ def test_a_finished_run_has_no_eta(job):
     assert "ETA target:   -  (finished)" in text and "ETA end:      -  (finished)" in text
 
 
-def test_only_restarts_the_supervisor_made_are_counted(job):
+def test_restarts_are_the_policys_one_count(job):
+    """status shows what the policy counted (Sup.restarts): a new `run` after a stop or a lost supervisor is
+    not a restart, however many attempt records there are."""
     path = job.config()
-    cfg = write_state(job, path, attempts=[
-        attempt(1, "stopped", 0, 3, 130),          # Ctrl-C ...
-        attempt(2, "crash", 4, 5, 1),               # ... then a new `run`: not a restart
-        attempt(3, "supervisor_lost", 6, 6, None),  # supervisor killed, started again: not a restart
-        attempt(4, "cuda_oom", 7, 7, 1),            # restarted after the crash above? no: after lost
-        attempt(5, None, 8, None, ended=False),     # restarted after the OOM: a restart
-    ])
+    five = [attempt(1, "stopped", 0, 3, 130), attempt(2, "crash", 4, 5, 1), attempt(3, "supervisor_lost", 6, 6),
+            attempt(4, "cuda_oom", 7, 7, 1), attempt(5, None, 8, None, ended=False)]
+    cfg = write_state(job, path, attempts=five,
+                      sup={"state": "running", "restarts": 2, "restart_reasons": {"crash": 1, "cuda_oom": 1}})
     i = gather(cfg)
-    assert i["restarts"] == 2 and i["restart_reasons"] == ["crash", "cuda_oom"]
-    assert "restarts:     2  (crash, cuda_oom)" in render(i)
+    assert i["restarts"] == 2 and i["restart_reasons"] == {"crash": 1, "cuda_oom": 1}
+    assert "restarts:     2  (crash 1, cuda_oom 1)" in render(i)
+    cfg = write_state(job, path, attempts=five)                  # a state.json from before the count: none
+    assert gather(cfg)["restarts"] == 0
 
 
 def test_the_text_never_shows_none(job):
@@ -93,7 +94,7 @@ def test_the_text_never_shows_none(job):
 def test_status_json_keeps_its_keys(job):
     path = job.config()
     write_state(job, path, attempts=[attempt(1, "crash", 0, 1, 1), attempt(2, None, 2, None, ended=False)],
-                recs=epochs(2))
+                recs=epochs(2), sup={"state": "running", "restarts": 1, "restart_reasons": {"crash": 1}})
     r = subprocess.run([sys.executable, "-m", "supervisor", "status", "--config", str(path), "--json"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     d = json.loads(r.stdout)

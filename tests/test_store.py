@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from supervisor.store import Lock, LockedError, StateStore, atomic_write, move_aside
+from supervisor.integrations.store import Lock, LockedError, StateStore, atomic_write, move_aside
 
 
 def test_atomic_write_keeps_mode_and_leaves_no_temp(tmp_path):
@@ -53,7 +53,7 @@ def test_move_aside_never_overwrites(tmp_path):
 
 
 def test_lock_is_exclusive_across_processes_and_released_on_death(tmp_path):
-    code = ("import sys,time; from supervisor.store import Lock; l=Lock(sys.argv[1]); l.acquire(); "
+    code = ("import sys,time; from supervisor.integrations.store import Lock; l=Lock(sys.argv[1]); l.acquire(); "
             "print('locked', flush=True); time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"

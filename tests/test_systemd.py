@@ -11,8 +11,9 @@ import time
 import pytest
 
 from conftest import REPO, wait_for
-from supervisor import install, logs
-from supervisor.sdnotify import Notifier
+from supervisor.commands import install
+from supervisor.integrations import log_setup as logs
+from supervisor.integrations.sdnotify import Notifier
 
 ANALYZE = shutil.which("systemd-analyze")
 MAX_EXPOSURE = 3.0  # `systemd-analyze security --offline=true` measured 2.0 ("OK") on systemd 252
@@ -28,7 +29,7 @@ def test_units_and_example_exist_once_in_the_repository():
 
 
 def test_unit_prevents_restart_exactly_for_the_exit_codes_that_say_so():
-    from supervisor.events import ExitCode
+    from supervisor.core.exit_codes import ExitCode
     want = " ".join(str(int(c)) for c in ExitCode if not c.systemd_restarts)
     for name in install.UNITS:
         text = (REPO / "systemd" / name).read_text()
@@ -274,5 +275,5 @@ def test_a_built_wheel_ships_the_units_the_example_config_and_the_launcher(tmp_p
     assert z.read("supervisor/data/config.example.toml") == (REPO / "config.toml").read_bytes()
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(whl).read(entry).decode()
-    assert "cardiacseg-train = supervisor.cli:main" in text
+    assert "cardiacseg-train = supervisor.commands.cli:main" in text
     assert "cardiacseg-train-nnunet = supervisor.trainer.launcher:main" in text

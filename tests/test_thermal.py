@@ -11,10 +11,10 @@ import pynvml
 import pytest
 
 from conftest import wait_for
-from supervisor.gpu import Nvml
-from supervisor.events import Readings
-from supervisor.rules import thermal_verdict
-from supervisor.thermal import parse_command_output
+from supervisor.integrations.nvml import Nvml
+from supervisor.core.events import Readings
+from supervisor.core.criteria import thermal_verdict
+from supervisor.integrations.thermal import parse_command_output
 from test_policy import cfg as make_cfg
 
 
@@ -55,10 +55,12 @@ def T(*temps):
 
 
 def test_policy_pause_resume_stop_and_restart_when_cool():
-    from supervisor.classify import Exit
-    from supervisor.events import ChildExited, EpochDone, EpochStarted, SignalGroup, Spawn, Start
-    from supervisor.logparse import EpochRecord
-    from supervisor.policy import State, Sup, decide
+    from supervisor.core.classify import Exit
+    from supervisor.core.events import ChildExited, EpochDone, EpochStarted, Start
+    from supervisor.core.actions import SignalGroup, InspectCheckpoints
+    from supervisor.core.training_log import EpochRecord
+    from supervisor.core.policy import decide
+    from supervisor.core.record import State, Sup
 
     c = cfg()
     s, _ = decide(Sup(), Start(), 0, c)
@@ -72,7 +74,7 @@ def test_policy_pause_resume_stop_and_restart_when_cool():
     s, a = decide(s, ChildExited(Exit(-2, "KeyboardInterrupt")), 115, c)
     assert s.state == State.COOLING and s.last_reason.value == "thermal_stop"
     s, a = decide(s, T(70), 300, c)
-    assert s.state == State.RUNNING and Spawn() in a and s.restart_times == ()  # not counted
+    assert s.state == State.RUNNING and InspectCheckpoints() in a and s.restart_times == ()  # not counted
     # hot right after an epoch's last line: the stop waits for the checkpoint write (bounded)
     s, _ = decide(s, EpochDone(EpochRecord(epoch=3, dice=[0.5])), 310, c)
     s, a = decide(s, T(95), 311, c)
@@ -83,9 +85,10 @@ def test_policy_pause_resume_stop_and_restart_when_cool():
 
 def test_reloaded_thermal_limits_apply_at_once():
     """Regression: after lowering pause_celsius from 86 to 80 by reload, 83 C did not pause."""
-    from supervisor.events import Start
-    from supervisor.policy import State, Sup, decide
-    from supervisor.reload import plan_reload
+    from supervisor.core.events import Start
+    from supervisor.core.policy import decide
+    from supervisor.core.record import State, Sup
+    from supervisor.config.reload import plan_reload
 
     old = make_cfg(thermal__pause_celsius=86, thermal__resume_celsius=78, thermal__stop_celsius=91)
     new = plan_reload(old, make_cfg(thermal__pause_celsius=80, thermal__resume_celsius=70,
@@ -220,7 +223,7 @@ def test_bad_sensor_command_is_a_startup_error(job, command, needle):
 
 
 def test_config_rejects_bad_limits(tmp_path):
-    from supervisor.config import ConfigError, load
+    from supervisor.config.loader import ConfigError, load
     p = tmp_path / "c.toml"
     p.write_text('[training]\ndataset="D"\n[paths]\npreprocessed="p"\nresults="r"\n'
                  '[thermal]\npause_celsius=80\nresume_celsius=80\nstop_celsius=79\npoll_seconds=0\n')
@@ -315,11 +318,13 @@ def test_long_pause_becomes_a_graceful_stop_and_sigterm_while_paused_works(job, 
 
 
 def test_a_supervisor_restarted_while_cooling_keeps_waiting_for_the_gpu():
-    from supervisor.events import Spawn, Start
-    from supervisor.policy import State, Sup, decide
+    from supervisor.core.events import Start
+    from supervisor.core.actions import InspectCheckpoints
+    from supervisor.core.policy import decide
+    from supervisor.core.record import State, Sup
 
     c = cfg(thermal__enabled=True)
     s, acts = decide(Sup(state=State.COOLING), Start(), 0, c)
-    assert s.state == State.COOLING and Spawn() not in acts
+    assert s.state == State.COOLING and InspectCheckpoints() not in acts
     s, acts = decide(s, T(60), 5, c)
-    assert s.state == State.RUNNING and Spawn() in acts
+    assert s.state == State.RUNNING and InspectCheckpoints() in acts

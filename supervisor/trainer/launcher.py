@@ -35,7 +35,8 @@ import signal
 import sys
 import threading
 
-from . import epoch_timer
+from supervisor.config.job import checkpoint_temp_name
+from supervisor.trainer import epoch_timer
 
 _state = {"saving": 0, "pending": None, "main_pid": os.getpid(), "signal": None, "epoch": None,
           "checkpoint": None}
@@ -77,7 +78,7 @@ def atomic_torch_save(obj, filename: str) -> None:
     import torch
 
     folder = os.path.dirname(os.path.abspath(filename))
-    tmp = os.path.join(folder, f".{os.path.basename(filename)}.tmp-{os.getpid()}")
+    tmp = os.path.join(folder, checkpoint_temp_name(os.path.basename(filename), os.getpid()))
     _state["saving"] += 1
     try:
         with open(tmp, "wb") as fh:

@@ -19,7 +19,8 @@ import os
 import re
 import sys
 
-MARKER = "CARDIACSEG_PROBE "
+from supervisor.integrations.probes import MARKER
+
 _CLASS = re.compile(r"^class\s+(\w+)\s*\(", re.M)
 
 

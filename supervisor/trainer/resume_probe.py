@@ -7,7 +7,7 @@ nnUNetTrainer.load_checkpoint source (2.8.1 passes weights_only=False; releases 
 so torch >= 2.6's default True applies and their checkpoints fail to load), then torch.load()s each file
 with map_location="cpu" and that setting, and looks the trainer class up with nnunetv2's
 recursive_find_trainer_class_by_name (nnunetv2's trainers, then nnUNet_extTrainer). The last stdout
-line is `CARDIACSEG_RESUME <json>`: versions, weights_only, trainer / trainer_error, and per checkpoint
+line is `CARDIACSEG_PROBE <json>` (integrations/probes.py reads it): versions, weights_only, trainer / trainer_error, and per checkpoint
 fold, path, error (None when it loaded), epoch, ema, trainer_name.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import platform
 import re
 import sys
 
-MARKER = "CARDIACSEG_RESUME "
+from supervisor.integrations.probes import MARKER
+
 
 
 def _weights_only(trainer_cls) -> bool | None:

@@ -9,8 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from conftest import REPO, Job  # noqa: E402
-from supervisor import demo  # noqa: E402
-from supervisor.gpu import Nvml  # noqa: E402
+from supervisor.commands import demo  # noqa: E402
+from supervisor.integrations.nvml import Nvml  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),

@@ -1,0 +1,362 @@
+"""`cardiacseg-train pack`: one verified tar stream with exactly what `nnUNetv2_train ... --c` needs.
+
+How it works
+- What goes in (read in nnunetv2 2.8.1's run_training.py and nnUNetTrainer.py): from
+  `$nnUNet_preprocessed/<dataset>/` the plans file and dataset.json (read by get_trainer_from_args),
+  splits_final.json (without it do_split draws a new split), dataset_fingerprint.json (copied by
+  on_train_start: a missing one ends the start), gt_segmentations/ (the final validation's
+  reference) and the configuration's data folder (`data_identifier`, following `inherits_from`);
+  from `$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>/` its top-level files and each
+  fold folder (checkpoints, training logs, progress.png, debug.json, validation); a cascade stage also
+  gets `<trainer>__<plans>__<previous stage>/predicted_next_stage/<configuration>/`. `--with-raw` adds
+  `$nnUNet_raw/<dataset>/`. A missing piece is refused (PackError, exit 2) naming the file.
+- Two passes, so the manifest (sizes and sha256) can come FIRST and unpack can check each member as it
+  streams: pass 1 hashes every file, pass 2 streams it again through tarfile (`w|`, PAX, 1 MiB blocks),
+  re-hashing exactly the bytes it writes; a file that changed in between fails the pack. Memory stays
+  constant: nothing is held whole except the fold folder's small files (logs, json, png: < 16 MiB).
+- A consistent snapshot of a running training: the fold folder's small files are read once, in pass 1,
+  and kept. Each checkpoint is opened once, verified through that open file (checkpoints.verify: zip
+  directory, every storage, CRCs) and streamed from the same open file, so an atomic rewrite by the
+  supervisor's launcher (a rename) cannot change what is packed. A checkpoint that does not verify is
+  being written (stock nnU-Net writes in place): it is polled until it verifies, for up to
+  `wait_seconds`, else left out, and `--c` will resume from the next one in nnU-Net's order.
+- `-o FILE` is written under a temporary name beside FILE and renamed at the end (an existing FILE is
+  moved aside, never overwritten); `-o -` streams to stdout. Progress goes to stderr on a terminal.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+from supervisor.commands import pack_manifest as mf
+from supervisor.integrations.checkpoints import verify
+from supervisor.config import job
+from supervisor.config.job import CHECKPOINT_ORDER
+
+
+CHUNK = 1 << 20
+SMALL = 16 << 20  # fold-folder files up to this size are captured in memory in pass 1
+WAIT_SECONDS = 120
+
+
+class PackError(Exception):
+    """Bad input to pack (a missing file or folder, a bad argument): exit 2, no traceback."""
+
+
+@dataclass
+class Spec:
+    dataset: str
+    configuration: str
+    folds: list
+    trainer: str = "nnUNetTrainer"
+    plans: str = "nnUNetPlans"
+    roots: dict = field(default_factory=dict)  # raw / preprocessed / results -> Path or None
+    with_raw: bool = False
+    device: str | None = None
+
+
+@dataclass
+class Source:
+    root: str
+    rel: str
+    path: Path
+    size: int = 0
+    sha256: str = ""
+    mtime: float = 0.0
+    data: bytes | None = None  # captured in pass 1 (small fold-folder files)
+    fh: object = None          # held open since it was verified (checkpoints)
+
+
+def _resolve_dataset(ds: str, roots: dict) -> str:
+    from supervisor.config.job import dataset_name
+    return dataset_name(SimpleNamespace(training=SimpleNamespace(dataset=ds),
+                                        paths=SimpleNamespace(raw=roots.get("raw"), results=roots.get("results"),
+                                                              preprocessed=roots.get("preprocessed"))))
+
+
+def spec_from_config(cfg, folds: list | None = None, with_raw: bool = False) -> Spec:
+    roots = {"raw": cfg.paths.raw, "preprocessed": cfg.paths.preprocessed, "results": cfg.paths.results}
+    return Spec(_resolve_dataset(cfg.training.dataset, roots), cfg.training.configuration,
+                folds or [cfg.training.fold], cfg.training.trainer, cfg.training.plans, roots, with_raw,
+                cfg.training.device)
+
+
+def spec_from_env(dataset: str, configuration: str, folds: list, trainer: str, plans: str,
+                  with_raw: bool = False, env=None) -> Spec:
+    env = os.environ if env is None else env
+    roots = {}
+    for root, var in (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed"), ("results", "nnUNet_results")):
+        roots[root] = Path(env[var]).absolute() if env.get(var) else None
+        if roots[root] is None and (root != "raw" or with_raw):
+            raise PackError(f"{var} is not set: export it (as for nnUNetv2_train) or use --config")
+    return Spec(_resolve_dataset(dataset, roots), configuration, folds, trainer, plans, roots, with_raw)
+
+
+def parse_folds(text: str) -> list:
+    try:
+        return job.parse_folds(text)
+    except ValueError as e:
+        raise PackError(f"--folds: {e}") from None
+
+
+def configuration(plans_path: Path, name: str) -> dict:
+    """The plans' configuration `name` with its `inherits_from` chain merged (as nnU-Net's PlansManager)."""
+    try:
+        doc = json.loads(plans_path.read_text())
+        confs = doc["configurations"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PackError(f"{plans_path}: expected an nnU-Net plans file with 'configurations' ({e})") from None
+    merged, seen = {}, []
+    while name is not None:
+        conf = confs.get(name)
+        if not isinstance(conf, dict) or name in seen:
+            raise PackError(f"{plans_path}: configuration {name!r} not found (has: {', '.join(confs)})")
+        seen.append(name)
+        merged = {**conf, **merged}
+        name = conf.get("inherits_from")
+    return merged
+
+
+def _walk(top: Path, root_dir: Path, root: str, skip_hidden_tmp: bool = True) -> list[Source]:
+    out, seen_dirs = [], set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:  # a link loop
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for name in sorted(filenames):
+            if skip_hidden_tmp and name.startswith(".") and ".tmp" in name:
+                continue  # an atomic writer's temporary file (a checkpoint's: job.CHECKPOINT_TEMP), not training
+            p = Path(dirpath) / name
+            if p.is_file():
+                out.append(Source(root, p.relative_to(root_dir).as_posix(), p))
+    return out
+
+
+def _need(path: Path, what: str, is_dir: bool = False) -> Path:
+    if not (path.is_dir() if is_dir else path.is_file()):
+        raise PackError(f"cannot pack: {path} not found ({what})")
+    return path
+
+
+def _open_checkpoint(path: Path, wait_seconds: float, say) -> object | None:
+    """The checkpoint, open and verified, or None when it stayed incomplete for wait_seconds."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        fh = open(path, "rb")
+        why = verify(fh)
+        if why is None:
+            fh.seek(0)
+            return fh
+        fh.close()
+        if time.monotonic() >= deadline:
+            say(f"pack: {path.name} in {path.parent} does not verify ({why}); left out")
+            return None
+        say(f"pack: {path.name} is incomplete ({why}): being written? waiting for it")
+        time.sleep(2)  # polling a file another process writes; nothing to wait on but time
+
+
+def collect(spec: Spec, wait_seconds: float = WAIT_SECONDS, say=lambda s: None) -> tuple[list[Source], list[dict]]:
+    """Every file to pack (fold folders captured consistently) and per fold what `--c` resumes from."""
+    pre_root, res_root = spec.roots.get("preprocessed"), spec.roots.get("results")
+    pre = _need(Path(pre_root) / spec.dataset, "the preprocessed dataset", is_dir=True)
+    plans = _need(pre / f"{spec.plans}.json", "the plans file")
+    conf = configuration(plans, spec.configuration)
+    sources = [Source("preprocessed", f"{spec.dataset}/{n}", _need(pre / n, why)) for n, why in (
+        (f"{spec.plans}.json", "the plans file"), ("dataset.json", "read by nnUNetv2_train"),
+        ("dataset_fingerprint.json", "copied by nnU-Net at every start"),
+        ("splits_final.json", "without it nnU-Net draws a NEW split: the fold would validate on cases it trained on"))]
+    for sub, why in ((conf.get("data_identifier"), "the configuration's preprocessed data"),
+                     ("gt_segmentations", "the final validation's reference")):
+        if not isinstance(sub, str):
+            raise PackError(f"{plans}: configuration {spec.configuration!r} has no data_identifier")
+        sources += _walk(_need(pre / sub, why, is_dir=True), Path(pre_root), "preprocessed")
+    base = Path(res_root) / spec.dataset
+    tdir = base / f"{spec.trainer}__{spec.plans}__{spec.configuration}"
+    if conf.get("previous_stage"):
+        prev = base / f"{spec.trainer}__{spec.plans}__{conf['previous_stage']}" / "predicted_next_stage" / spec.configuration
+        sources += _walk(_need(prev, "a cascade stage trains on the previous stage's predictions", is_dir=True),
+                         Path(res_root), "results")
+    if spec.with_raw:
+        sources += _walk(_need(Path(spec.roots["raw"]) / spec.dataset, "--with-raw", is_dir=True),
+                         Path(spec.roots["raw"]), "raw")
+    sources += [Source("results", p.relative_to(res_root).as_posix(), p) for p in sorted(tdir.glob("*"))
+                if p.is_file() and not p.name.startswith(".")]
+    folds = []
+    for fold in spec.folds:
+        fdir = _need(tdir / f"fold_{fold}", "the fold folder: nothing to continue", is_dir=True)
+        resume = None
+        for s in _walk(fdir, Path(res_root), "results"):
+            if s.path.parent == fdir and s.path.name in CHECKPOINT_ORDER:
+                s.fh = _open_checkpoint(s.path, wait_seconds, say)
+                if s.fh is None:
+                    continue
+                order = CHECKPOINT_ORDER.index(s.path.name)
+                if resume is None or order < resume[0]:
+                    resume = (order, s)
+            elif s.path.stat().st_size <= SMALL:
+                s.data = s.path.read_bytes()
+            sources.append(s)
+        info = None
+        if resume is not None:
+            info = mf.read_checkpoint(resume[1].fh)
+            resume[1].fh.seek(0)
+        folds.append({"fold": fold, "path": fdir.relative_to(res_root).as_posix(),
+                      "resume": resume[1].path.name if resume else None, **(info or {})})
+    return sources, folds
+
+
+def _chunks(s: Source):
+    if s.data is not None:
+        yield s.data
+        return
+    fh = s.fh if s.fh is not None else open(s.path, "rb")
+    try:
+        fh.seek(0)
+        while block := fh.read(CHUNK):
+            yield block
+    finally:
+        if s.fh is None:
+            fh.close()
+
+
+def hash_pass(sources: list[Source], progress: mf.Progress) -> None:
+    for s in sources:
+        h, n = hashlib.sha256(), 0
+        s.mtime = s.path.stat().st_mtime
+        for block in _chunks(s):
+            h.update(block)
+            n += len(block)
+            progress.add(len(block))
+        s.size, s.sha256 = n, h.hexdigest()
+
+
+class _Exactly:
+    """What tarfile reads for one member: exactly s.size bytes, re-hashed; PackError if it changed."""
+
+    def __init__(self, s: Source, progress: mf.Progress):
+        self.s, self.it, self.buf, self.left, self.h, self.p = s, _chunks(s), b"", s.size, hashlib.sha256(), progress
+
+    def read(self, n: int = -1) -> bytes:
+        while len(self.buf) < min(n, self.left) and (block := next(self.it, None)) is not None:
+            self.buf += block
+        out = self.buf[:min(n, self.left)]
+        self.buf = self.buf[len(out):]
+        self.left -= len(out)
+        self.h.update(out)
+        self.p.add(len(out))
+        if self.left == 0 and (self.buf or next(self.it, None) is not None or self.h.hexdigest() != self.s.sha256):
+            raise PackError(f"cannot pack: {self.s.path} changed while packing; run pack again")
+        if len(out) < n and self.left:
+            raise PackError(f"cannot pack: {self.s.path} shrank while packing; run pack again")
+        return out
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    import io
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = len(data), int(time.time()), 0o644
+    tar.addfile(ti, io.BytesIO(data))
+
+
+def write(out, spec: Spec, sources: list[Source], folds: list[dict], quiet: bool = False) -> dict:
+    """Hash, then stream the archive to the binary file `out`; returns {files, bytes} for the report."""
+    total = sum(s.path.stat().st_size if s.data is None else len(s.data) for s in sources)
+    with mf.Progress("pack: hashing", total, quiet=quiet) as p:
+        hash_pass(sources, p)
+    device = spec.device or next((f.get("device") for f in folds if f.get("device")), None)
+    job = {"dataset": spec.dataset, "configuration": spec.configuration, "trainer": spec.trainer,
+           "plans": spec.plans, "folds": spec.folds}
+    files = [{"root": s.root, "path": s.rel, "size": s.size, "sha256": s.sha256} for s in sources]
+    man = mf.build(files, folds, job, device)
+    total = sum(s.size for s in sources)
+    with mf.Progress("pack: writing", total, quiet=quiet) as p, \
+            tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK, copybufsize=CHUNK) as tar:
+        _add_bytes(tar, mf.MANIFEST, man)
+        for s in sources:
+            ti = tarfile.TarInfo(mf.member_name(s.root, s.rel))
+            ti.size, ti.mtime, ti.mode = s.size, s.mtime, 0o644
+            tar.addfile(ti, _Exactly(s, p))
+        _add_bytes(tar, mf.MANIFEST_SUM, mf.digest_line(man))
+    return {"files": len(sources), "bytes": total}
+
+
+def pack_to(dest: str, spec: Spec, wait_seconds: float = WAIT_SECONDS, quiet: bool = False, say=None) -> dict:
+    """Pack to the path `dest` (temporary name, then renamed; an existing file is moved aside) or '-'."""
+    from supervisor.integrations.store import fsync_dir, move_aside, temp_beside
+
+    say = say or (lambda s: print(s, file=sys.stderr))
+    sources, folds = collect(spec, wait_seconds, say)
+    try:
+        if dest == "-":
+            report = write(sys.stdout.buffer, spec, sources, folds, quiet)
+            sys.stdout.buffer.flush()
+        else:
+            path = Path(dest).absolute()
+            if not path.parent.is_dir():
+                raise PackError(f"cannot write {path}: folder {path.parent} does not exist")
+            fd, tmp = temp_beside(path.parent, path.name)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    report = write(out, spec, sources, folds, quiet)
+                    out.flush()
+                    os.fsync(out.fileno())
+                if os.path.lexists(path):
+                    say(f"pack: moved the existing {path.name} aside to {move_aside(path, 'previous').name}")
+                os.replace(tmp, path)
+                fsync_dir(path.parent)
+            except BaseException:
+                if tmp.exists():
+                    tmp.unlink()
+                raise
+    finally:
+        for s in sources:
+            if s.fh is not None:
+                s.fh.close()
+    return {**report, "folds": folds}
+
+
+def check_findings(cfg) -> list[tuple[str, str]]:
+    """For `check`: (level, text) about what `--c` resumes from here, loaded with this torch/numpy."""
+    from supervisor.commands.unpack import resume_findings
+    return resume_findings(cfg)
+
+
+def cli(args, cfg) -> int:
+    """`cardiacseg-train pack`: 0 when the archive is complete, 2 (ExitCode.CONFIG) on bad input."""
+    def err(msg: str) -> int:
+        print(f"cardiacseg-train pack: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        folds = parse_folds(args.folds) if args.folds else None
+        if cfg is not None:
+            if args.job:
+                return err("give either --config or DATASET CONFIGURATION FOLD, not both")
+            spec = spec_from_config(cfg, folds, args.with_raw)
+        elif len(args.job) != 3:
+            return err("expected --config PATH, or DATASET CONFIGURATION FOLD (like nnUNetv2_train)")
+        else:
+            spec = spec_from_env(args.job[0], args.job[1], folds or parse_folds(args.job[2]), args.trainer,
+                                 args.plans, args.with_raw)
+        if args.output == "-" and sys.stdout.isatty():
+            return err("refusing to write an archive to a terminal: use -o FILE, or pipe it (| ssh host ...)")
+        report = pack_to(args.output, spec, args.wait_seconds, quiet=args.quiet)
+    except PackError as e:
+        return err(str(e))
+    except OSError as e:
+        return err(f"cannot pack: {e.filename or ''}: {e.strerror or e}")
+    where = "stdout" if args.output == "-" else args.output
+    print(f"pack: {report['files']} files, {report['bytes'] / 1e9:.2f} GB -> {where}", file=sys.stderr)
+    for f in report["folds"]:
+        print("pack: " + mf.describe_resume(f["fold"], f["resume"], f), file=sys.stderr)
+    return 0

@@ -1,0 +1,254 @@
+"""The archive's MANIFEST.json: what `pack` writes first and `unpack` checks every member against.
+
+How it works
+- An archive is a plain (PAX) tar stream. Its first member is `MANIFEST.json`, its last
+  `MANIFEST.json.sha256` (the manifest's own sha256, so an edited or damaged manifest is refused even
+  where it still parses). Between them, one regular-file member per file, named `<root>/<path>` with
+  root one of `raw`, `preprocessed`, `results` (nnUNet_raw / nnUNet_preprocessed / nnUNet_results).
+- The manifest lists every file once: root, path (relative to the root), size, sha256, in member
+  order; plus the source's Python, nnunetv2, torch and numpy versions (from the installed
+  distributions' metadata: nothing is imported), the device, and per fold the checkpoint `--c` would
+  resume from with its epoch and EMA.
+- `parse(data)` validates a manifest and raises BadArchive naming what is wrong; `safe_relpath`
+  refuses absolute paths, `..`, empty or `.` parts, backslashes and NUL bytes (an entry must not be
+  able to leave its root, whatever the unpacking side's folders look like).
+- `read_checkpoint(file)` reads a torch checkpoint's data.pkl without torch: an Unpickler whose
+  globals are inert stubs, except numpy's scalar/dtype (decoded with struct, so the epoch and the EMA
+  come out as numbers) and `_codecs.encode` (a pure function). It also tells whether the pickle names
+  `numpy._core` (written under numpy 2: numpy 1 cannot load it).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import platform
+import re
+import struct
+import sys
+import time
+import zipfile
+from importlib import metadata
+
+from supervisor.integrations.checkpoints import Stub
+
+FORMAT = "cardiacseg-pack/1"
+MANIFEST = "MANIFEST.json"
+MANIFEST_SUM = "MANIFEST.json.sha256"
+ROOTS = ("raw", "preprocessed", "results")
+MAX_MANIFEST_BYTES = 256 << 20  # ~200 bytes per file: a million files
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BadArchive(Exception):
+    """The archive (or a member, named in the message) is not what pack writes: nothing is placed."""
+
+
+def safe_relpath(rel: object) -> str | None:
+    """What is wrong with a path that must stay inside its root, or None when it is fine."""
+    if not isinstance(rel, str) or not rel:
+        return "an empty path"
+    if "\0" in rel or "\\" in rel:
+        return "a path with a NUL byte or backslash"
+    if rel.startswith("/"):
+        return "an absolute path"
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "a path with '..', '.' or an empty part (it could leave its root)"
+    return None
+
+
+def member_name(root: str, rel: str) -> str:
+    return f"{root}/{rel}"
+
+
+def versions() -> dict:
+    """This machine's Python and the installed nnunetv2/torch/numpy (metadata only: no import)."""
+    out = {"python": platform.python_version()}
+    for dist in ("nnunetv2", "torch", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def version_tuple(v: str | None) -> tuple[int, ...]:
+    """'2.6.0+cu124' -> (2, 6, 0); None or garbage -> ()."""
+    nums = re.findall(r"\d+", (v or "").split("+")[0])[:3]
+    return tuple(int(n) for n in nums)
+
+
+def build(files: list[dict], folds: list[dict], job: dict, device: str | None) -> bytes:
+    doc = {"format": FORMAT, "job": job, "source": {**versions(), "device": device},
+           "folds": folds, "files": files}
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
+def digest_line(manifest_bytes: bytes) -> bytes:
+    return f"{hashlib.sha256(manifest_bytes).hexdigest()}  {MANIFEST}\n".encode()
+
+
+def parse(data: bytes) -> dict:
+    """A validated manifest, or BadArchive saying what is wrong with it."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadArchive(f"{MANIFEST}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise BadArchive(f"{MANIFEST}: expected format {FORMAT!r}, got {got!r}")
+    files = doc.get("files")
+    if not isinstance(files, list):
+        raise BadArchive(f"{MANIFEST}: key 'files': expected a list")
+    seen = set()
+    for i, f in enumerate(files):
+        where = f"{MANIFEST}: files[{i}]"
+        if not isinstance(f, dict):
+            raise BadArchive(f"{where}: expected an object")
+        if f.get("root") not in ROOTS:
+            raise BadArchive(f"{where}: root expected one of {', '.join(ROOTS)}, got {f.get('root')!r}")
+        if (why := safe_relpath(f.get("path"))) is not None:
+            raise BadArchive(f"{where}: path {f.get('path')!r} is {why}")
+        size = f.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise BadArchive(f"{where} ({f['path']}): size expected an integer >= 0, got {size!r}")
+        if not isinstance(f.get("sha256"), str) or not _HEX64.match(f["sha256"]):
+            raise BadArchive(f"{where} ({f['path']}): sha256 expected 64 hex digits")
+        name = member_name(f["root"], f["path"])
+        if name in seen:
+            raise BadArchive(f"{where}: {name} is listed twice")
+        seen.add(name)
+    for key in ("folds", "source", "job"):
+        if not isinstance(doc.get(key), list if key == "folds" else dict):
+            raise BadArchive(f"{MANIFEST}: key {key!r} missing or of the wrong type")
+    return doc
+
+
+# ---- a checkpoint's epoch and EMA without torch ------------------------------------------------------
+_STRUCT = {"f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h", "i1": "b", "u8": "Q",
+           "u4": "I", "u2": "H", "u1": "B", "b1": "?"}
+
+
+class _Inert(Stub):
+    """Any class or function the pickle names (checkpoints.Stub's inertness), remembering its arguments."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __call__(self, *args, **kwargs):
+        return _Inert(*args)
+
+
+class _Dtype(_Inert):
+    pass
+
+
+def _scalar(dtype, data=b"", *rest):
+    code = dtype.args[0] if isinstance(dtype, _Dtype) and dtype.args else None
+    fmt = _STRUCT.get(str(code)[-2:]) if code else None
+    if fmt and isinstance(data, (bytes, bytearray)) and len(data) == struct.calcsize(fmt):
+        return struct.unpack("<" + fmt, data)[0]
+    return _Inert(dtype, data)
+
+
+class _Reader(pickle.Unpickler):
+    def __init__(self, fh):
+        super().__init__(fh)
+        self.modules: set[str] = set()
+
+    def find_class(self, module, name):
+        self.modules.add(str(module))
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
+            return _scalar
+        if module == "numpy" and name == "dtype":
+            return _Dtype
+        if module == "_codecs" and name == "encode":
+            return lambda s, enc="utf-8": str(s).encode(enc)
+        if module == "torch" and name == "device":
+            return lambda *a: ":".join(str(x) for x in a)
+        return _Inert
+
+    def persistent_load(self, pid):
+        return None
+
+
+def _num(v):
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def read_checkpoint(fileobj) -> dict:
+    """{epoch, ema, best_ema, trainer, device, numpy2_pickle} from a torch checkpoint (path or open
+    binary file, positioned anywhere); raises ValueError when it is not one."""
+    try:
+        with zipfile.ZipFile(fileobj) as z:
+            pkls = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if not pkls:
+                raise ValueError("no data.pkl (not a torch checkpoint)")
+            reader = _Reader(io.BytesIO(z.read(pkls[0])))
+            doc = reader.load()
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError, KeyError) as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(doc, dict):
+        raise ValueError("its pickle is not a dict (not an nnU-Net checkpoint)")
+    logging = doc.get("logging") if isinstance(doc.get("logging"), dict) else {}
+    emas = logging.get("ema_fg_dice") if isinstance(logging.get("ema_fg_dice"), list) else []
+    init = doc.get("init_args") if isinstance(doc.get("init_args"), dict) else {}
+    epoch = doc.get("current_epoch")
+    return {"epoch": epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
+            "ema": _num(emas[-1]) if emas else None, "best_ema": _num(doc.get("_best_ema")),
+            "trainer": doc.get("trainer_name") if isinstance(doc.get("trainer_name"), str) else None,
+            "device": init.get("device") if isinstance(init.get("device"), str) else None,
+            "numpy2_pickle": any(m == "numpy._core" or m.startswith("numpy._core.") for m in reader.modules)}
+
+
+def describe_resume(fold, name: str | None, info: dict | None) -> str:
+    """`fold 0: checkpoint_latest.pth, epoch 312, EMA 0.683` (epoch: where `--c` continues)."""
+    if name is None:
+        return f"fold {fold}: no checkpoint, `--c` starts a new training at epoch 0"
+    info = info or {}
+    ema = f", EMA {info['ema']:.3f}" if isinstance(info.get("ema"), float) else ""
+    return f"fold {fold}: {name}, epoch {info.get('epoch', '?')}{ema}"
+
+
+# ---- progress on a terminal -------------------------------------------------------------------------
+class Progress:
+    """`pack: writing 1.2/10.0 GB  180 MB/s  ETA 49 s` on stderr, redrawn at most twice a second; silent
+    when stderr is not a terminal or under systemd (INVOCATION_ID / JOURNAL_STREAM set) or quiet=True."""
+
+    def __init__(self, what: str, total: int, quiet: bool = False, stream=None):
+        self.stream = stream or sys.stderr
+        self.what, self.total, self.done = what, total, 0
+        under_systemd = bool(os.environ.get("INVOCATION_ID") or os.environ.get("JOURNAL_STREAM"))
+        try:
+            tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            tty = False
+        self.on = tty and not under_systemd and not quiet
+        self.t0 = self.last = time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.on:
+            now = time.monotonic()
+            if now - self.last >= 0.5:
+                self.last = now
+                self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        rate = self.done / max(now - self.t0, 1e-6)
+        eta = (self.total - self.done) / rate if rate > 0 else 0
+        self.stream.write(f"\r{self.what} {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB  "
+                          f"{rate / 1e6:.0f} MB/s  ETA {eta:.0f} s   ")
+        self.stream.flush()
+
+    def __exit__(self, *exc):
+        if self.on:
+            self._draw(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,344 @@
+"""`cardiacseg-train unpack`: verify every byte of a pack archive, then move its files into place.
+
+How it works
+- The archive is read once, as a stream (`r|*`: a pipe from ssh works, gzip is recognised). Its first
+  member must be MANIFEST.json (manifest.parse validates it); every later member must be a regular
+  file, listed in the manifest, not seen before, of the listed size. It is written into a staging
+  folder `<root>/.cardiacseg-unpack-<random>/` (same filesystem as its destination) while its sha256 is
+  computed, and compared with the manifest when the member ends. The last member, MANIFEST.json.sha256,
+  must match the manifest's own bytes. Links, devices, folders, absolute names, `..`, unlisted or
+  duplicate members, a short or damaged member, a truncated stream, a file listed but absent: each is
+  BadArchive naming the member; the staging folders are removed and nothing is placed.
+- Only after the whole archive verified are the files moved into place (os.replace), preprocessed and raw
+  data first and results last, so a checkpoint is never in place without its data. An existing file with
+  the same content is kept; a different one (or a link, a folder) is moved aside as
+  `<name>.before-unpack-<UTC time>`, never overwritten. Every destination is checked before anything is
+  written: it must stay inside its root even through links already there.
+- `--dry-run` streams and verifies the same way without writing anything.
+- Afterwards (and in `check`, via pack.check_findings) resume_probe.py loads each fold's resume checkpoint
+  with the installed torch/numpy in a subprocess with a timeout; `findings` turns its answer and the
+  manifest's source versions into (level, text) pairs with the fix for each known incompatibility.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import tarfile
+import zlib
+from pathlib import Path
+
+from supervisor.commands import pack_manifest as mf
+from supervisor.integrations import probes
+from supervisor.config.job import CHECKPOINT_ORDER
+from supervisor.integrations.store import move_aside
+
+CHUNK = 1 << 20
+PLACE_ORDER = {"preprocessed": 0, "raw": 1, "results": 2}
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Does path (its deepest existing ancestor resolved through links) stay inside root?"""
+    if not os.path.lexists(root):
+        return True  # nothing below it exists yet: everything will be made by us, as folders
+    real_root = os.path.realpath(root)
+    p = path
+    while not os.path.lexists(p) and p != root:
+        p = p.parent
+    real = os.path.realpath(p)
+    return real == real_root or real.startswith(real_root.rstrip("/") + "/")
+
+
+def _check_destinations(doc: dict, roots: dict) -> None:
+    for f in doc["files"]:
+        root = roots.get(f["root"])
+        if root is None:
+            var = {"raw": "--to-raw (or nnUNet_raw)", "preprocessed": "--to-preprocessed",
+                   "results": "--to-results"}[f["root"]]
+            raise mf.BadArchive(f"the archive holds {f['root']} files ({f['path']}, ...) but no {f['root']} "
+                                f"folder was given: use --config or {var}")
+        dest = Path(root) / f["path"]
+        if not _inside(dest.parent, Path(root)):
+            raise mf.BadArchive(f"{f['root']}/{f['path']}: would be written outside {root} through a link "
+                                "already there; refused")
+
+
+def _stage_member(tar, ti, entry: dict, staging: Path | None) -> None:
+    """Copy one member to staging (or nowhere for a dry run), checking its size and sha256."""
+    h, n = hashlib.sha256(), 0
+    src = tar.extractfile(ti)
+    out = None
+    if staging is not None:
+        dest = staging / entry["path"]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        out = open(dest, "xb")
+    try:
+        while block := src.read(CHUNK):
+            h.update(block)
+            n += len(block)
+            if out is not None:
+                out.write(block)
+    finally:
+        if out is not None:
+            out.close()
+    name = mf.member_name(entry["root"], entry["path"])
+    if n != entry["size"]:
+        raise mf.BadArchive(f"{name}: {n} bytes, MANIFEST.json says {entry['size']} (truncated archive)")
+    if h.hexdigest() != entry["sha256"]:
+        raise mf.BadArchive(f"{name}: sha256 differs from MANIFEST.json (damaged in transit or edited)")
+    if out is not None:
+        os.utime(staging / entry["path"], (ti.mtime, ti.mtime))
+
+
+def _kind(ti: tarfile.TarInfo) -> str:
+    return ("a symbolic link" if ti.issym() else "a hard link" if ti.islnk() else "a folder" if ti.isdir()
+            else "a device" if ti.isdev() else "a FIFO" if ti.isfifo() else "not a regular file")
+
+
+def _verify_stream(src, roots: dict, dry_run: bool, quiet: bool, staging: dict) -> dict:
+    try:
+        tar = tarfile.open(fileobj=src, mode="r|*", bufsize=CHUNK)
+    except tarfile.TarError as e:
+        raise mf.BadArchive(f"not a tar archive ({e})") from None
+    with tar:
+        first = tar.next()
+        if first is None or first.name != mf.MANIFEST or not first.isreg():
+            got = "an empty archive" if first is None else f"{first.name!r}"
+            raise mf.BadArchive(f"the first member must be {mf.MANIFEST} (written by cardiacseg-train pack); got {got}")
+        if first.size > mf.MAX_MANIFEST_BYTES:
+            raise mf.BadArchive(f"{mf.MANIFEST}: {first.size} bytes, more than a manifest holds")
+        man_bytes = tar.extractfile(first).read()
+        doc = mf.parse(man_bytes)
+        _check_destinations(doc, roots)
+        if not dry_run:
+            for r in {f["root"] for f in doc["files"]}:
+                Path(roots[r]).mkdir(parents=True, exist_ok=True)
+                staging[r] = Path(roots[r]) / f".cardiacseg-unpack-{secrets.token_hex(4)}"
+                staging[r].mkdir()
+        expected = {mf.member_name(f["root"], f["path"]): f for f in doc["files"]}
+        seen, summed = set(), False
+        with mf.Progress("unpack: verifying", sum(f["size"] for f in doc["files"]), quiet=quiet) as p:
+            while (ti := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every header it read; a stream needs none of them
+                if summed:
+                    raise mf.BadArchive(f"{ti.name}: after {mf.MANIFEST_SUM}, which ends the archive")
+                if ti.name == mf.MANIFEST_SUM and ti.isreg():
+                    if tar.extractfile(ti).read(1024) != mf.digest_line(man_bytes):
+                        raise mf.BadArchive(f"{mf.MANIFEST}: its sha256 differs from {mf.MANIFEST_SUM} "
+                                            "(the manifest was edited or damaged)")
+                    summed = True
+                    continue
+                root, _, rel = ti.name.partition("/")
+                why = mf.safe_relpath(rel) if root in mf.ROOTS else "not under raw/, preprocessed/ or results/"
+                if why is not None:
+                    raise mf.BadArchive(f"{ti.name}: escapes its root ({why}); refused")
+                if not ti.isreg():
+                    raise mf.BadArchive(f"{ti.name}: {_kind(ti)}; pack writes regular files only, refused")
+                entry = expected.get(ti.name)
+                if entry is None or ti.name in seen:
+                    raise mf.BadArchive(f"{ti.name}: {'a second copy' if entry else 'not listed in MANIFEST.json'}; refused")
+                if ti.size != entry["size"]:
+                    raise mf.BadArchive(f"{ti.name}: {ti.size} bytes, MANIFEST.json says {entry['size']}")
+                _stage_member(tar, ti, entry, None if dry_run else staging[root])
+                seen.add(ti.name)
+                p.add(ti.size)
+        if missing := [n for n in expected if n not in seen]:
+            raise mf.BadArchive(f"{missing[0]}: listed in MANIFEST.json but not in the archive"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if not summed:
+            raise mf.BadArchive(f"the archive ends before {mf.MANIFEST_SUM} (truncated)")
+    return doc
+
+
+def _place(doc: dict, roots: dict, staging: dict) -> dict:
+    counts = {"placed": 0, "same": 0, "moved_aside": []}
+    for f in sorted(doc["files"], key=lambda f: PLACE_ORDER[f["root"]]):  # stable: manifest order within
+        staged, dest = staging[f["root"]] / f["path"], Path(roots[f["root"]]) / f["path"]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(dest):
+            if not dest.is_symlink() and dest.is_file() and dest.stat().st_size == f["size"] and _sha(dest) == f["sha256"]:
+                counts["same"] += 1
+                continue
+            counts["moved_aside"].append(str(move_aside(dest, "before-unpack")))
+        try:
+            os.replace(staged, dest)
+        except OSError as e:
+            if e.errno != 18:  # EXDEV: a mount point below the root; copy beside, then rename
+                raise
+            tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+            shutil.copy2(staged, tmp)
+            os.replace(tmp, dest)
+        counts["placed"] += 1
+    return counts
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unpack(src, roots: dict, dry_run: bool = False, quiet: bool = False) -> dict:
+    """Verify the archive read from the binary stream `src`, then place it; BadArchive if anything fails
+    (then nothing is placed and no staging folder is left)."""
+    roots = {k: (Path(v).absolute() if v is not None else None) for k, v in roots.items()}
+    staging: dict = {}
+    try:
+        doc = _verify_stream(src, roots, dry_run, quiet, staging)
+        if dry_run:
+            return {"manifest": doc, "placed": 0, "same": 0, "moved_aside": []}
+        return {"manifest": doc, **_place(doc, roots, staging)}
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise mf.BadArchive(f"the archive is damaged or truncated ({type(e).__name__}: {e})") from None
+    finally:
+        for d in staging.values():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- can --c load it here? --------------------------------------------------------------------------
+def run_probe(trainer: str | None, checkpoints: list, env: dict | None = None) -> tuple[dict | None, str]:
+    """supervisor/trainer/resume_probe.py's answer: each checkpoint loaded as `--c` will, in the trainer's env."""
+    return probes.ask("resume_probe", json.dumps({"trainer": trainer, "checkpoints": checkpoints}), env)
+
+
+def _fix(error: str, here: dict) -> str:
+    if "numpy._core" in error:
+        return ("it was pickled under numpy 2, numpy here is " + str(here.get("numpy")) +
+                ": install numpy>=2 in the trainer's environment (pip install 'numpy>=2')")
+    if "weights_only" in error or "Weights only load failed" in error:
+        return (f"nnunetv2 {here.get('nnunetv2')} loads checkpoints with torch {here.get('torch')}'s default "
+                "weights_only=True: upgrade nnunetv2 (pip install 'nnunetv2>=2.6') or install torch<2.6")
+    return "--c would fail to start with this error"
+
+
+def findings(info: dict | None, why: str, source: dict | None, trainer: str | None, device: str | None,
+             ) -> list[tuple[str, str]]:
+    """(level, text) pairs: level "ok" | "warning" | "fatal", as check.Finding."""
+    if info is None:
+        return [("warning", f"could not load the resume checkpoints to test them ({why})")]
+    if info.get("import_error"):
+        return [("fatal", f"torch/nnunetv2 do not import here: {info['import_error']}")]
+    out, here = [], info["versions"]
+    for c in info.get("checkpoints", []):
+        name = Path(c["path"]).name
+        if c["error"]:
+            out.append(("fatal", f"fold {c['fold']}: {name} does not load here ({c['error']}): {_fix(c['error'], here)}"))
+        else:
+            out.append(("ok", mf.describe_resume(c["fold"], name, c)))
+    if trainer and info.get("trainer") is None and "trainer_error" in info:
+        out.append(("fatal", f"trainer class {trainer!r} is not importable here ({info['trainer_error']}): install "
+                             "the package that defines it, or point nnUNet_extTrainer at its folder"))
+    src = source or {}
+    if mf.version_tuple(src.get("numpy"))[:1] == (2,) and mf.version_tuple(here.get("numpy"))[:1] == (1,):
+        out.append(("fatal", f"packed under numpy {src['numpy']}, numpy here is {here['numpy']}: checkpoints "
+                             "fail with No module named 'numpy._core'; pip install 'numpy>=2'"))
+    if mf.version_tuple(here.get("torch")) >= (2, 6) and info.get("weights_only") is None:
+        out.append(("fatal", f"nnunetv2 {here.get('nnunetv2')} with torch {here.get('torch')}: its load_checkpoint "
+                             "uses weights_only=True and fails on nnU-Net checkpoints; pip install 'nnunetv2>=2.6'"))
+    for k in ("nnunetv2", "torch", "numpy", "python"):
+        if src.get(k) and here.get(k) and src[k] != here.get(k):
+            out.append(("ok", f"{k} {src[k]} on the source, {here[k]} here"))
+    if src.get("device") and device and src["device"].split(":")[0] != device.split(":")[0]:
+        out.append(("ok", f"device {src['device']} on the source, {device} here: normal, --c continues on it"))
+    return out
+
+
+def fold_checkpoints(results: Path, doc: dict) -> list:
+    out = []
+    for f in doc["folds"]:
+        fdir = Path(results) / f["path"]
+        ck = next((fdir / n for n in CHECKPOINT_ORDER if (fdir / n).is_file()), None)
+        if ck is not None:
+            out.append([f["fold"], str(ck)])
+    return out
+
+
+def resume_findings(cfg) -> list[tuple[str, str]]:
+    """What `check` reports: the configured fold's resume checkpoint loaded here, compared with the
+    manifest unpack left beside the fold folders (if any)."""
+    from supervisor.config import job
+
+    ck = job.resume_checkpoint(cfg)
+    if ck is None:
+        return [("ok", mf.describe_resume(cfg.training.fold, None, None))]
+    source = None
+    try:
+        source = json.loads((ck.parent.parent / SAVED_MANIFEST).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        pass
+    info, why = run_probe(cfg.training.trainer, [[cfg.training.fold, str(ck)]], job.build_env(cfg))
+    return findings(info, why, source, cfg.training.trainer, cfg.training.device)
+
+
+SAVED_MANIFEST = "cardiacseg-unpacked-manifest.json"  # beside the fold folders: what `check` compares with
+
+
+def _roots(args, cfg) -> dict:
+    env = os.environ
+    roots = {"raw": env.get("nnUNet_raw"), "preprocessed": env.get("nnUNet_preprocessed"),
+             "results": env.get("nnUNet_results")}
+    if cfg is not None:
+        roots.update(raw=cfg.paths.raw, preprocessed=cfg.paths.preprocessed, results=cfg.paths.results)
+    for k in roots:
+        if getattr(args, f"to_{k}", None):  # --to-raw / --to-preprocessed / --to-results win
+            roots[k] = getattr(args, f"to_{k}")
+    return {k: (Path(v) if v else None) for k, v in roots.items()}
+
+
+def _save_manifest(doc: dict, results: Path) -> None:
+    from supervisor.integrations.store import atomic_write
+
+    for parent in {str(Path(f["path"]).parent) for f in doc["folds"]}:
+        dest = results / parent / SAVED_MANIFEST
+        if dest.parent.is_dir():
+            atomic_write(dest, (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def cli(args, cfg) -> int:
+    """`cardiacseg-train unpack`: 0 placed and loadable, 2 refused (nothing placed) or not loadable here."""
+    name = "stdin" if args.file == "-" else args.file
+    roots = _roots(args, cfg)
+    try:
+        src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    except OSError as e:
+        print(f"cardiacseg-train unpack: {name}: {e.strerror}", file=sys.stderr)
+        return 2
+    try:
+        with src:
+            result = unpack(src, roots, dry_run=args.dry_run, quiet=args.quiet)
+    except mf.BadArchive as e:
+        print(f"cardiacseg-train unpack: {name}: refused: {e}; nothing was placed", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"cardiacseg-train unpack: {name}: cannot write {e.filename or ''}: {e.strerror or e}; "
+              "files not yet moved into place were removed", file=sys.stderr)
+        return 2
+    doc = result["manifest"]
+    n, size = len(doc["files"]), sum(f["size"] for f in doc["files"]) / 1e9
+    if args.dry_run:
+        print(f"unpack: {name}: all {n} files ({size:.2f} GB) verified; nothing written (--dry-run)")
+        return 0
+    print(f"unpack: {n} files ({size:.2f} GB) verified; {result['placed']} placed, {result['same']} already "
+          f"there and identical, {len(result['moved_aside'])} different ones moved aside")
+    for p in result["moved_aside"]:
+        print(f"unpack: moved aside {p}")
+    _save_manifest(doc, roots["results"])
+    if args.skip_load_check:
+        return 0
+    from supervisor.config import job
+    env = job.build_env(cfg) if cfg is not None else {**os.environ, **{
+        v: str(roots[k]) for k, v in (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed"),
+                                      ("results", "nnUNet_results")) if roots[k] is not None}}
+    info, why = run_probe(doc["job"].get("trainer"), fold_checkpoints(roots["results"], doc), env)
+    found = findings(info, why, doc["source"], doc["job"].get("trainer"), cfg.training.device if cfg else None)
+    for level, text in found:
+        print(f"unpack: {level}: {text}")
+    if any(level == "fatal" for level, _ in found):
+        print("unpack: the files are in place, but `--c` will fail here until the above is fixed", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,136 @@
+"""What the policy asks the adapters to do: plain frozen dataclasses, carried out by daemon/executor.py.
+
+An action whose result matters to the next decision reports it as an event (named in its docstring),
+queued like any other. `StateChanged` is the one record of a move between states: only
+policy.transition creates it, and notifications, metrics and the progress picture react to it (and to
+the other actions), never to log event names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    """The job moved from `old` to `new` (State values) because of `cause` (a Reason or an outcome)."""
+    old: str
+    new: str
+    cause: str
+    attempt: int
+    detail: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class InspectCheckpoints:
+    """Look at the fold's checkpoints (verify each when `verify`); reports CheckpointsInspected."""
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class MoveAside:
+    """Rename a checkpoint to <name>.corrupt-<time> (never delete); ActionFailed when it cannot be moved."""
+    file: str
+    why: str
+
+
+@dataclass(frozen=True)
+class RemoveStaleTemps:
+    """Delete temp files an atomic checkpoint writer left when it was killed (ours; their writer is dead)."""
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Start the trainer: `--c` when `resume` (nnU-Net then loads `resume_from`), `--val` when validate_only.
+    Reports ChildExited (exit 127) when the program cannot be started."""
+    resume_from: str | None = None
+    resume: bool = False
+    validate_only: bool = False
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """Make another trainer on this fold (not started by us) the current attempt, to stop it at its safe point."""
+    pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MeasureDisk:
+    """Measure the free space where checkpoints go; reports DiskSpace."""
+
+
+@dataclass(frozen=True)
+class SignalGroup:
+    sig: int
+
+
+@dataclass(frozen=True)
+class KillRemnants:
+    """The trainer exited: SIGKILL what is left of its attempt (its group, marked and known processes)."""
+
+
+@dataclass(frozen=True)
+class AttemptEnded:
+    """Record why the attempt ended (state.json's attempt record, the log)."""
+    attempt: int
+    reason: str
+    exit_code: int | None
+    expected: bool = True   # not a failure the supervisor restarts after
+
+
+@dataclass(frozen=True)
+class CollectExit:
+    """Close the attempt: read its last log lines and stderr evidence; reports ChildExited."""
+
+
+@dataclass(frozen=True)
+class StopLeftover:
+    """Stop a trainer a killed supervisor left behind (its whole tree), before anything starts."""
+    pgid: int
+
+
+@dataclass(frozen=True)
+class Log:
+    event: str
+    level: str = "info"
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Finish:
+    code: int
+
+
+@dataclass(frozen=True)
+class SetBatchSize:
+    """Write the plans file; reports BatchSizeSet or ActionFailed."""
+    old: int
+    new: int
+
+
+@dataclass(frozen=True)
+class SetWorkers:
+    """Record the new nnUNet_n_proc_DA (passed to the next attempt's environment)."""
+    old: int
+    new: int
+
+
+@dataclass(frozen=True)
+class Reload:
+    """Re-read config.toml; reports Reconfigured (a bad file is logged and changes nothing)."""
+
+
+@dataclass(frozen=True)
+class QuerySlurmJob:
+    """Ask SLURM for this job's JobState (`scontrol show job`); reports SlurmJobState."""
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Ask SLURM to run this job again (`scontrol requeue JOB`); reports Requeued."""
+
+
+@dataclass(frozen=True)
+class Diagnosed:
+    """The bottleneck verdict changed (diagnose.Verdict.to_json()): worth telling a person."""
+    verdict: dict

@@ -1,0 +1,268 @@
+"""The queue's decisions, as a pure function: decide_queue(q, event, now, cfg) -> (q', actions).
+
+A queue ([queue]: configurations x folds on GPU slots) runs one ordinary single-job supervisor per job;
+the queue master (daemon/queue_master.py) only starts them, watches them exit, forwards signals and keeps
+queue.json. What that means is decided here, with the same vocabulary as the single job:
+- a job's supervisor that ended with one of its own exit codes (0, 2, 3, 4) ended for the reason the code
+  says; one that died otherwise (a bug, the kernel's OOM killer) is started again after the restart
+  backoff (criteria.backoff_delay), at most CHILD_RETRIES times; its new supervisor stops the old
+  trainer by marker and continues with --c;
+- exit 0 without a finished training (its state is not target_reached/completed) is "stopped";
+- a configuration error stops the queue; a give-up stops it when [queue] on_give_up = "stop";
+- a signal means what it means to a single job (criteria.signal_meaning): SIGTERM/SIGINT stop every job
+  gracefully (forwarded; a second forces, a third kills, in each job), SIGHUP reloads every job,
+  SIGUSR1 outside SLURM is ignored;
+- `schedule` picks which pending jobs start on which free slots (a cascade fold after its lowres fold).
+Every (QState, event) pair has a rule or an explicit "ignored" in QUEUE_TABLE.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+
+from supervisor.core import criteria
+from supervisor.core.actions import Log
+from supervisor.core.exit_codes import ExitCode
+
+DONE_OUTCOMES = ("target_reached", "completed")
+CHILD_RETRIES = 3  # a job whose supervisor process itself died is started again at most this often
+
+
+@dataclass(frozen=True)
+class Job:
+    configuration: str
+    fold: object
+
+    @property
+    def key(self) -> str:
+        return f"{self.configuration}/{self.fold}"
+
+
+def jobs(cfg) -> list[Job]:
+    q = cfg.queue
+    confs = list(q.configurations) or [cfg.training.configuration]
+    folds = list(q.folds) or [cfg.training.fold]
+    # configurations in the given order, cascade stages after their lowres stage
+    confs.sort(key=lambda c: c == "3d_cascade_fullres")
+    return [Job(c, f) for c in confs for f in folds]
+
+
+def is_queue(cfg) -> bool:
+    return len(jobs(cfg)) > 1 or len(cfg.queue.gpus) > 1
+
+
+def outcome_of(code: int | None) -> str:
+    return {ExitCode.OK: "done", ExitCode.GAVE_UP: "gave_up", ExitCode.CONFIG: "config_error"}.get(code, "failed")
+
+
+def schedule(pending: list[Job], done: set[str], free_slots: list, stopping: bool,
+             queued: set[str] | None = None) -> list[tuple[Job, object]]:
+    """Which pending jobs start now on which free slots (in queue order). A cascade fold starts only once
+    its 3d_lowres fold is done, when that fold is part of the queue (`queued`: every job's key)."""
+    if stopping:
+        return []
+    queued = {p.key for p in pending} if queued is None else queued
+    out, slots = [], list(free_slots)
+    for j in pending:
+        if not slots:
+            break
+        low = Job("3d_lowres", j.fold).key
+        if j.configuration == "3d_cascade_fullres" and low in queued and low not in done:
+            continue  # its lowres stage is queued, running, or did not finish
+        out.append((j, slots.pop(0)))
+    return out
+
+
+# ---- the queue's state, events and actions ---------------------------------------------------------------
+class QState(str, enum.Enum):
+    RUNNING = "running"    # starting and watching jobs
+    STOPPING = "stopping"  # no new job starts; waiting for the running ones to end
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class Queue:
+    state: QState = QState.RUNNING
+    order: tuple = ()                                 # Job, in queue order
+    slots: tuple = (None,)                            # GPU slots (None: the machine's default)
+    status: dict = field(default_factory=dict)        # key -> pending/running/done/stopped/gave_up/...
+    slot_of: dict = field(default_factory=dict)       # running key -> slot
+    codes: dict = field(default_factory=dict)         # key -> its supervisor's last exit status
+    retries: dict = field(default_factory=dict)       # key -> times its dead supervisor was started again
+    retry_at: dict = field(default_factory=dict)      # key -> monotonic time of that start
+    stop_why: str | None = None
+
+
+@dataclass(frozen=True)
+class QStart:
+    already_done: tuple = ()      # keys whose state says target_reached/completed (a restarted service)
+
+
+@dataclass(frozen=True)
+class JobExited:
+    key: str
+    code: int | None
+    finished: bool                # its state.json says target_reached or completed
+
+
+@dataclass(frozen=True)
+class QSignalled:
+    signame: str
+    in_slurm: bool = False
+
+
+@dataclass(frozen=True)
+class QTick:
+    pass
+
+
+@dataclass(frozen=True)
+class Launch:
+    key: str
+    slot: object
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Send the signal to every running job's supervisor."""
+    signame: str
+
+
+@dataclass(frozen=True)
+class QFinish:
+    code: int
+    find_best: bool = False       # run nnUNetv2_find_best_configuration over the done jobs first
+
+
+def _launches(q: Queue) -> tuple[Queue, list]:
+    busy = set(q.slot_of.values())
+    free = [s for s in q.slots if s not in busy]
+    done = {k for k, v in q.status.items() if v == "done"}
+    pending = [j for j in q.order if q.status[j.key] == "pending" and j.key not in q.retry_at]
+    status, slot_of, acts = dict(q.status), dict(q.slot_of), []
+    for j, slot in schedule(pending, done, free, q.state != QState.RUNNING, {j.key for j in q.order}):
+        status[j.key], slot_of[j.key] = "running", slot
+        acts.append(Launch(j.key, slot))
+    return dataclasses.replace(q, status=status, slot_of=slot_of), acts
+
+
+def _maybe_finish(q: Queue, cfg) -> tuple[Queue, list]:
+    if q.slot_of or q.retry_at or (q.state == QState.RUNNING and any(v == "pending" for v in q.status.values())):
+        return q, []
+    st = set(q.status.values())
+    code = ExitCode.CONFIG if "config_error" in st else ExitCode.GAVE_UP if st & {"gave_up", "failed"} else ExitCode.OK
+    find_best = q.state == QState.RUNNING and cfg.queue.find_best_configuration
+    return dataclasses.replace(q, state=QState.DONE), [Log("queue_finished", fields={
+        "jobs": dict(q.status), "exit_code": int(code)}), QFinish(int(code), find_best)]
+
+
+def on_start(q: Queue, ev: QStart, now, cfg):
+    """skip what is done; start what fits on the slots"""
+    status = {j.key: ("done" if j.key in ev.already_done else "pending") for j in q.order}
+    acts = [Log("queue_job_skipped", fields={"job": k, "why": "already done"}) for k in ev.already_done]
+    q, more = _launches(dataclasses.replace(q, status=status))
+    q, fin = _maybe_finish(q, cfg)
+    return q, [*acts, *more, *fin]
+
+
+def on_job_exited(q: Queue, ev: JobExited, now, cfg):
+    """a job ended: its outcome; a dead job supervisor is retried after backoff; a config error (or a give-up
+    with on_give_up = "stop") stops the queue; then start what fits"""
+    slot_of, codes = dict(q.slot_of), {**q.codes, ev.key: ev.code}
+    slot_of.pop(ev.key, None)
+    status, retries, retry_at = dict(q.status), dict(q.retries), dict(q.retry_at)
+    acts: list = []
+    own = ev.code in tuple(int(c) for c in ExitCode if c != ExitCode.INTERNAL)
+    if not own and q.state == QState.RUNNING and retries.get(ev.key, 0) < CHILD_RETRIES:
+        retries[ev.key] = retries.get(ev.key, 0) + 1
+        delay = criteria.backoff_delay(retries[ev.key], cfg)
+        retry_at[ev.key] = now + delay
+        status[ev.key] = "pending"
+        acts.append(Log("queue_job_supervisor_died", "error", {"job": ev.key, "exit_code": ev.code,
+                                                               "retry": retries[ev.key], "of": CHILD_RETRIES,
+                                                               "in_s": round(delay, 1)}))
+        q = dataclasses.replace(q, status=status, slot_of=slot_of, codes=codes, retries=retries, retry_at=retry_at)
+        q, more = _launches(q)
+        return q, [*acts, *more]
+    outcome = outcome_of(ev.code)
+    if outcome == "done" and not ev.finished:
+        outcome = "stopped"  # exit 0 without a finished training: stopped or preempted
+    status[ev.key] = outcome
+    acts.append(Log("queue_job_ended", "info" if outcome in ("done", "stopped") else "error",
+                    {"job": ev.key, "exit_code": ev.code, "outcome": outcome}))
+    q = dataclasses.replace(q, status=status, slot_of=slot_of, codes=codes, retries=retries, retry_at=retry_at)
+    if q.state == QState.RUNNING and (outcome == "config_error" or (
+            outcome in ("gave_up", "failed") and cfg.queue.on_give_up == "stop")):
+        q = dataclasses.replace(q, state=QState.STOPPING, stop_why=f"{ev.key}: {outcome}")
+        acts += [Log("queue_stopping", "warning", {"why": q.stop_why, "running": sorted(slot_of)})]
+        if slot_of:
+            acts.append(Forward("SIGTERM"))
+    q, more = _launches(q)
+    q, fin = _maybe_finish(q, cfg)
+    return q, [*acts, *more, *fin]
+
+
+def on_signal(q: Queue, ev: QSignalled, now, cfg):
+    """what it means to a single job: stop every job gracefully (forwarded), reload every job, or ignore"""
+    meaning = criteria.signal_meaning(ev.signame, ev.in_slurm)
+    if meaning == "ignore":
+        return q, [Log("signal_ignored", fields={"signal": ev.signame, "why": "not inside a SLURM job"})]
+    if meaning == "reload":
+        return q, [Forward(ev.signame)] if q.slot_of else []
+    acts = [Forward(ev.signame)] if q.slot_of else []
+    if q.state == QState.RUNNING:
+        q = dataclasses.replace(q, state=QState.STOPPING, stop_why=ev.signame, retry_at={})
+        acts.insert(0, Log("queue_stopping", fields={"signal": ev.signame, "running": sorted(q.slot_of)}))
+    q, fin = _maybe_finish(q, cfg)
+    return q, [*acts, *fin]
+
+
+def on_tick(q: Queue, ev: QTick, now, cfg):
+    """a dead job's backoff is over -> start it again; start what fits"""
+    due = [k for k, t in q.retry_at.items() if now >= t]
+    if not due:
+        return _launches(q)
+    retry_at = {k: t for k, t in q.retry_at.items() if k not in due}
+    busy = set(q.slot_of.values())
+    free = [s for s in q.slots if s not in busy]
+    status, slot_of, acts = dict(q.status), dict(q.slot_of), []
+    for k in due:
+        if not free:
+            retry_at[k] = now  # waits for a slot; tried again on the next tick
+            continue
+        slot = free.pop(0)
+        status[k], slot_of[k] = "running", slot
+        acts.append(Launch(k, slot))
+    q, more = _launches(dataclasses.replace(q, status=status, slot_of=slot_of, retry_at=retry_at))
+    return q, [*acts, *more]
+
+
+@dataclass(frozen=True)
+class QIgnored:
+    why: str
+
+
+QEVENTS = (QStart, JobExited, QSignalled, QTick)
+_FINAL = QIgnored("the final decision is made: the master exits after this turn")
+QUEUE_TABLE = {
+    (QState.RUNNING, QStart): on_start,
+    (QState.RUNNING, JobExited): on_job_exited,
+    (QState.RUNNING, QSignalled): on_signal,
+    (QState.RUNNING, QTick): on_tick,
+    (QState.STOPPING, QStart): QIgnored("a queue starts RUNNING; a start while stopping cannot happen"),
+    (QState.STOPPING, JobExited): on_job_exited,
+    (QState.STOPPING, QSignalled): on_signal,
+    (QState.STOPPING, QTick): QIgnored("while stopping no job is started, not even a dead one's retry"),
+    (QState.DONE, QStart): _FINAL, (QState.DONE, JobExited): _FINAL, (QState.DONE, QSignalled): _FINAL,
+    (QState.DONE, QTick): _FINAL,
+}
+assert set(QUEUE_TABLE) == {(s, e) for s in QState for e in QEVENTS}, "every queue state x event needs an entry"
+
+
+def decide_queue(q: Queue, ev, now: float, cfg) -> tuple[Queue, list]:
+    try:
+        rule = QUEUE_TABLE[(q.state, type(ev))]
+    except KeyError:
+        raise TypeError(f"no queue rule for {q.state.value} x {type(ev).__name__}") from None
+    return (q, []) if isinstance(rule, QIgnored) else rule(q, ev, now, cfg)

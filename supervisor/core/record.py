@@ -1,0 +1,144 @@
+"""The supervisor's state record: `State` (where the job stands) and `Sup` (everything decide needs).
+
+How it works: `Sup` is a frozen dataclass; policy.decide returns a new one per event. Every time in it is
+MONOTONIC (deadlines, pause start, last progress, restart times), so a clock step never fires or delays
+a deadline. `to_json` stores them as wall-clock equivalents (readable by people and by `status`);
+`from_json` re-bases them onto the reading process's monotonic clock and rejects anything that is not a
+valid Sup with ValueError, so a damaged state.json is moved aside instead of crashing every start.
+State changes only through core/transition.py's `transition()`; the policy checks every move against
+the rule that made it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+
+from supervisor.core.classify import Reason
+
+class State(str, enum.Enum):
+    IDLE = "idle"
+    RUNNING = "running"            # an attempt: its checkpoint being chosen, then its trainer running
+    PAUSED = "paused"              # SIGSTOPped for heat
+    STOP_PENDING = "stop_pending"  # a stop is decided; waiting for the safe point
+    STOPPING = "stopping"          # SIGINT sent; SIGKILL at stop_deadline
+    BACKOFF = "backoff"            # waiting to restart (or for SetBatchSize's result)
+    COOLING = "cooling"            # stopped for heat; restart once cool
+    NO_SPACE = "no_space"          # died of a full disk; restart once there is room
+    REQUEUING = "requeuing"        # stopped for SLURM's time limit or preemption; asking SLURM to requeue
+    DONE = "done"
+    FAILED = "failed"
+
+
+TERMINAL = frozenset({State.DONE, State.FAILED})
+ACTIVE = frozenset({State.RUNNING, State.PAUSED, State.STOP_PENDING, State.STOPPING})
+DEADLINES = ("safe_deadline", "stop_deadline", "restart_at", "paused_at", "last_progress", "disk_deadline",
+             "next_disk_check", "reap_deadline", "gpu_deadline")
+DICTS = ("temps", "restart_reasons")
+
+
+@dataclass(frozen=True)
+class Sup:
+    state: State = State.IDLE
+    attempt: int = 0                       # attempts started so far
+    stop_reason: Reason | None = None      # why we are stopping it (STOP_PENDING/STOPPING)
+    safe_deadline: float | None = None     # STOP_PENDING: SIGINT at the latest then
+    stop_deadline: float | None = None     # STOPPING: SIGKILL then
+    killed: bool = False                   # SIGKILL sent to this attempt
+    stop_asked: bool = False               # a stop request arrived while a stop was already pending/underway
+    restart_at: float | None = None        # BACKOFF: spawn then (None: waiting for an action's result)
+    restart_counts: bool = True            # the coming restart counts against the crash budget
+    restart_times: tuple = ()              # monotonic times of counted restarts (intensity window)
+    consecutive_failures: int = 0
+    progress: bool = False                 # this attempt finished an epoch
+    last_reason: Reason | None = None
+    outcome: str | None = None             # final: completed / target_reached / stopped / gave_up / ...
+    message: str | None = None
+    exit_code: int | None = None
+    batch_size: int | None = None          # current, as written in the plans file
+    original_batch_size: int | None = None
+    oom_steps: int = 0
+    n_proc_da: int | None = None           # augmentation workers passed to the trainer
+    paused_at: float | None = None
+    paused_total: float = 0.0              # seconds paused for heat, all attempts
+    failed_reads: int = 0                  # thermal polls in a row without every reading
+    temps: dict = field(default_factory=dict)
+    nonfinite_streak: int = 0
+    since_best: int = 0
+    writing: bool = False                  # between an epoch's last line and the next: saves may run
+    final_phase: bool = False              # after "Training done.": final validation
+    last_progress: float | None = None     # monotonic time of the last epoch line (or the spawn)
+    epochs_this_attempt: int = 0
+    epoch_times: tuple = ()                # the last 20 epoch times (hang limit)
+    validate_only: bool = False            # the attempt runs the final validation only (--val)
+    disk_deadline: float | None = None     # NO_SPACE: give up then
+    next_disk_check: float | None = None
+    disk_needed: int | None = None
+    slurm_restarts: int | None = None      # SLURM_RESTART_COUNT of this job (None outside SLURM)
+    bottleneck: dict | None = None         # the last epoch's verdict (diagnose.Verdict.to_json())
+    resume_from: str | None = None         # the checkpoint the current attempt's --c loads
+    restarts: int = 0                      # attempts started because the previous one ended (the one count)
+    restart_reasons: dict = field(default_factory=dict)  # reason -> restarts it caused
+    exited: bool = False                   # the attempt's main process is gone; its remnants are being reaped
+    exit_after_stop: bool = False          # ... and it went after our SIGINT (so our stop explains the exit)
+    reap_deadline: float | None = None     # reaping the attempt's remnants ends then, whatever is left
+    gpu_deadline: float | None = None      # waiting for its GPU memory to be freed ends then
+    reap_overdue: bool = False             # the remnants outlived reap_deadline (logged once)
+    taking_over: bool = False              # the attempt is another trainer, stopped at its safe point for us
+
+    def to_json(self, now: float, wall: float) -> dict:
+        # shallow (asdict deep-copies every value; this runs after every epoch): only dicts are copied
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update(temps=dict(self.temps), restart_reasons=dict(self.restart_reasons),
+                 bottleneck=dict(self.bottleneck) if self.bottleneck else None)
+        d["state"] = self.state.value
+        for k in ("last_reason", "stop_reason"):
+            d[k] = getattr(self, k).value if getattr(self, k) else None
+        for k in DEADLINES:  # monotonic -> wall clock, for people and for the next process
+            d[k] = None if d[k] is None else d[k] - now + wall
+        d["restart_times"] = [t - now + wall for t in self.restart_times]
+        d["epoch_times"] = list(self.epoch_times)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, now: float, wall: float) -> "Sup":
+        """Rebuild from state.json; ValueError for anything that is not a valid Sup (moved aside)."""
+        if not isinstance(d, dict):
+            raise ValueError("'sup' is not an object")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out = {}
+        for k, v in d.items():
+            if k not in fields:
+                continue
+            default = fields[k].default if fields[k].default is not dataclasses.MISSING else {}
+            if k == "state":
+                v = State(v)
+            elif k in ("last_reason", "stop_reason"):
+                v = Reason(v) if v is not None else None
+            elif k == "resume_from":
+                if v is not None and not isinstance(v, str):
+                    raise ValueError(f"sup.{k}: expected a file name, got {v!r}")
+            elif k in ("restart_times", "epoch_times"):
+                if not isinstance(v, list) or not all(_num(x) for x in v):
+                    raise ValueError(f"sup.{k}: expected a list of numbers")
+                v = tuple(x - wall + now for x in v) if k == "restart_times" else tuple(v)
+            elif k in (*DICTS, "bottleneck"):
+                if not isinstance(v, dict) and not (k == "bottleneck" and v is None):
+                    raise ValueError(f"sup.{k}: expected an object")
+                if k == "restart_reasons" and not all(isinstance(n, int) and n >= 0 for n in v.values()):
+                    raise ValueError(f"sup.{k}: expected counts")
+            elif isinstance(default, bool):
+                if not isinstance(v, bool):
+                    raise ValueError(f"sup.{k}: expected true/false, got {v!r}")
+            elif isinstance(default, (int, float)) or default is None:
+                if v is not None and not (_num(v) or (isinstance(v, str) and k in ("outcome", "message"))):
+                    raise ValueError(f"sup.{k}: expected a number, got {v!r}")
+                if k in DEADLINES and v is not None:
+                    v = v - wall + now
+            out[k] = v
+        return cls(**out)
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -1,0 +1,148 @@
+"""Before each (re)start: is the checkpoint `--c` will load readable? If not, move it aside and fall back.
+
+How it works, without importing torch into the long-running supervisor: torch.save writes a zip archive
+(`<name>/data.pkl`, `<name>/data/0`, ...). `verify` opens it with zipfile, which needs an intact central
+directory (a truncated file fails here, exactly where torch.load fails with "PytorchStreamReader failed
+finding central directory"), and requires a data.pkl entry. An intact directory is not enough: torch.save
+writes the directory in its writer's `__exit__`, so a save interrupted by SIGINT (or a crash) leaves a
+valid zip that lacks the storages not yet written, and torch.load then fails with "PytorchStreamReader
+failed locating file data/101". So `verify` walks data.pkl with `_StorageCollector`, an Unpickler that
+never imports or calls anything real (every global is an inert stub; nothing in the pickle can run code)
+and records each persistent id ('storage', type, key, location, numel) torch writes for a tensor's
+storage; each `<name>/data/<key>` must exist with at least numel x element size bytes (the size where the
+storage type is known). Last it CRC-checks every entry (testzip), which catches flipped or zeroed bytes.
+
+Which checkpoint `--c` resumes from, and which are moved aside, is the policy's decision
+(criteria.choose_resume over what `verify` found); `stale_temp_files` lists the temp files a killed
+atomic writer left behind (config/job.py's CHECKPOINT_TEMP name, its pid no longer alive), which the
+policy has removed.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+import zlib
+from pathlib import Path
+
+from supervisor.config.job import CHECKPOINT_TEMP
+
+
+# torch's storage classes as named in a checkpoint's pickle -> bytes per element (torch 2.x's
+# _dtype_to_storage_type_map; UntypedStorage counts bytes). Others (newer dtypes) are checked for presence.
+_ELEMENT_SIZE = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
+    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
+    "ComplexDoubleStorage": 16, "ComplexFloatStorage": 8, "QInt8Storage": 1, "QInt32Storage": 4,
+    "QUInt8Storage": 1, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1, "UntypedStorage": 1,
+}
+MAX_PICKLE_BYTES = 256 << 20  # nnU-Net's data.pkl is well under 1 MiB (tensors live in data/N)
+
+
+class Stub:
+    """Stands for any class or function a pickle names: accepts every call and every state."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return Stub()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+
+class _StorageCollector(pickle.Unpickler):
+    """Loads a torch data.pkl inertly, collecting (storage class name, key, numel) per storage."""
+
+    def __init__(self, fh):
+        super().__init__(fh)
+        self.storages: list[tuple[str, str, object]] = []
+        self._stubs: dict[tuple[str, str], type] = {}
+
+    def find_class(self, module, name):
+        key = (str(module), str(name))
+        if key not in self._stubs:
+            self._stubs[key] = type("Stub", (Stub,), {"qualname": f"{key[0]}.{key[1]}"})
+        return self._stubs[key]
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            kind = getattr(pid[1], "qualname", "").rpartition(".")[2]
+            self.storages.append((kind, str(pid[2]), pid[4]))
+        return Stub()
+
+
+def _missing_storage(z: zipfile.ZipFile, pkl: str) -> str | None:
+    """What data.pkl refers to that the archive lacks, or None."""
+    info = z.getinfo(pkl)
+    if info.file_size > MAX_PICKLE_BYTES:
+        return f"{pkl} is {info.file_size} bytes, more than a checkpoint's pickle holds"
+    collector = _StorageCollector(z.open(pkl))
+    try:
+        collector.load()
+    except Exception as e:  # whatever a damaged pickle makes the unpickler raise
+        return f"{pkl} does not unpickle ({type(e).__name__}: {e})"
+    prefix = pkl[: -len("data.pkl")]
+    sizes = {i.filename: i.file_size for i in z.infolist()}
+    for kind, key, numel in collector.storages:
+        name = f"{prefix}data/{key}"
+        if name not in sizes:
+            return f"{name} is missing (the checkpoint was cut off while being written)"
+        need = numel * _ELEMENT_SIZE[kind] if kind in _ELEMENT_SIZE and isinstance(numel, int) else 0
+        if sizes[name] < need:
+            return f"{name} holds {sizes[name]} bytes, its {kind} needs {need}"
+    return None
+
+
+def verify(path: Path) -> str | None:
+    """None when the checkpoint is a complete torch archive, else what is wrong with it."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkls = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if not pkls:
+                return "no data.pkl in the archive (not a torch checkpoint)"
+            if (why := _missing_storage(z, pkls[0])) is not None:
+                return why
+            bad = z.testzip()
+            if bad is not None:
+                return f"CRC mismatch in {bad}"
+    except zipfile.BadZipFile as e:
+        return f"not a complete zip archive ({e})"
+    except (OSError, EOFError, ValueError, RuntimeError, KeyError, NotImplementedError, zlib.error) as e:
+        return f"unreadable ({e})"  # a hostile archive: bad compression method, bad deflate data, ...
+    return None
+
+
+def stale_temp_files(fold: Path) -> list[str]:
+    """Temp files the launcher's atomic checkpoint writer left when it was killed (its pid is gone): ours to
+    remove. A temp file whose writer still runs is being written and is left alone."""
+    out = []
+    try:
+        entries = list(fold.iterdir())
+    except OSError:
+        return out
+    for p in entries:
+        m = CHECKPOINT_TEMP.match(p.name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(2)), 0)
+            continue  # its writer is still alive
+        except ProcessLookupError:
+            out.append(p.name)
+        except (PermissionError, OverflowError):
+            continue
+    return sorted(out)
