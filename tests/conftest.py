@@ -1,6 +1,7 @@
 """Shared fixtures: a job folder laid out like nnU-Net's, and the supervisor run as a real process."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,18 @@ HERE = Path(__file__).parent
 REPO = HERE.parent
 FAKE = HERE / "fake_trainer.py"
 DATASET = "Dataset001_Fake"
+HAVE_NNUNET = importlib.util.find_spec("nnunetv2") is not None and importlib.util.find_spec("torch") is not None
+NNUNET_MISSING = ("nnunetv2 and torch are not installed here (`pip install -e '.[test]'` brings them): "
+                  "tests of real nnU-Net / torch skip")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `nnunet` (and every `e2e` test: real nnU-Net) skip, with the reason, where it is absent."""
+    if HAVE_NNUNET:
+        return
+    for item in items:
+        if item.get_closest_marker("nnunet") or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.skip(reason=NNUNET_MISSING))
 
 
 def toml_value(v):

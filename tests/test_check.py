@@ -54,6 +54,7 @@ def test_thermal_default_follows_the_device(job):
     assert any(f.fatal for f in out), text(out)  # on for cuda, and no NVML here
 
 
+@pytest.mark.nnunet
 def test_a_misspelt_trainer_is_fatal_with_where_it_looked_and_the_close_match(job):
     env = {"nnUNet_extTrainer": str(DEMO_TRAINERS)}
     cfg = config_mod.load(job.config(env=env, training={"trainer": "nnUNetTrainerDemoo"}))

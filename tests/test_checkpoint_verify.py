@@ -10,7 +10,7 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="torch is not installed: this module's tests use real torch checkpoints")
 import torch.serialization as ts
 
 from supervisor.core.criteria import choose_resume

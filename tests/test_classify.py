@@ -54,8 +54,8 @@ def test_sigkill_nobody_sent_is_host_oom_unless_cgroup_says_otherwise():
 def test_our_own_stop_wins_over_the_evidence():
     # the trainer dies with a KeyboardInterrupt traceback and -2 after OUR SIGINT
     tb = "Traceback (most recent call last):\nKeyboardInterrupt\n"
-    assert classify(Exit(-signal.SIGINT, tb, stop_intent="target")) == Reason.TARGET_REACHED
-    assert classify(Exit(-signal.SIGKILL, tb, stop_intent="operator", we_killed=True)) == Reason.STOPPED
+    assert classify(Exit(-signal.SIGINT, tb, stop_intent=Reason.TARGET_REACHED)) == Reason.TARGET_REACHED
+    assert classify(Exit(-signal.SIGKILL, tb, stop_intent=Reason.STOPPED, we_killed=True)) == Reason.STOPPED
 
 
 def test_config_error_beats_oom_text_in_the_same_tail():

@@ -97,4 +97,4 @@ def test_follower_reads_files_in_time_order_and_waits_for_newlines(tmp_path):
     with open(b, "a") as fh:
         fh.write("\nx: Epoch 3\n")
     assert [ln for _, ln in f.poll()] == ["x: Epoch 2", "x: Epoch 3"]
-    assert f.newest() == b
+    assert f.files()[-1] == b

@@ -106,6 +106,7 @@ STOP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.nnunet
 def test_a_requested_stop_ends_with_one_line_and_dies_by_sigint(tmp_path):
     script = tmp_path / "trainer.py"
     script.write_text(STOP_SCRIPT.format(repo=str(REPO), fold=str(tmp_path)))
@@ -136,6 +137,7 @@ def test_stop_message_without_an_epoch():
         "last checkpoint: none written by this run")
 
 
+@pytest.mark.nnunet
 def test_the_demo_trainer_seeds_its_augmentation_workers(monkeypatch):
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as tm
 

@@ -5,7 +5,7 @@ import sys
 import time
 
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="torch is not installed: this module's tests use real torch checkpoints")
 
 from conftest import REPO, wait_for
 from supervisor.integrations import checkpoints

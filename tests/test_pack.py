@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="torch is not installed: this module's tests use real torch checkpoints")
 
 from conftest import REPO
 from supervisor.commands import pack_manifest as mf

@@ -8,7 +8,7 @@ import sys
 import tarfile
 
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="torch is not installed: this module's tests use real torch checkpoints")
 
 from conftest import REPO, LoggedPopen, wait_for
 from supervisor.commands import demo

@@ -161,9 +161,9 @@ def test_daemon_notifies_ready_status_watchdog_reload_stopping(job, tmp_path):
         environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         assert not any(e.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_")) for e in environ)
         n0 = sum(1 for x in lis.drain() if "WATCHDOG" in x)
-        time.sleep(2.0)
-        pings = sum(1 for x in lis.drain() if "WATCHDOG" in x) - n0
-        assert 2 <= pings <= 6, pings  # every 0.5 s (half of WATCHDOG_USEC)
+        # pinging goes on (every half of WATCHDOG_USEC; its rate is bench's business, not a timed test's)
+        wait_for(lambda: sum(1 for x in lis.drain() if "WATCHDOG" in x) - n0 >= 3, timeout=30,
+                 what="three more WATCHDOG=1 pings")
         k = len(lis.drain())
         p.send_signal(signal.SIGHUP)
         wait_for(lambda: any("READY" in x for x in lis.drain()[k:]), timeout=10, what="READY after reload")
@@ -217,7 +217,8 @@ def test_reload_reports_keys_that_need_a_restart(job):
         text = cfg.read_text().replace("fold = 0", "fold = 1").replace('"FAKE_EPOCH_S" = "0.2"', "")
         cfg.write_text(text.replace("[environment]", '[environment]\nEXTRA = "1"'))
         p.send_signal(signal.SIGHUP)
-        time.sleep(1.5)
+        wait_for(lambda: "reload_needs_supervisor_restart" in p.log_path.read_text(), timeout=30,
+                 what="the reload's answer")
     finally:
         p.send_signal(signal.SIGTERM)
         out, _ = p.communicate(timeout=60)

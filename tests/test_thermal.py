@@ -1,9 +1,9 @@
 """Thermal guard: the pure verdict, the NVML adapter (fake at the boundary), and end to end with a
 sensor command fed from a file: paused (process state really 'T'), resumed, stopped and restarted."""
+import json
 import os
 import signal
 import sys
-import time
 from types import SimpleNamespace
 
 import psutil
@@ -243,6 +243,20 @@ def thermal_job(job, temp_file, **extra):
                                "resume_celsius": 75, "stop_celsius": 92, **extra})
 
 
+def wait_polls(job, n, timeout=30):
+    """Wait until the thermal guard has read the sensor n more times (thermal.json's "at" moved n times): an
+    event that proves time passed with the supervisor watching, instead of a sleep."""
+    seen = set()
+
+    def more():
+        try:
+            seen.add(json.loads((job.state / "thermal.json").read_text())["at"])
+        except (OSError, ValueError, KeyError):
+            pass
+        return len(seen) > n
+    wait_for(more, timeout=timeout, interval=0.02, what=f"{n} more thermal polls")
+
+
 def group_states(pgid):
     out = []
     for p in psutil.process_iter():
@@ -264,11 +278,11 @@ def test_heat_pauses_the_whole_group_cool_resumes(job, tmp_path):
         wait_for(lambda: (s := group_states(pgid)) and len(s) >= 2 and all(x == psutil.STATUS_STOPPED for x in s),
                  timeout=10, what="every process of the group stopped ('T')")
         n = len(job.state_json()["epochs"])
-        time.sleep(1.5)
+        wait_polls(job, 5)                            # 5 x 0.3 s of readings: 0.2 s epochs would have gone on
         assert len(job.state_json()["epochs"]) == n  # really not training
         assert job.state_json()["sup"]["state"] == "paused"
         temp.write_text("0 80\n")  # below pause, above resume: stays paused (hysteresis)
-        time.sleep(1.0)
+        wait_polls(job, 3)
         assert all(x == psutil.STATUS_STOPPED for x in group_states(pgid))
         temp.write_text("0 70\n")
         wait_for(lambda: len(job.state_json()["epochs"]) > n, timeout=15, what="training resumed")
@@ -290,7 +304,7 @@ def test_overheat_stops_gracefully_then_restarts_when_cool(job, tmp_path):
         wait_for(lambda: job.state_json()["sup"]["state"] == "cooling", timeout=30, what="cooling")
         a = job.state_json()["attempts"][0]
         assert a["reason"] == "thermal_stop" and a["exit_code"] == -signal.SIGINT
-        time.sleep(1.0)
+        wait_polls(job, 3)
         assert job.state_json()["sup"]["state"] == "cooling"  # 95 C: no restart yet
         temp.write_text("0 74\n")
         wait_for(lambda: len(job.state_json()["attempts"]) == 2 and job.state_json()["sup"]["state"] == "running",

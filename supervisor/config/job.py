@@ -163,9 +163,6 @@ def job_identity(cfg: Config) -> dict:
 
 
 # ---- folds as people write them -------------------------------------------------------------------------
-MAX_FOLD = 999
-
-
 def parse_folds(text: str) -> list:
     """The one fold-list parser (`run --fold`, `slurm-script --folds`, `pack --folds`): comma-separated
     folds and ranges in SLURM's array syntax ("0-4", "0,2,4", "1-3,5") or nnU-Net's fold "all".

@@ -53,11 +53,6 @@ class Reason(str, enum.Enum):
 
 RESTARTABLE = frozenset({Reason.CRASH, Reason.CUDA_OOM, Reason.HOST_OOM, Reason.CORRUPT_CHECKPOINT,
                          Reason.HANG, Reason.GPU_LOST})
-# Why WE stopped an attempt -> the reason it ended with, whatever its exit status says.
-INTENTS = {"target": Reason.TARGET_REACHED, "operator": Reason.STOPPED, "hang": Reason.HANG,
-           "diverged": Reason.DIVERGED, "plateau": Reason.PLATEAU, "thermal": Reason.THERMAL_STOP,
-           "sensor": Reason.SENSOR_LOST, "gpu_lost": Reason.GPU_LOST}
-
 # (reason, pattern) in priority order, matched against the final error of the stderr tail (`final_error`).
 SIGNATURES: list[tuple[Reason, re.Pattern]] = [
     (Reason.CONFIG_ERROR, re.compile(p)) for p in (
@@ -178,7 +173,7 @@ class Exit:
 
     returncode: int | None          # Popen convention: -N for death by signal N
     stderr_tail: str = ""
-    stop_intent: "Reason | str | None" = None  # why WE asked it to stop (a Reason, or a key of INTENTS)
+    stop_intent: "Reason | None" = None  # why WE asked it to stop (the policy's stop reason)
     we_killed: bool = False         # we sent SIGKILL (stop escalation)
     final_checkpoint: bool = False  # checkpoint_final.pth exists after the exit
     oom_kills_delta: int | None = None  # cgroup memory.events oom_kill increase, None = unknown
@@ -193,10 +188,8 @@ def match_signature(text: str) -> Reason | None:
 
 
 def classify(x: Exit) -> Reason:
-    if isinstance(x.stop_intent, Reason):
+    if x.stop_intent is not None:
         return x.stop_intent
-    if x.stop_intent in INTENTS:
-        return INTENTS[x.stop_intent]
     if x.returncode == 0 and x.final_checkpoint:
         return Reason.COMPLETED
     found = match_signature(final_error(x.stderr_tail))

@@ -29,7 +29,6 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 HEALTHY = "gpu_bound"
-KINDS = ("gpu_bound", "data_loading", "storage", "cpu_device", "thermal_throttle", "power_cap", "unknown")
 # nvmlClocksEventReasons bits (nvml.h): what lowers the clocks of a busy GPU
 THERMAL_BITS = 0x20 | 0x40            # SwThermalSlowdown, HwThermalSlowdown
 HW_SLOWDOWN, HW_POWER_BRAKE = 0x8, 0x80
@@ -45,6 +44,9 @@ class Thresholds:
     machine_busy: float = 0.90        # of all cores busy: no free core for another worker
     throttle_fraction: float = 0.50   # of GPU samples with thermal/power clock-event reasons
     gpu_busy_percent: float = 70.0    # mean GPU utilisation of a GPU-bound run
+
+
+THRESHOLDS = Thresholds()  # fixed: measured on nnU-Net's loops, not a config section
 
 
 @dataclass(frozen=True)
@@ -97,14 +99,6 @@ class Verdict:
     def from_json(cls, d: dict) -> "Verdict":
         return cls(kind=str(d.get("kind", "unknown")), figures=dict(d.get("figures") or {}),
                    knob=d.get("knob"), gain_estimate=d.get("gain_estimate"), text=str(d.get("text", "")))
-
-
-def thresholds(cfg) -> Thresholds:
-    section = getattr(cfg, "diagnose", None)
-    if section is None:
-        return Thresholds()
-    return replace(Thresholds(), **{f.name: getattr(section, f.name) for f in fields(Thresholds)
-                                    if getattr(section, f.name, None) is not None})
 
 
 def combine(profiles) -> EpochProfile:
@@ -197,7 +191,7 @@ def _data_verdict(p: EpochProfile, th: Thresholds, figs: dict) -> Verdict:
 
 def verdict(samples, cfg=None) -> Verdict:
     """The bottleneck of an EpochProfile (or of several epochs, combined); see the module's doc."""
-    th = thresholds(cfg)
+    th = THRESHOLDS
     p = samples if isinstance(samples, EpochProfile) else combine(samples)
     if not p.epoch_s or p.epoch_s <= 0 or p.data_wait_s is None:
         return Verdict("unknown", {"epoch": p.epoch}, None, None, "no epoch timing measured yet")

@@ -38,10 +38,6 @@ class LogFollower:
         except OSError:
             return []
 
-    def newest(self) -> Path | None:
-        fs = self.files()
-        return fs[-1] if fs else None
-
     def poll(self) -> list[tuple[str, str]]:
         """Return [(file name, line)] for newly completed lines, reading at most MAX_POLL_BYTES."""
         return self._poll()[0]

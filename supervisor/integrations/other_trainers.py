@@ -9,18 +9,14 @@ How it works
   supervisor of THIS state directory carry the attempt marker (proc.ATTEMPT_ENV) and are not "others":
   they are our own leftovers, which the daemon stops itself. Forked workers of a trainer share its argv:
   only the topmost matching process of a tree is reported.
-- `take_over(cfg, found, log)` stops such a trainer at its next safe point, the way the supervisor stops
-  its own: it follows the fold's training log and sends SIGINT to the trainer's process group right after
-  the next "Epoch N" / "Training done." line (written after the checkpoint saves), or after
-  stop.checkpoint_wait_seconds at the latest; SIGKILL after stop.timeout_seconds. Then `run` continues
-  with --c from the checkpoint it left.
+- Whether such a trainer is refused or taken over is the policy's decision (Start.others): `run
+  --take-over` adopts it as the current attempt and stops it at its next safe point through the one
+  STOP_PENDING path, then continues with --c.
 """
 from __future__ import annotations
 
 import os
 import re
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +24,6 @@ import psutil
 
 from supervisor.config import job
 from supervisor.integrations import proc
-from supervisor.core.training_log import parse_line
-from supervisor.integrations.log_follower import LogFollower
 
 PROGRAMS = re.compile(r"(?:^|/)(?:nnUNetv2_train|cardiacseg-train-nnunet|run_training(?:\.py)?)$")
 
@@ -98,46 +92,3 @@ def find(cfg) -> list[Other]:
 
 def describe(found: list[Other]) -> str:
     return "; ".join(f"pid {o.pid}: {o.command}" for o in found)
-
-
-def take_over(cfg, found: list[Other], log) -> None:
-    """Stop the other trainers at their next safe point (bounded), then return."""
-    follower = LogFollower(job.fold_dir(cfg))
-    for _ in follower.drain():  # only lines written from now on count
-        pass
-    deadline = time.monotonic() + cfg.stop.checkpoint_wait_seconds
-    log.warning("take_over_waiting_for_safe_point", pids=[o.pid for o in found],
-                wait_s=cfg.stop.checkpoint_wait_seconds)
-    safe = False
-    while not safe and time.monotonic() < deadline and any(psutil.pid_exists(o.pid) for o in found):
-        for _name, line in follower.poll():
-            ev = parse_line(line)
-            if ev is not None and ev[0] in ("epoch", "done"):
-                safe = True
-        time.sleep(0.2)
-    groups = set()
-    for o in found:
-        try:
-            groups.add(os.getpgid(o.pid))
-        except OSError:
-            continue
-    groups.discard(os.getpgrp())  # started with `&` from our own shell script: never signal ourselves
-    for o in found:               # ... such a trainer is stopped by its pid and its children
-        try:
-            if os.getpgid(o.pid) == os.getpgrp():
-                for p in [o.pid, *proc.descendants(o.pid)]:
-                    os.kill(p, signal.SIGINT)
-        except OSError:
-            continue
-    for g in groups:
-        proc.signal_group(g, signal.SIGINT)
-        proc.signal_group(g, signal.SIGCONT)
-    log.warning("take_over_stopping", pids=[o.pid for o in found], safe_point=safe)
-    end = time.monotonic() + cfg.stop.timeout_seconds
-    while time.monotonic() < end and any(proc.group_alive(g) for g in groups):
-        time.sleep(0.2)
-    for g in groups:
-        proc.signal_group(g, signal.SIGKILL)
-    end = time.monotonic() + 10
-    while time.monotonic() < end and any(proc.group_alive(g) for g in groups):
-        time.sleep(0.1)

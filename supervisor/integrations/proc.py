@@ -70,17 +70,6 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
-def group_members(pgid: int) -> list[int]:
-    out = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(p.pid) == pgid:
-                out.append(p.pid)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
-    return out
-
-
 def reap_zombies(skip: set[int] = frozenset()) -> list[tuple[int, int]]:
     """waitpid() our exited children (orphans reparented to us included), except pids in skip."""
     reaped = []
