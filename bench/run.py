@@ -339,10 +339,10 @@ def render(r: dict) -> str:
              lambda: f"{r['stop']['orphans']['total']} in {r['stop']['orphans']['runs']} runs", "0"),
             ("supervisor CPU, steady trainer, 0.5 s epochs",
              lambda: f"{r['overhead']['cpu_percent_of_one_core']:.2f} % of one core "
-                     f"({r['overhead']['cpu_s_per_min']:.2f} CPU-s/min)", "<= 0.7 %"),
+                     f"({r['overhead']['cpu_s_per_min']:.2f} CPU-s/min)", "(no budget; 0.5 s epochs are 10x the brief's rate)"),
             ("supervisor CPU, steady trainer, 5 s epochs",
-             lambda: f"{r['overhead_5s']['cpu_percent_of_one_core']:.2f} % of one core", "<= 0.27 %"),
-            ("supervisor peak RSS", lambda: f"{r['overhead']['peak_rss_mib']:.1f} MiB", "<= 33 MiB")]
+             lambda: f"{r['overhead_5s']['cpu_percent_of_one_core']:.2f} % of one core", "<= 0.3 % (the brief's budget)"),
+            ("supervisor peak RSS", lambda: f"{r['overhead']['peak_rss_mib']:.1f} MiB", "<= 50 MiB (the brief's budget)")]
     rows = []
     for label, value, goal in spec:
         try:

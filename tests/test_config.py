@@ -92,3 +92,24 @@ def test_cli_exit_2_without_traceback(tmp_path, cmd):
     assert "target.ema_dice" in r.stderr and str(p) in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "state").exists()  # nothing was started or created
+
+
+def test_one_fold_parser_takes_slurms_ranges_and_refuses_repeats():
+    """run --fold, slurm-script --folds and pack --folds all use config.schema.parse_folds."""
+    import pytest
+    from supervisor.commands import pack
+    from supervisor.commands.cli import build_parser
+    from supervisor.config.schema import parse_fold, parse_folds
+    assert parse_folds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_folds("1-3,5") == [1, 2, 3, 5] and parse_folds(" 0 , 2 ") == [0, 2]
+    assert parse_folds("all") == ["all"] and parse_fold("3") == 3
+    for bad, why in (("0,0", "given twice"), ("0-2,1", "given twice"), ("4-1", "backwards"), ("x", "expected"),
+                     ("0;1", "expected"), ("", "expected"), ("1000", "expected"), ("0-4", "one fold")):
+        with pytest.raises(ValueError, match=why):
+            parse_fold(bad) if why == "one fold" else parse_folds(bad)
+    assert pack.parse_folds("0-1") == [0, 1]
+    with pytest.raises(pack.PackError, match="--folds: fold 1 given twice"):
+        pack.parse_folds("1,1")
+    assert build_parser().parse_args(["run", "--config", "c", "--fold", "2"]).fold == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--config", "c", "--fold", "0-4"])

@@ -492,3 +492,23 @@ def test_no_space_waits_measures_and_gives_up_with_the_amount_needed():
     assert s3.state == State.RUNNING and isinstance(acts[-1], InspectCheckpoints)
     s4, acts = decide(s, Tick(), 1 + 600, c)
     assert s4.exit_code == ExitCode.GAVE_UP and f"{need} bytes are needed" in s4.message
+
+
+def test_state_json_is_written_for_durable_changes_only(job):
+    """A progress line alone (EpochStarted: last_progress, writing) is not worth a write; an epoch is."""
+    from supervisor.config.loader import load
+    from supervisor.daemon.loop import Daemon
+    d = Daemon(load(job.config()))
+    d.prepare()
+    try:
+        d.sup = Sup(state=State.RUNNING, attempt=1, last_progress=0.0)
+        saves = []
+        d.save = lambda: saves.append(d.sup)
+        d.post(EpochStarted(4))
+        d.pump()
+        assert saves == [] and d.sup.last_progress != 0.0
+        d.post(EpochDone(rec(4, 0.2)))
+        d.pump()
+        assert len(saves) == 1 and saves[0].epochs_this_attempt == 1
+    finally:
+        d.lock.release()

@@ -98,3 +98,19 @@ def test_follower_reads_files_in_time_order_and_waits_for_newlines(tmp_path):
         fh.write("\nx: Epoch 3\n")
     assert [ln for _, ln in f.poll()] == ["x: Epoch 2", "x: Epoch 3"]
     assert f.files()[-1] == b
+
+
+def test_a_log_created_within_the_same_folder_mtime_is_still_found(tmp_path):
+    """The folder is listed again only when its mtime moves (a stat per poll, not a glob), or every
+    RELIST_EVERY polls: a file created within the same mtime tick is found all the same."""
+    import os
+    (tmp_path / "training_log_2026_1_1_00_00_00.txt").write_text("2026-01-01 00:00:00.000000: Epoch 0\n")
+    f = LogFollower(tmp_path)
+    assert [line for _n, line in f.poll()][0].endswith("Epoch 0")
+    st = tmp_path.stat()
+    (tmp_path / "training_log_2026_1_1_00_00_09.txt").write_text("2026-01-01 00:00:09.000000: Epoch 1\n")
+    os.utime(tmp_path, ns=(st.st_atime_ns, st.st_mtime_ns))  # as if created in the same tick
+    seen = []
+    for _ in range(LogFollower.RELIST_EVERY):
+        seen += [line for _n, line in f.poll()]
+    assert [s[-7:] for s in seen] == ["Epoch 1"]

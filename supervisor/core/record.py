@@ -36,6 +36,9 @@ ACTIVE = frozenset({State.RUNNING, State.PAUSED, State.STOP_PENDING, State.STOPP
 DEADLINES = ("safe_deadline", "stop_deadline", "restart_at", "paused_at", "last_progress", "disk_deadline",
              "next_disk_check", "reap_deadline", "gpu_deadline")
 DICTS = ("temps", "restart_reasons")
+# Fields that change every few seconds and matter only to the running process: a change of these alone is
+# not worth a state.json write (the next durable change carries them along).
+VOLATILE = frozenset({"last_progress", "writing", "final_phase", "temps", "failed_reads", "next_disk_check"})
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ class Sup:
     gpu_deadline: float | None = None      # waiting for its GPU memory to be freed ends then
     reap_overdue: bool = False             # the remnants outlived reap_deadline (logged once)
     taking_over: bool = False              # the attempt is another trainer, stopped at its safe point for us
+
+    def durably_differs(self, other: "Sup") -> bool:
+        """True when a field other than the VOLATILE ones differs (state.json must be written)."""
+        return any(getattr(self, f.name) != getattr(other, f.name) for f in dataclasses.fields(self)
+                   if f.name not in VOLATILE)
 
     def to_json(self, now: float, wall: float) -> dict:
         # shallow (asdict deep-copies every value; this runs after every epoch): only dicts are copied

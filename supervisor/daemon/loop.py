@@ -181,7 +181,8 @@ class Daemon(Executor):
             self.post(ev)
         self.post(Tick())
         self.pump()
-        self.notify.status(self._summary())
+        if self.notify.enabled:  # systemd's STATUS=: only under systemd is it worth a line per turn
+            self.notify.status(self._summary())
         self.notify.watchdog()
         if self.sup.state == State.STOPPING and self.mono() >= self.next_extend:
             # keep systemd's TimeoutStopSec from running out while the trainer stops gracefully
@@ -268,14 +269,15 @@ class Daemon(Executor):
 
     def pump(self) -> None:
         """Decide on every queued event in order; actions may queue follow-ups, handled in this loop.
-        State is saved once the queue is empty (actions that must be durable first save themselves)."""
+        State is saved once the queue is empty when something durable changed (actions that must be
+        durable first save themselves)."""
         start = self.sup
         while self.events:
             ev = self.events.popleft()
             self.sup, actions = decide(self.sup, ev, self.mono(), self.cfg)
             for act in actions:
                 self.execute(act)
-        if self.sup != start:
+        if self.sup is not start and self.sup.durably_differs(start):
             self.save()
 
 

@@ -27,16 +27,31 @@ def log_sort_key(p: Path):
 class LogFollower:
     """Reads new whole lines from all training_log_*.txt files of one folder, oldest file first."""
 
+    RELIST_EVERY = 20  # polls: the folder is listed again at least this often, whatever its mtime says
+
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.offsets: dict[str, int] = {}
         self.skipping: set[str] = set()  # files whose current line is over-long: drop up to its newline
+        self._listing: tuple[int, list[Path]] | None = None  # (folder mtime_ns, files) of the last listing
+        self._polls = 0
 
     def files(self) -> list[Path]:
+        """The logs, oldest first. Listed again only when the folder changed (nnU-Net opens a new file per
+        start) or every RELIST_EVERY polls (a creation within the same mtime tick): a stat, not a glob, per
+        poll of a long run."""
+        self._polls += 1
         try:
-            return sorted(self.folder.glob("training_log_*.txt"), key=log_sort_key)
+            mtime = self.folder.stat().st_mtime_ns
         except OSError:
+            self._listing = None
             return []
+        if self._listing is None or self._listing[0] != mtime or self._polls % self.RELIST_EVERY == 0:
+            try:
+                self._listing = (mtime, sorted(self.folder.glob("training_log_*.txt"), key=log_sort_key))
+            except OSError:
+                return []
+        return self._listing[1]
 
     def poll(self) -> list[tuple[str, str]]:
         """Return [(file name, line)] for newly completed lines, reading at most MAX_POLL_BYTES."""
