@@ -75,20 +75,23 @@ def on_tick_stopping(s: Sup, ev, now, cfg):
 
 
 # ---- signals: criteria.signal_meaning says what each asks for; these rules say what it does now ----------
-def _ignored_signal(s: Sup, ev: Signalled):
-    return s, [Log("signal_ignored", fields={"signal": ev.signame, "why": "not inside a SLURM job"})]
-
-
-def on_signal_running(s: Sup, ev: Signalled, now, cfg):
-    """stop (operator) or requeue (SLURM) at the safe point; SIGHUP re-reads the config (PAUSED: SIGCONT first)"""
+def _reload_or_ignore(s: Sup, ev: Signalled):
+    """What every state does alike: SIGHUP re-reads the config, a signal that means nothing is logged."""
     meaning = criteria.signal_meaning(ev.signame, ev.in_slurm)
     if meaning == "reload":
         return s, [Reload()]
     if meaning == "ignore":
-        return _ignored_signal(s, ev)
+        return s, [Log("signal_ignored", fields={"signal": ev.signame, "why": "not inside a SLURM job"})]
+    return None
+
+
+def on_signal_running(s: Sup, ev: Signalled, now, cfg):
+    """stop (operator) or requeue (SLURM) at the safe point; SIGHUP re-reads the config (PAUSED: SIGCONT first)"""
+    if (early := _reload_or_ignore(s, ev)) is not None:
+        return early
     cont = [SignalGroup(signal.SIGCONT)] if s.state == State.PAUSED else []
     s = resumed(s, now) if s.state == State.PAUSED else s
-    preempt = meaning == "preempt"
+    preempt = criteria.signal_meaning(ev.signame, ev.in_slurm) == "preempt"
     s, acts = request_stop(s, Reason.PREEMPTED if preempt else Reason.STOPPED, now, cfg,
                            f"{ev.signame} to the supervisor" + (" (SLURM: time limit near or preemption)"
                                                                 if preempt else ""),
@@ -98,11 +101,8 @@ def on_signal_running(s: Sup, ev: Signalled, now, cfg):
 
 def on_signal_pending(s: Sup, ev: Signalled, now, cfg):
     """again while waiting: an operator/SLURM stop -> SIGINT now; our own stop -> noted, a second forces it"""
-    meaning = criteria.signal_meaning(ev.signame, ev.in_slurm)
-    if meaning == "reload":
-        return s, [Reload()]
-    if meaning == "ignore":
-        return _ignored_signal(s, ev)
+    if (early := _reload_or_ignore(s, ev)) is not None:
+        return early
     if (s.stop_reason in (Reason.STOPPED, Reason.PREEMPTED) and not s.taking_over) or s.stop_asked:
         return stop(s, s.stop_reason or Reason.STOPPED, now, cfg,
                     f"{ev.signame} again: not waiting for the checkpoint write")
@@ -115,11 +115,8 @@ def on_signal_pending(s: Sup, ev: Signalled, now, cfg):
 
 def on_signal_stopping(s: Sup, ev: Signalled, now, cfg):
     """again while stopping: after an earlier request -> SIGKILL; else noted"""
-    meaning = criteria.signal_meaning(ev.signame, ev.in_slurm)
-    if meaning == "reload":
-        return s, [Reload()]
-    if meaning == "ignore":
-        return _ignored_signal(s, ev)
+    if (early := _reload_or_ignore(s, ev)) is not None:
+        return early
     if s.killed:
         return s, []
     if not s.stop_asked and (s.stop_reason not in (Reason.STOPPED, Reason.PREEMPTED) or s.taking_over):
@@ -131,13 +128,11 @@ def on_signal_stopping(s: Sup, ev: Signalled, now, cfg):
 
 def on_signal_waiting(s: Sup, ev: Signalled, now, cfg):
     """nothing runs -> DONE (stopped); SLURM's signal -> requeue, so the wait resumes in the next run"""
-    meaning = criteria.signal_meaning(ev.signame, ev.in_slurm)
-    if meaning == "reload":
-        return s, [Reload()]
-    if meaning == "ignore":
-        return _ignored_signal(s, ev)
-    log = Log("stop_requested", fields={"signal": ev.signame, "preempt": meaning == "preempt"})
-    if meaning == "preempt":
+    if (early := _reload_or_ignore(s, ev)) is not None:
+        return early
+    preempt = criteria.signal_meaning(ev.signame, ev.in_slurm) == "preempt"
+    log = Log("stop_requested", fields={"signal": ev.signame, "preempt": preempt})
+    if preempt:
         s = dataclasses.replace(s, last_reason=Reason.PREEMPTED, restart_at=None, disk_deadline=None)
         s, acts = _on_preempted(s, cfg)
         return s, [log, *acts]
