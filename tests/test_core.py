@@ -512,3 +512,45 @@ def test_state_json_is_written_for_durable_changes_only(job):
         assert len(saves) == 1 and saves[0].epochs_this_attempt == 1
     finally:
         d.lock.release()
+
+
+def test_an_adopted_trainer_in_several_groups_is_signalled_in_each():
+    """Review finding: only the first adopted trainer's group got the SIGINT; the second kept running and the
+    take-over waited for it forever."""
+    import subprocess
+    from supervisor.daemon.attempt import Attempt
+    procs = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(2)]
+    try:
+        a = Attempt(1, procs[0].pid, 0.0, adopted=tuple(p.pid for p in procs))
+        assert not a.poll()
+        assert a.signal(signal.SIGTERM)
+        for p in procs:
+            assert p.wait(10) == -signal.SIGTERM
+        wait_for(a.poll, timeout=10, what="the adopted attempt seen as ended")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_checkpoint_that_cannot_be_moved_aside_starts_no_trainer(job, monkeypatch):
+    """Review finding: the move failed, its ActionFailed was queued, and the Spawn beside it ran anyway."""
+    from supervisor.config.loader import load
+    from supervisor.core.actions import Spawn
+    from supervisor.daemon import executor
+    from supervisor.daemon.loop import Daemon
+
+    def refuse(path, tag):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(executor, "move_aside", refuse)
+    d = Daemon(load(job.config()))
+    d.prepare()
+    try:
+        d.sup = Sup(state=State.RUNNING, attempt=1, last_progress=0.0)
+        d.execute(Spawn("checkpoint_best.pth", resume=True, move_aside=(("checkpoint_latest.pth", "truncated"),)))
+        assert d.child is None and d.attempts == []
+        assert [type(e).__name__ for e in d.events] == ["ActionFailed"] and "--c would load it" in d.events[0].message
+        d.pump()
+        assert d.sup.state == State.FAILED and d.finish_code == ExitCode.CONFIG
+    finally:
+        d.lock.release()

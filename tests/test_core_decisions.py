@@ -44,17 +44,34 @@ def test_unreadable_ones_before_the_first_good_are_moved_aside_and_the_loss_is_n
                                                        "checkpoint_latest.pth.tmp-99",), last_epoch=9,
                                                        best_epoch=6), 1, c)
     assert acts[0] == RemoveStaleTemps((".checkpoint_latest.pth.tmp-99",))
-    assert MoveAside(LATEST, "truncated") in acts and acts[-1] == Spawn(BEST, resume=True)
+    assert acts[-1] == Spawn(BEST, resume=True, move_aside=((LATEST, "truncated"),))  # moved, or no trainer
     fallback = next(a for a in acts if isinstance(a, Log) and a.event == "checkpoint_fallback")
     assert fallback.fields["epochs_lost"] == 3
 
 
 def test_the_file_the_last_attempt_died_loading_is_suspect_whatever_verify_says():
     c = cfg()
-    s = Sup(state=State.BACKOFF, attempt=1, restart_at=5.0, resume_from=LATEST, last_reason=Reason.CORRUPT_CHECKPOINT)
+    s, _ = decide(running(c), ChildExited(Exit(1, "RuntimeError: PytorchStreamReader failed reading zip archive")), 1,
+                  c)
+    assert s.last_reason == Reason.CORRUPT_CHECKPOINT and s.suspect is None      # nothing was resumed yet
+    s = Sup(state=State.BACKOFF, attempt=1, restart_at=5.0, suspect=LATEST, last_reason=Reason.CORRUPT_CHECKPOINT)
     s, _ = decide(s, Tick(), 6, c)
     s, acts = decide(s, CheckpointsInspected(((LATEST, None), (BEST, None))), 6, c)
-    assert MoveAside(LATEST, "the previous attempt died loading it") in acts and acts[-1] == Spawn(BEST, resume=True)
+    assert acts[-1] == Spawn(BEST, resume=True, move_aside=((LATEST, "the previous attempt died loading it"),))
+    assert s.suspect is None                                                     # judged once
+
+
+def test_a_supervisor_restart_never_makes_a_good_checkpoint_suspect():
+    """Review finding: a corrupt latest, resumed from best, then the supervisor killed: the next run moved the
+    good best aside as "the file the last attempt died loading" and gave up."""
+    c = cfg()
+    s = Sup(state=State.BACKOFF, attempt=1, restart_at=5.0, suspect=LATEST, last_reason=Reason.CORRUPT_CHECKPOINT)
+    s, _ = decide(s, Tick(), 6, c)
+    s, _ = decide(s, CheckpointsInspected(((LATEST, None), (BEST, None))), 6, c)  # latest aside, best resumed
+    s = Sup.from_json(s.to_json(7, 1e9), 7, 1e9)                                  # SIGKILL; a new run reads it
+    s, _ = decide(s, Start(), 8, c)
+    s, acts = decide(s, CheckpointsInspected(((BEST, None),)), 9, c)
+    assert acts[-1] == Spawn(BEST, resume=True) and s.state == State.RUNNING
 
 
 def test_nothing_readable_left_gives_up_unless_a_fresh_start_is_allowed():
@@ -64,7 +81,7 @@ def test_nothing_readable_left_gives_up_unless_a_fresh_start_is_allowed():
     assert [a for a in acts if isinstance(a, MoveAside)] == [MoveAside(LATEST, "bad"), MoveAside(BEST, "bad")]
     c = cfg(checkpoint__allow_fresh_start=True)
     s, acts = decide(starting(c), CheckpointsInspected(((LATEST, "bad"),)), 1, c)
-    assert acts[-1] == Spawn(None, resume=False) and s.state == State.RUNNING
+    assert acts[-1] == Spawn(None, resume=False, move_aside=((LATEST, "bad"),)) and s.state == State.RUNNING
 
 
 def test_the_final_validation_runs_with_val_and_without_c():
@@ -178,17 +195,37 @@ def test_a_dead_job_supervisor_is_started_again_after_backoff_and_within_its_bud
     q, acts = qp.decide_queue(q, qp.JobExited("3d_fullres/0", -9, False), 5, c)
     assert q.retry_at["3d_fullres/0"] == 15 and [a.event for a in acts if isinstance(a, Log)] == [
         "queue_job_supervisor_died"]
-    assert qp.Launch("3d_fullres/2", "0") in acts                   # the free slot is used meanwhile
+    # its slot stays its own (its trainer may still be on that GPU): nothing else starts there
+    assert not any(isinstance(a, qp.Launch) for a in acts) and q.slot_of["3d_fullres/0"] == "0"
     q, acts = qp.decide_queue(q, qp.QTick(), 10, c)
-    assert acts == []                                               # backoff not over, no slot free anyway
+    assert acts == []                                               # backoff not over
+    q, acts = qp.decide_queue(q, qp.QTick(), 15, c)
+    assert acts == [qp.Launch("3d_fullres/0", "0")]
     for n in range(qp.CHILD_RETRIES - 1):
-        q = qp.Queue(**{**q.__dict__, "retry_at": {}, "status": {**q.status, "3d_fullres/0": "running"},
-                        "slot_of": {**q.slot_of, "3d_fullres/0": "9"}})
         q, _ = qp.decide_queue(q, qp.JobExited("3d_fullres/0", -9, False), 100 + n, c)
-    q = qp.Queue(**{**q.__dict__, "retry_at": {}, "status": {**q.status, "3d_fullres/0": "running"},
-                    "slot_of": {**q.slot_of, "3d_fullres/0": "9"}})
-    q, acts = qp.decide_queue(q, qp.JobExited("3d_fullres/0", -9, False), 200, c)
+        q, _ = qp.decide_queue(q, qp.QTick(), 1000 + n, c)
+    q, acts = qp.decide_queue(q, qp.JobExited("3d_fullres/0", -9, False), 2000, c)
     assert q.status["3d_fullres/0"] == "failed" and q.retries["3d_fullres/0"] == qp.CHILD_RETRIES
+    assert qp.Launch("3d_fullres/2", "0") in acts                   # now the slot is free
+
+
+def test_a_stop_during_a_retry_backoff_ends_the_queue():
+    c = qcfg(restart__backoff_seconds=10)
+    q, _ = queue(c)
+    q, _ = qp.decide_queue(q, qp.JobExited("3d_fullres/0", -9, False), 5, c)
+    q, acts = qp.decide_queue(q, qp.QSignalled("SIGTERM"), 6, c)
+    assert q.status["3d_fullres/0"] == "failed" and qp.Forward("SIGTERM") in acts
+    q, acts = qp.decide_queue(q, qp.JobExited("3d_fullres/1", 0, False), 7, c)
+    assert q.state == qp.QState.DONE and acts[-1] == qp.QFinish(ExitCode.GAVE_UP, False)
+
+
+def test_a_cascade_fold_whose_lowres_fold_failed_is_skipped_not_waited_for_forever():
+    c = cfg(queue__folds=[0], queue__configurations=["3d_lowres", "3d_cascade_fullres"])
+    q, acts = queue(c, slots=("0",))
+    assert acts == [qp.Launch("3d_lowres/0", "0")]
+    q, acts = qp.decide_queue(q, qp.JobExited("3d_lowres/0", ExitCode.GAVE_UP, False), 1, c)
+    assert q.status["3d_cascade_fullres/0"] == "skipped" and q.state == qp.QState.DONE
+    assert acts[-1] == qp.QFinish(ExitCode.GAVE_UP, False)
 
 
 def test_a_config_error_stops_the_queue_and_the_others_are_told():
@@ -248,3 +285,36 @@ def test_status_metrics_notifications_and_the_status_line_show_the_same_restart_
     b = notices.body(kind, fields, snap)
     assert b["restarts"] == 3 and "restart 4 in" in b["message"]       # what the policy decided: the 4th
     assert "before restart 4 after crash" in summary_line(s, None, c, 300)
+
+
+def test_a_trainer_that_dies_while_a_requested_stop_waits_is_not_restarted():
+    """Review finding: SIGTERM arrived while the ended attempt was being reaped; the crash was restarted."""
+    from supervisor.core.events import Signalled
+    c = cfg()
+    s, _ = decide(running(c), TrainerExited(1), 1, c)
+    s, _ = decide(s, Signalled("SIGTERM"), 2, c)
+    s, acts = decide(s, ChildExited(Exit(1, "RuntimeError: boom")), 3, c)
+    assert s.state == State.DONE and s.outcome == "stopped"
+    ended = next(a for a in acts if type(a).__name__ == "AttemptEnded")
+    assert ended.reason == "stopped" and ended.evidence == "crash"
+
+
+def test_a_trainer_that_outlives_sigkill_is_given_up_on_not_waited_for_forever():
+    from supervisor.core.events import Signalled
+    c = cfg()
+    s, _ = decide(running(c), Signalled("SIGTERM"), 1, c)        # SIGINT
+    s, acts = decide(s, Tick(), 1 + 30, c)                       # stop.timeout_seconds: SIGKILL
+    assert SignalGroup(signal.SIGKILL) in acts and s.kill_deadline == 31 + 30
+    s2, acts = decide(s, Tick(), 60, c)
+    assert acts == [] and s2.state == State.STOPPING
+    s3, acts = decide(s, Tick(), 62, c)
+    assert s3.state == State.FAILED and "did not exit" in s3.message
+    gone, _ = decide(s, TrainerExited(-9), 40, c)                 # it did go: reaped as usual
+    assert decide(gone, Tick(), 62, c)[0].state == State.STOPPING
+
+
+def test_a_finished_fold_found_by_a_new_run_is_not_news():
+    from supervisor.integrations import notices
+    assert notices.notice_for(StateChanged("idle", "done", "target_reached", 0)) is None
+    assert notices.notice_for(StateChanged("stopping", "done", "target_reached", 3))[0] == "target_reached"
+    assert notices.notice_for(StateChanged("idle", "failed", "config_error", 0))[0] == "config_error"

@@ -41,11 +41,14 @@ class RemoveStaleTemps:
 
 @dataclass(frozen=True)
 class Spawn:
-    """Start the trainer: `--c` when `resume` (nnU-Net then loads `resume_from`), `--val` when validate_only.
-    Reports ChildExited (exit 127) when the program cannot be started."""
+    """Start the trainer: `--c` when `resume` (nnU-Net then loads `resume_from`), `--val` when validate_only,
+    after moving the unreadable checkpoints in `move_aside` ((file, why), ...) out of nnU-Net's way.
+    Reports ActionFailed (and starts nothing) when one cannot be moved, ChildExited (exit 127) when the
+    program cannot be started."""
     resume_from: str | None = None
     resume: bool = False
     validate_only: bool = False
+    move_aside: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class AttemptEnded:
     reason: str
     exit_code: int | None
     expected: bool = True   # not a failure the supervisor restarts after
+    evidence: str | None = None  # what the exit itself said, where a requested stop overrules it
 
 
 @dataclass(frozen=True)

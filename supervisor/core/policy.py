@@ -97,7 +97,7 @@ rule((S.RUNNING,), (Reconfigured,), st.on_reconfigured, to=(S.STOP_PENDING, S.ST
 rule((S.RUNNING,), (EpochDone,), st.on_epoch_done, to=(S.STOP_PENDING, S.STOPPING))
 rule((S.STOP_PENDING,), (EpochStarted, TrainingDone), st.on_safe_point, to=(S.STOPPING,))
 rule((S.STOP_PENDING,), (Tick,), st.on_tick_safe_wait, to=(S.STOPPING,))
-rule((S.STOPPING,), (Tick,), st.on_tick_stopping)
+rule((S.STOPPING,), (Tick,), st.on_tick_stopping, to=(S.FAILED,))
 rule((S.RUNNING, S.PAUSED), (Signalled,), st.on_signal_running, to=(S.STOP_PENDING, S.STOPPING))
 rule((S.STOP_PENDING,), (Signalled,), st.on_signal_pending, to=(S.STOPPING,))
 rule((S.STOPPING,), (Signalled,), st.on_signal_stopping)

@@ -86,7 +86,7 @@ class Queue:
     state: QState = QState.RUNNING
     order: tuple = ()                                 # Job, in queue order
     slots: tuple = (None,)                            # GPU slots (None: the machine's default)
-    status: dict = field(default_factory=dict)        # key -> pending/running/done/stopped/gave_up/...
+    status: dict = field(default_factory=dict)        # key -> pending/running/retrying/done/stopped/gave_up/...
     slot_of: dict = field(default_factory=dict)       # running key -> slot
     codes: dict = field(default_factory=dict)         # key -> its supervisor's last exit status
     retries: dict = field(default_factory=dict)       # key -> times its dead supervisor was started again
@@ -139,8 +139,14 @@ def _launches(q: Queue) -> tuple[Queue, list]:
     busy = set(q.slot_of.values())
     free = [s for s in q.slots if s not in busy]
     done = {k for k, v in q.status.items() if v == "done"}
-    pending = [j for j in q.order if q.status[j.key] == "pending" and j.key not in q.retry_at]
     status, slot_of, acts = dict(q.status), dict(q.slot_of), []
+    for j in q.order:  # a cascade fold whose 3d_lowres fold ended without finishing can never start
+        low = Job("3d_lowres", j.fold).key
+        if (j.configuration == "3d_cascade_fullres" and status[j.key] == "pending" and low in status
+                and status[low] not in ("pending", "running", "retrying", "done")):
+            status[j.key] = "skipped"
+            acts.append(Log("queue_job_skipped", "warning", {"job": j.key, "why": f"{low} {status[low]}"}))
+    pending = [j for j in q.order if status[j.key] == "pending"]
     for j, slot in schedule(pending, done, free, q.state != QState.RUNNING, {j.key for j in q.order}):
         status[j.key], slot_of[j.key] = "running", slot
         acts.append(Launch(j.key, slot))
@@ -178,7 +184,10 @@ def on_job_exited(q: Queue, ev: JobExited, now, cfg):
         retries[ev.key] = retries.get(ev.key, 0) + 1
         delay = criteria.backoff_delay(retries[ev.key], cfg)
         retry_at[ev.key] = now + delay
-        status[ev.key] = "pending"
+        # the slot stays the job's: its dead supervisor's trainer may still be on that GPU until the new
+        # supervisor stops it (by its marker) before starting anything
+        slot_of[ev.key] = q.slot_of.get(ev.key)
+        status[ev.key] = "retrying"
         acts.append(Log("queue_job_supervisor_died", "error", {"job": ev.key, "exit_code": ev.code,
                                                                "retry": retries[ev.key], "of": CHILD_RETRIES,
                                                                "in_s": round(delay, 1)}))
@@ -193,7 +202,7 @@ def on_job_exited(q: Queue, ev: JobExited, now, cfg):
                     {"job": ev.key, "exit_code": ev.code, "outcome": outcome}))
     q = dataclasses.replace(q, status=status, slot_of=slot_of, codes=codes, retries=retries, retry_at=retry_at)
     if q.state == QState.RUNNING and (outcome == "config_error" or (
-            outcome in ("gave_up", "failed") and cfg.queue.on_give_up == "stop")):
+            outcome != "done" and cfg.queue.on_give_up == "stop")):
         q = dataclasses.replace(q, state=QState.STOPPING, stop_why=f"{ev.key}: {outcome}")
         acts += [Log("queue_stopping", "warning", {"why": q.stop_why, "running": sorted(slot_of)})]
         if slot_of:
@@ -208,12 +217,17 @@ def on_signal(q: Queue, ev: QSignalled, now, cfg):
     meaning = criteria.signal_meaning(ev.signame, ev.in_slurm)
     if meaning == "ignore":
         return q, [Log("signal_ignored", fields={"signal": ev.signame, "why": "not inside a SLURM job"})]
+    running = [k for k in q.slot_of if k not in q.retry_at]
     if meaning == "reload":
-        return q, [Forward(ev.signame)] if q.slot_of else []
-    acts = [Forward(ev.signame)] if q.slot_of else []
+        return q, [Forward(ev.signame)] if running else []
+    acts = [Forward(ev.signame)] if running else []
     if q.state == QState.RUNNING:
-        q = dataclasses.replace(q, state=QState.STOPPING, stop_why=ev.signame, retry_at={})
-        acts.insert(0, Log("queue_stopping", fields={"signal": ev.signame, "running": sorted(q.slot_of)}))
+        # a job waiting to be retried is not started again: failed (its next run stops a leftover trainer)
+        status = {**q.status, **{k: "failed" for k in q.retry_at}}
+        slot_of = {k: v for k, v in q.slot_of.items() if k not in q.retry_at}
+        q = dataclasses.replace(q, state=QState.STOPPING, stop_why=ev.signame, retry_at={}, status=status,
+                                slot_of=slot_of)
+        acts.insert(0, Log("queue_stopping", fields={"signal": ev.signame, "running": sorted(slot_of)}))
     q, fin = _maybe_finish(q, cfg)
     return q, [*acts, *fin]
 
@@ -224,16 +238,10 @@ def on_tick(q: Queue, ev: QTick, now, cfg):
     if not due:
         return _launches(q)
     retry_at = {k: t for k, t in q.retry_at.items() if k not in due}
-    busy = set(q.slot_of.values())
-    free = [s for s in q.slots if s not in busy]
     status, slot_of, acts = dict(q.status), dict(q.slot_of), []
-    for k in due:
-        if not free:
-            retry_at[k] = now  # waits for a slot; tried again on the next tick
-            continue
-        slot = free.pop(0)
-        status[k], slot_of[k] = "running", slot
-        acts.append(Launch(k, slot))
+    for k in due:  # on the slot it kept
+        status[k] = "running"
+        acts.append(Launch(k, slot_of.get(k)))
     q, more = _launches(dataclasses.replace(q, status=status, slot_of=slot_of, retry_at=retry_at))
     return q, [*acts, *more]
 

@@ -34,7 +34,7 @@ class State(str, enum.Enum):
 TERMINAL = frozenset({State.DONE, State.FAILED})
 ACTIVE = frozenset({State.RUNNING, State.PAUSED, State.STOP_PENDING, State.STOPPING})
 DEADLINES = ("safe_deadline", "stop_deadline", "restart_at", "paused_at", "last_progress", "disk_deadline",
-             "next_disk_check", "reap_deadline", "gpu_deadline")
+             "next_disk_check", "reap_deadline", "gpu_deadline", "kill_deadline")
 DICTS = ("temps", "restart_reasons")
 # Fields that change every few seconds and matter only to the running process: a change of these alone is
 # not worth a state.json write (the next durable change carries them along).
@@ -49,6 +49,7 @@ class Sup:
     safe_deadline: float | None = None     # STOP_PENDING: SIGINT at the latest then
     stop_deadline: float | None = None     # STOPPING: SIGKILL then
     killed: bool = False                   # SIGKILL sent to this attempt
+    kill_deadline: float | None = None     # ... and it must be gone by then (else: unkillable, give up)
     stop_asked: bool = False               # a stop request arrived while a stop was already pending/underway
     restart_at: float | None = None        # BACKOFF: spawn then (None: waiting for an action's result)
     restart_counts: bool = True            # the coming restart counts against the crash budget
@@ -81,6 +82,7 @@ class Sup:
     slurm_restarts: int | None = None      # SLURM_RESTART_COUNT of this job (None outside SLURM)
     bottleneck: dict | None = None         # the last epoch's verdict (diagnose.Verdict.to_json())
     resume_from: str | None = None         # the checkpoint the current attempt's --c loads
+    suspect: str | None = None             # a checkpoint the last attempt died loading: moved aside next
     restarts: int = 0                      # attempts started because the previous one ended (the one count)
     restart_reasons: dict = field(default_factory=dict)  # reason -> restarts it caused
     exited: bool = False                   # the attempt's main process is gone; its remnants are being reaped
@@ -124,7 +126,7 @@ class Sup:
                 v = State(v)
             elif k in ("last_reason", "stop_reason"):
                 v = Reason(v) if v is not None else None
-            elif k == "resume_from":
+            elif k in ("resume_from", "suspect"):
                 if v is not None and not isinstance(v, str):
                     raise ValueError(f"sup.{k}: expected a file name, got {v!r}")
             elif k in ("restart_times", "epoch_times"):

@@ -27,7 +27,7 @@ def on_start(s: Sup, ev: Start, now, cfg):
         s = Sup(state=s.state, attempt=s.attempt, restart_times=s.restart_times,
                 consecutive_failures=s.consecutive_failures, original_batch_size=s.original_batch_size,
                 n_proc_da=s.n_proc_da, oom_steps=s.oom_steps, paused_total=s.paused_total, restarts=s.restarts,
-                restart_reasons=s.restart_reasons, resume_from=s.resume_from, last_reason=s.last_reason)
+                restart_reasons=s.restart_reasons)
     acts = [StopLeftover(ev.leftover_pgid)] if ev.leftover_pgid else []
     workers = [x for x in (s.n_proc_da, ev.n_proc_da) if x is not None]
     s = dataclasses.replace(s, slurm_restarts=ev.slurm_restarts, batch_size=ev.batch_size,
@@ -79,16 +79,16 @@ def _other_trainer(s: Sup, ev: Start, now, cfg, acts):
 
 def on_checkpoints(s: Sup, ev: CheckpointsInspected, now, cfg):
     """choose what --c loads (bad ones moved aside) -> spawn; none readable -> fresh start or FAILED"""
-    suspect = s.resume_from if s.last_reason == Reason.CORRUPT_CHECKPOINT else None
-    pick = criteria.choose_resume(ev.found, suspect)
+    pick = criteria.choose_resume(ev.found, s.suspect)
+    s = dataclasses.replace(s, suspect=None)  # judged once: the file is moved aside now
     acts: list = [RemoveStaleTemps(ev.stale_temps)] if ev.stale_temps else []
-    acts += [MoveAside(name, why) for name, why in pick.bad]
     if pick.bad and pick.resume_from is not None:
         lost = (ev.last_epoch - ev.best_epoch if "best" in pick.resume_from and ev.last_epoch is not None
                 and ev.best_epoch is not None else None)
         acts.append(Log("checkpoint_fallback", "warning", {"resume_from": pick.resume_from, "epochs_lost": lost}))
     if pick.had_any and pick.resume_from is None:
         if not cfg.checkpoint.allow_fresh_start:
+            acts += [MoveAside(name, why) for name, why in pick.bad]
             s, more = finish(s, State.FAILED, "gave_up", ExitCode.GAVE_UP,
                              "every checkpoint in the fold folder was unreadable and has been moved aside "
                              "(*.corrupt-*); set [checkpoint].allow_fresh_start = true to start again from epoch 0, "
@@ -97,8 +97,9 @@ def on_checkpoints(s: Sup, ev: CheckpointsInspected, now, cfg):
         acts.append(Log("fresh_start", "warning", {"why": "no readable checkpoint left; "
                                                           "checkpoint.allow_fresh_start = true"}))
     s = dataclasses.replace(s, resume_from=pick.resume_from)
+    # the moves travel with the Spawn: a file that cannot be moved aside means no trainer is started
     return s, acts + [Spawn(pick.resume_from, resume=pick.resume_from is not None and not s.validate_only,
-                            validate_only=s.validate_only)]
+                            validate_only=s.validate_only, move_aside=pick.bad)]
 
 
 def on_checkpoints_paused(s: Sup, ev: CheckpointsInspected, now, cfg):
@@ -173,12 +174,19 @@ def on_exit(s: Sup, ev: ChildExited, now, cfg):
     # safe point is judged on its own evidence (e.g. ENOSPC writing checkpoint_best.pth is not a target).
     ours = s.state == State.STOPPING and (s.exit_after_stop or not s.exited)
     x = dataclasses.replace(ev.exit, stop_intent=s.stop_reason if ours else None, we_killed=s.killed)
-    reason = classify(x)
+    reason = died_of = classify(x)
     if reason in (Reason.TARGET_REACHED, Reason.PLATEAU) and not ev.best_checkpoint_ok:
-        reason = Reason.CRASH  # outcome target_reached promises a complete checkpoint_best.pth
+        reason = died_of = Reason.CRASH  # outcome target_reached promises a complete checkpoint_best.pth
+    asked = s.stop_reason if s.stop_reason in (Reason.STOPPED, Reason.PREEMPTED) else (
+        Reason.STOPPED if s.stop_asked else None)
+    if asked is not None and reason not in (Reason.COMPLETED, Reason.TARGET_REACHED, Reason.PLATEAU,
+                                            Reason.DIVERGED, Reason.CONFIG_ERROR):
+        reason = asked  # someone asked for the stop: a trainer that died meanwhile is not restarted
     s = dataclasses.replace(s, last_reason=reason, stop_deadline=None, safe_deadline=None, stop_reason=None,
-                            writing=False, exited=False, reap_deadline=None, gpu_deadline=None)
-    ended = AttemptEnded(s.attempt, reason.value, x.returncode, expected=reason not in RESTARTABLE)
+                            writing=False, exited=False, reap_deadline=None, gpu_deadline=None,
+                            suspect=s.resume_from if reason == Reason.CORRUPT_CHECKPOINT else None)
+    ended = AttemptEnded(s.attempt, reason.value, x.returncode, expected=reason not in RESTARTABLE,
+                         evidence=died_of.value)
     s, acts = _after(s, reason, now, cfg)
     return s, [ended, *acts]
 

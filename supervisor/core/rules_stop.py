@@ -67,11 +67,22 @@ def on_tick_safe_wait(s: Sup, ev, now, cfg):
 
 
 def on_tick_stopping(s: Sup, ev, now, cfg):
-    """past stop.timeout_seconds -> SIGKILL"""
-    if s.killed or s.stop_deadline is None or now < s.stop_deadline:
+    """past stop.timeout_seconds -> SIGKILL; still there long after it -> FAILED (unkillable, named)"""
+    if s.killed:
+        if s.exited or s.kill_deadline is None or now < s.kill_deadline:
+            return s, []
+        return finish(s, State.FAILED, "gave_up", ExitCode.GAVE_UP,
+                      f"attempt {s.attempt}'s trainer did not exit {criteria.REAP_LIMIT_S:g} s after SIGKILL (stuck in "
+                      "uninterruptible I/O, or not ours to signal): giving up rather than waiting forever; find it "
+                      "with `ps` and the attempt's pid in state.json", "error")
+    if s.stop_deadline is None or now < s.stop_deadline:
         return s, []
-    return dataclasses.replace(s, killed=True), [Log("stop_timeout", "warning", {"timeout_s": cfg.stop.timeout_seconds}),
-                                                 SignalGroup(signal.SIGKILL)]
+    return _kill(s, now), [Log("stop_timeout", "warning", {"timeout_s": cfg.stop.timeout_seconds}),
+                           SignalGroup(signal.SIGKILL)]
+
+
+def _kill(s: Sup, now) -> Sup:
+    return dataclasses.replace(s, killed=True, kill_deadline=now + criteria.REAP_LIMIT_S)
 
 
 # ---- signals: criteria.signal_meaning says what each asks for; these rules say what it does now ----------
@@ -122,8 +133,7 @@ def on_signal_stopping(s: Sup, ev: Signalled, now, cfg):
     if not s.stop_asked and (s.stop_reason not in (Reason.STOPPED, Reason.PREEMPTED) or s.taking_over):
         return dataclasses.replace(s, stop_asked=True), [Log("stop_already_underway", fields={
             "signal": ev.signame, "hint": "send it again to kill the trainer now"})]
-    return dataclasses.replace(s, killed=True, stop_asked=True), [
-        Log("stop_escalated", "warning", {"signal": ev.signame}), SignalGroup(signal.SIGKILL)]
+    return _kill(s, now), [Log("stop_escalated", "warning", {"signal": ev.signame}), SignalGroup(signal.SIGKILL)]
 
 
 def on_signal_waiting(s: Sup, ev: Signalled, now, cfg):

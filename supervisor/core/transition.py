@@ -66,7 +66,7 @@ def start_attempt(s: Sup, now, cfg, restart: bool, validate_only: bool = False, 
         reasons[why] = reasons.get(why, 0) + 1
     s, ch = transition(s, State.RUNNING, why if restart else (cause or "start"),
                        {"attempt": s.attempt + 1, "restart": restart, "validate_only": validate_only},
-                       attempt=s.attempt + 1, stop_reason=None, killed=False, stop_asked=False,
+                       attempt=s.attempt + 1, stop_reason=None, killed=False, kill_deadline=None, stop_asked=False,
                        restart_at=None, stop_deadline=None, safe_deadline=None, progress=False,
                        restart_times=times, restart_counts=True, writing=False, final_phase=False,
                        last_progress=now, epochs_this_attempt=0, validate_only=validate_only,

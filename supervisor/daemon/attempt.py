@@ -64,13 +64,26 @@ class Attempt:
         return True
 
     def signal(self, sig: int) -> bool:
-        """Signal every process of the attempt: its group, or (sharing ours) each known process."""
-        if self.pgid != os.getpgrp():
-            return proc.signal_group(self.pgid, sig)
-        sent = False
-        for pid in [self.pid, *self.adopted, *proc.descendants(self.pid)]:
-            sent |= proc.send(pid, sig)
+        """Signal every process of the attempt: the group of each of its main processes (an adopted trainer
+        may be several, in several groups), or, where one shares the supervisor's own group, that process
+        and its descendants (never our own group)."""
+        sent, ours = False, os.getpgrp()
+        for pid in (self.pid, *self.adopted) if self.adopted else (self.pid,):
+            try:
+                group = os.getpgid(pid) if self.adopted else self.pgid
+            except OSError:
+                continue
+            if group != ours:
+                sent |= proc.signal_group(group, sig)
+            else:
+                for p in (pid, *proc.descendants(pid)):
+                    sent |= proc.send(p, sig)
         return sent
+
+    def learn(self, pids) -> None:
+        """Processes of the attempt found another way (its marker): known from now on by their start time."""
+        for pid in pids:
+            self.known.setdefault(pid, proc.process_start_time(pid))
 
     # ---- measurements ----------------------------------------------------------------------------
     def profiles(self, now: float, cfg) -> list[EpochProfiled]:
@@ -106,9 +119,9 @@ class Attempt:
         (t0, c0), (t1, c1) = self.cpu
         return max(0.0, c1 - c0) / (t1 - t0)
 
-    def remnants(self, nvml, marked: list[int]) -> Remnants:
+    def remnants(self, nvml) -> Remnants:
         """What is left of the attempt after its main process exited (for the policy's reaping rule)."""
-        alive = set(self.survivors()) | set(marked)
+        alive = set(self.survivors())
         if self.pgid != os.getpgrp() and proc.group_alive(self.pgid):
             alive.add(self.pgid)
         holders = tuple(sorted(nvml.compute_pids() & set(self.known))) if nvml is not None else ()
@@ -119,4 +132,4 @@ class Attempt:
         return {str(pid): t for pid, t in self.known.items()}
 
     def survivors(self) -> list[int]:
-        return [pid for pid, t in self.known.items() if pid != self.pid and proc.same_process(pid, t)]
+        return [pid for pid, t in self.known.items() if pid != self.pid and proc.running(pid, t)]

@@ -48,10 +48,11 @@ class Executor:
         self._publish(act)
 
     def _attempt_ended(self, act: A.AttemptEnded) -> None:
-        if self.attempts:
+        if self.attempts and self.attempts[-1].get("n") == act.attempt:  # none when stopped before its start
             self.attempts[-1]["reason"] = act.reason
+        extra = {"evidence": act.evidence} if act.evidence not in (None, act.reason) else {}
         getattr(self.log, "info" if act.expected else "warning")(
-            "attempt_ended", attempt=act.attempt, reason=act.reason, exit_code=act.exit_code)
+            "attempt_ended", attempt=act.attempt, reason=act.reason, exit_code=act.exit_code, **extra)
 
     def _finish(self, act: A.Finish) -> None:
         self.finish_code = int(act.code)
@@ -73,7 +74,8 @@ class Executor:
         if a is None:
             return
         a.signal(signal.SIGKILL)  # the trainer is gone; what is left of it is useless and may hold GPU memory
-        for pid in a.survivors() + proc.marked_processes(self.cfg.paths.state_dir, a.n):
+        a.learn(proc.marked_processes(self.cfg.paths.state_dir, a.n))  # one scan: then known by start time
+        for pid in a.survivors():
             proc.kill_pid(pid)
 
     def _stop_leftover(self, act: A.StopLeftover) -> None:
@@ -82,6 +84,9 @@ class Executor:
                             self.cfg.stop.timeout_seconds, self.log)
 
     def _spawn(self, act: A.Spawn) -> None:
+        for name, why in act.move_aside:
+            if not self._move_aside(A.MoveAside(name, why)):
+                return  # ActionFailed is queued: no trainer may load what could not be moved away
         n = self.sup.attempt
         last = self.history.last()
         rec = {"n": n, "argv": None, "started_at": self.wall(), "ended_at": None, "exit_code": None,
@@ -120,6 +125,15 @@ class Executor:
         self._publish(act)
 
     def _adopt(self, act: A.Adopt) -> None:
+        for pid in act.pids:
+            try:
+                os.kill(pid, 0)
+            except PermissionError:
+                self.post(ActionFailed("Adopt", f"cannot take over pid {pid}: it belongs to another user and "
+                                                "cannot be signalled; stop it yourself, then start again"))
+                return
+            except ProcessLookupError:
+                pass  # gone already: seen as its exit
         n = self.sup.attempt
         self.child = Attempt(n, act.pids[0], self.mono(), adopted=act.pids, nvml=self.nvml)
         self.attempts.append({"n": n, "argv": None, "started_at": self.wall(), "ended_at": None, "exit_code": None,
@@ -167,16 +181,17 @@ class Executor:
                                        last_epoch=last.epoch if last else None,
                                        best_epoch=best[-1] if best else None))
 
-    def _move_aside(self, act: A.MoveAside) -> None:
+    def _move_aside(self, act: A.MoveAside) -> bool:
         path = job.fold_dir(self.cfg) / act.file
         try:
             dest = move_aside(path, "corrupt")
         except OSError as e:
             self.post(ActionFailed("MoveAside", f"could not move the unreadable {path} aside ({act.why}): "
                                                 f"{e.strerror or e}; --c would load it"))
-            return
+            return False
         self.log.error("checkpoint_moved_aside", file=act.file, moved_to=str(dest), why=act.why)
         self._record_change("checkpoint", act.file, str(dest), why=act.why)
+        return True
 
     def _remove_stale_temps(self, act: A.RemoveStaleTemps) -> None:
         for name in act.files:

@@ -239,7 +239,7 @@ class Daemon(Executor):
             self.post(TrainerExited(a.returncode))
             return
         proc.reap_zombies(skip={a.pid, self.guard.pid if self.guard else None})
-        self.post(a.remnants(self.nvml, proc.marked_processes(self.cfg.paths.state_dir, a.n)))
+        self.post(a.remnants(self.nvml))
 
     def _poll_log(self) -> None:
         for _name, line in self.follower.poll():

@@ -25,7 +25,8 @@ def notice_for(item) -> tuple[str, dict] | None:
         if item.new == "failed":
             kind = _INTO_FAILED.get(item.cause)
         elif item.new == "done":
-            kind = _INTO_DONE.get(item.cause)
+            # a new run that finds the fold already finished is not news (it was told when it finished)
+            kind = None if item.old == "idle" else _INTO_DONE.get(item.cause)
         elif item.new == "backoff":
             kind = item.cause if item.cause in ("hang", "cuda_oom") else "crash"
         else:
