@@ -75,7 +75,7 @@ def test_sigkill_mid_epoch_resumes_with_c_to_completion(workdir):
                  what="two epochs")
         # now in epoch 2: let it get going, then kill the trainer's main process as the OOM killer would
         # ... and past its first lines: the trainer is in the middle of epoch 2's iterations
-        wait_for(lambda: any(re.search(r"Epoch 2\n.*Current learning rate", f.read_text())
+        wait_for(lambda: any(re.search(r"Epoch 2 *\n.*Current learning rate", f.read_text())
                              for f in fold(workdir).glob("training_log_*.txt")), timeout=60, what="epoch 2 going")
         first = state(workdir)["attempts"][0]
         os.kill(first["pid"], signal.SIGKILL)
