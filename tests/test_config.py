@@ -113,3 +113,15 @@ def test_one_fold_parser_takes_slurms_ranges_and_refuses_repeats():
     assert build_parser().parse_args(["run", "--config", "c", "--fold", "2"]).fold == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--config", "c", "--fold", "0-4"])
+
+
+def test_queue_folds_take_slurms_range_syntax_too(tmp_path):
+    import pytest
+    from supervisor.config.loader import ConfigError, parse
+    base = {"training": {"dataset": "D"}, "paths": {"preprocessed": "/p", "results": "/r"}}
+    cfg = parse({**base, "queue": {"folds": "0-2,4"}}, tmp_path / "c.toml", env={})
+    assert cfg.queue.folds == (0, 1, 2, 4)
+    assert parse({**base, "queue": {"folds": [0, 1]}}, tmp_path / "c.toml", env={}).queue.folds == (0, 1)
+    with pytest.raises(ConfigError, match=r'queue.folds: expected folds as a list, or a string like "0-4" '
+                                          r'\(fold 1 given twice'):
+        parse({**base, "queue": {"folds": "0-2,1"}}, tmp_path / "c.toml", env={})

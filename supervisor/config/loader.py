@@ -110,6 +110,7 @@ def parse(raw: dict, path: Path, env: Mapping[str, str] | None = None) -> Config
             elif m["check"] and (why := m["check"](value)):
                 problems.append(f"{section}.{name}: expected {why}, got {value!r}")
             else:
+                value = m["convert"](value) if m["convert"] else value
                 given[section][name] = tuple(value) if isinstance(value, list) else value
     base = path.parent
 

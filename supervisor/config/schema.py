@@ -26,10 +26,11 @@ LIMIT = 1e9                    # finite upper bound for durations and counts: in
 
 
 def key(default, check: Callable[[Any], str | None] | None = None, doc: str = "", *, types=NUMBER,
-        reload: str = LIVE, default_doc: str | None = None):
-    """Declare one config key (a dataclass field carrying its schema in metadata)."""
+        reload: str = LIVE, default_doc: str | None = None, convert: Callable[[Any], Any] | None = None):
+    """Declare one config key (a dataclass field carrying its schema in metadata); `convert` turns a checked
+    value into what the program uses (e.g. "0-4" into the folds 0..4)."""
     meta = {"check": check, "doc": doc, "types": types, "reload": reload, "default_doc": default_doc,
-            "required": default is REQUIRED}
+            "required": default is REQUIRED, "convert": convert}
     if default is REQUIRED:
         default = None
     return dataclasses.field(default=default, metadata=meta)
@@ -261,12 +262,24 @@ def _str_or_int_list(v):
         "a list of integers or strings"
 
 
+def _folds(v):
+    """A list of folds, or one string in the command line's syntax ("0-4", "0,2,4", "all")."""
+    if isinstance(v, str):
+        try:
+            parse_folds(v)
+        except ValueError as e:
+            return f"folds as a list, or a string like \"0-4\" ({e})"
+        return None
+    return next((fold(x) for x in v if fold(x)), None) or (
+        None if len(set(map(str, v))) == len(v) else "a list without repeats")
+
+
 @dataclass(frozen=True)
 class Queue:
-    folds: tuple = key((), lambda v: next((fold(x) for x in v if fold(x)), None) or
-                       (None if len(set(map(str, v))) == len(v) else "a list without repeats"),
-                       "folds to train, one job each (with every configuration below)", types=list,
-                       reload=RESTART, default_doc="`training.fold` alone")
+    folds: tuple = key((), _folds, "folds to train, one job each (with every configuration below): a list, or "
+                       "SLURM's range syntax as a string (\"0-4\")", types=(list, str), reload=RESTART,
+                       default_doc="`training.fold` alone",
+                       convert=lambda v: tuple(parse_folds(v)) if isinstance(v, str) else tuple(v))
     configurations: tuple = key((), lambda v: str_list(v) or (None if len(set(v)) == len(v) else
                                 "a list without repeats"),
                                 "configurations to train (a cascade waits for its 3d_lowres fold)", types=list,
