@@ -99,7 +99,7 @@ def test_one_fold_parser_takes_slurms_ranges_and_refuses_repeats():
     import pytest
     from supervisor.commands import pack
     from supervisor.commands.cli import build_parser
-    from supervisor.config.schema import parse_fold, parse_folds
+    from supervisor.config.folds import parse_fold, parse_folds
     assert parse_folds("0-4") == [0, 1, 2, 3, 4]
     assert parse_folds("1-3,5") == [1, 2, 3, 5] and parse_folds(" 0 , 2 ") == [0, 2]
     assert parse_folds("all") == ["all"] and parse_fold("3") == 3

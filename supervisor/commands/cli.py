@@ -102,7 +102,7 @@ def cmd_slurm_script(args) -> int:
     cfg = _load(args.config)
     folds = []
     if args.folds:
-        from supervisor.config.schema import parse_folds
+        from supervisor.config.folds import parse_folds
         try:
             folds = parse_folds(args.folds)
         except ValueError as e:
@@ -127,7 +127,7 @@ def cmd_slurm_script(args) -> int:
 
 
 def _fold_value(text: str):
-    from supervisor.config.schema import parse_fold
+    from supervisor.config.folds import parse_fold
     try:
         return parse_fold(text)
     except ValueError as e:

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 
 from supervisor.commands import pack_manifest as mf
 from supervisor.integrations.checkpoints import verify
-from supervisor.config import schema
+from supervisor.config import folds as fold_lists
 from supervisor.config.job import CHECKPOINT_ORDER
 
 
@@ -101,7 +101,7 @@ def spec_from_env(dataset: str, configuration: str, folds: list, trainer: str, p
 
 def parse_folds(text: str) -> list:
     try:
-        return schema.parse_folds(text)
+        return fold_lists.parse_folds(text)
     except ValueError as e:
         raise PackError(f"--folds: {e}") from None
 

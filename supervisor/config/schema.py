@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from supervisor.config.folds import parse_folds
 from typing import Any, Callable, Mapping
 
 LIVE = "live"                  # at once: thresholds read by the decision function at every event
@@ -91,37 +92,6 @@ def fold(v):
     if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1000):
         return None
     return 'an integer >= 0 or "all"'
-
-
-# ---- folds as people write them on the command line: the one parser -----------------------------------
-def parse_folds(text: str) -> list:
-    """The one fold-list parser (`run --fold`, `slurm-script --folds`, `pack --folds`): comma-separated
-    folds and ranges in SLURM's array syntax ("0-4", "0,2,4", "1-3,5") or nnU-Net's fold "all".
-    ValueError names what is wrong; a fold given twice is refused."""
-    out: list = []
-    for part in (p.strip() for p in str(text).split(",")):
-        if part == "all":
-            out.append("all")
-            continue
-        m = re.fullmatch(r"(\d{1,3})(?:-(\d{1,3}))?", part, re.ASCII)
-        if not m:
-            raise ValueError(f"expected folds like 0,1,2 or 0-4 (or all), got {text!r}")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise ValueError(f"the range {part} runs backwards")
-        out += range(lo, hi + 1)
-    dup = sorted({str(f) for f in out if out.count(f) > 1})
-    if dup:
-        raise ValueError(f"fold {', '.join(dup)} given twice in {text!r}")
-    return out
-
-
-def parse_fold(text: str):
-    """Exactly one fold (an array task's --fold): an integer or "all"."""
-    folds = parse_folds(text)
-    if len(folds) != 1:
-        raise ValueError(f"expected one fold, got {text!r}")
-    return folds[0]
 
 
 def gpu_list(v):
