@@ -314,8 +314,9 @@ def test_array_of_three_folds_one_task_preempted(cluster, job, capsys):
 
 def test_a_real_time_limit_is_survived_by_requeue(cluster, job, capsys):
     """--time=1: SLURM itself sends SIGUSR1 (its time-limit check runs every ~30 s, so within the first
-    half minute of each run); the work needs more than one run, each run continues with --c."""
-    cfg_path = slurm_config(job, env={"FAKE_EPOCH_S": "1.5", "FAKE_EPOCHS": "16"}, training={"expected_epochs": 16})
+    half minute of each run, later on a busy node); the work (16 x 4 s) is longer than the limit, so it
+    needs more than one run however late SLURM's check comes, and each run continues with --c."""
+    cfg_path = slurm_config(job, env={"FAKE_EPOCH_S": "4", "FAKE_EPOCHS": "16"}, training={"expected_epochs": 16})
     t0 = time.monotonic()
     jid, text = submit(cluster, job, cfg_path, "--time", "1", "--cpus-per-task", "1")
     assert "#SBATCH --time=1" in text
