@@ -17,7 +17,8 @@ and writes bench/results/bench-<time>.json.
 4. stop latency: SIGTERM to the supervisor -> every training process gone; orphans left (goal 0).
 5. overhead: the supervisor's CPU seconds per minute and peak RSS with a steady trainer; real nnU-Net
    median epoch time with the supervisor (default launcher, checkpoint every epoch) / without it (plain
-   nnUNetv2_train), measured in the same run.
+   nnUNetv2_train), measured in the same run. Long run: the supervisor's CPU per epoch over the first and
+   the last 500 of 10,000 fast epochs (flat: the per-epoch cost does not grow with the run).
 6. lost work: real nnU-Net, SIGKILL in the middle of epoch 4 of a run whose EMA stopped improving after
    epoch 1 (a plateau): epochs redone after the restart, default launcher vs plain nnUNetv2_train.
 """
@@ -221,6 +222,54 @@ def bench_overhead(root: Path, seconds: float, epoch_s: float = 0.5) -> dict:
             "epochs_per_min_of_trainer": 60 / epoch_s, "cpu_percent_of_one_core": cpu / (t1 - t0) * 100}
 
 
+# ---- 5c. cost flat in the run's length -----------------------------------------------------------------
+def _last_epoch(path: Path) -> int:
+    """The last epoch in epochs.jsonl, read from its end (this probe must stay cheap itself)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - 512))
+            tail = fh.read().splitlines()
+        return json.loads(tail[-1])["epoch"] if tail else -1
+    except (OSError, ValueError, KeyError, IndexError):
+        return -1
+
+
+def bench_long_run(root: Path, epochs: int = 10000, window: int = 500, epoch_s: float = 0.01) -> dict:
+    """The supervisor's CPU per epoch over the first and the last `window` of `epochs` fast epochs."""
+    import psutil
+    job = fresh(root, "long-run")
+    cfg = job.config(env={"FAKE_EPOCHS": str(epochs), "FAKE_EPOCH_S": str(epoch_s), "FAKE_SAVE_EVERY": "1000000",
+                          "FAKE_DICE_STEP": "0.00001"},
+                     training={"expected_epochs": epochs}, target={"ema_dice": 0.99999})
+    p = job.start(cfg)
+    marks = {}
+    want = [window, epochs - window, epochs - 1]
+    try:
+        sp = psutil.Process(p.pid)
+        el = job.state / "epochs.jsonl"
+        t0 = time.monotonic()
+        c_start = None
+        while want and time.monotonic() - t0 < 3600 and p.poll() is None:
+            e = _last_epoch(el)
+            if c_start is None and e >= 0:
+                c = sp.cpu_times()
+                c_start = (e, c.user + c.system)
+            while want and e >= want[0]:
+                c = sp.cpu_times()
+                marks[want.pop(0)] = (e, c.user + c.system)
+            time.sleep(0.02)
+        hwm = int(next(ln for ln in Path(f"/proc/{p.pid}/status").read_text().splitlines()
+                       if ln.startswith("VmHWM")).split()[1])
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=120)
+    (e0, c0), (e1, c1) = c_start, marks[window]
+    (e2, c2), (e3, c3) = marks[epochs - window], marks[epochs - 1]
+    early, late = (c1 - c0) / max(1, e1 - e0), (c3 - c2) / max(1, e3 - e2)
+    return {"epochs": epochs, "window": window, "early_ms_per_epoch": early * 1000, "late_ms_per_epoch": late * 1000,
+            "late_over_early": late / early if early else None, "peak_rss_mib": hwm / 1024}
+
+
 # ---- 5b/6. real nnU-Net on the CPU ------------------------------------------------------------------------
 def real_root(root: Path, prepared: Path, name: str) -> Path:
     d = root / name
@@ -300,7 +349,8 @@ def main() -> int:
              ("heat", lambda: bench_heat(root, max(5, args.runs), 1.0)),
              ("stop", lambda: bench_stop(root, max(3, args.runs // 2))),
              ("overhead", lambda: bench_overhead(root, 60)),
-             ("overhead_5s", lambda: bench_overhead(root, 60, epoch_s=5.0))]
+             ("overhead_5s", lambda: bench_overhead(root, 60, epoch_s=5.0)),
+             ("long_run", lambda: bench_long_run(root))]
     if not args.quick:
         prepared = root / "prepared"
         demo.make_dataset(prepared / "raw")
@@ -342,7 +392,11 @@ def render(r: dict) -> str:
                      f"({r['overhead']['cpu_s_per_min']:.2f} CPU-s/min)", "(no budget; 0.5 s epochs are 10x the brief's rate)"),
             ("supervisor CPU, steady trainer, 5 s epochs",
              lambda: f"{r['overhead_5s']['cpu_percent_of_one_core']:.2f} % of one core", "<= 0.3 % (the brief's budget)"),
-            ("supervisor peak RSS", lambda: f"{r['overhead']['peak_rss_mib']:.1f} MiB", "<= 50 MiB (the brief's budget)")]
+            ("supervisor peak RSS", lambda: f"{r['overhead']['peak_rss_mib']:.1f} MiB", "<= 50 MiB (the brief's budget)"),
+            ("supervisor CPU per epoch, first / last 500 of 10,000",
+             lambda: f"{r['long_run']['early_ms_per_epoch']:.2f} / {r['long_run']['late_ms_per_epoch']:.2f} ms "
+                     f"(x{r['long_run']['late_over_early']:.2f}; peak RSS {r['long_run']['peak_rss_mib']:.1f} MiB)",
+             "flat: x <= 1.2")]
     rows = []
     for label, value, goal in spec:
         try:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.integrations.store import StateStore
+
 HERE = Path(__file__).parent
 REPO = HERE.parent
 FAKE = HERE / "fake_trainer.py"
@@ -19,7 +21,6 @@ HAVE_NNUNET = importlib.util.find_spec("nnunetv2") is not None and importlib.uti
 NNUNET_MISSING = ("nnunetv2 and torch are not installed here (`pip install -e '.[test]'` brings them): "
                   "tests of real nnU-Net / torch skip")
 
-
 def pytest_collection_modifyitems(config, items):
     """Tests marked `nnunet` (and every `e2e` test: real nnU-Net) skip, with the reason, where it is absent."""
     if HAVE_NNUNET:
@@ -27,7 +28,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("nnunet") or item.get_closest_marker("e2e"):
             item.add_marker(pytest.mark.skip(reason=NNUNET_MISSING))
-
 
 def toml_value(v):
     if isinstance(v, str):
@@ -38,7 +38,6 @@ def toml_value(v):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)
 
-
 def write_config(path: Path, sections: dict) -> Path:
     out = []
     for sec, body in sections.items():
@@ -47,7 +46,6 @@ def write_config(path: Path, sections: dict) -> Path:
         out.append("")
     path.write_text("\n".join(out))
     return path
-
 
 class LoggedPopen(subprocess.Popen):
     """The supervisor as a child whose output goes to a file: a pipe nobody reads until the end fills up
@@ -62,7 +60,6 @@ class LoggedPopen(subprocess.Popen):
         self.wait(timeout)
         self._log.close()
         return self.log_path.read_text(), None
-
 
 class Job:
     """A tmp folder with nnUNet_preprocessed/<dataset>/nnUNetPlans.json and nnUNet_results."""
@@ -100,7 +97,7 @@ class Job:
         return write_config(self.root / "config.toml", base)
 
     def state_json(self) -> dict:
-        return json.loads((self.state / "state.json").read_text())
+        return StateStore(self.state).read() or {}
 
     def wait_epochs(self, n: int, timeout: float = 60) -> None:
         """Wait until the supervisor has recorded at least n epochs in state.json."""
@@ -123,11 +120,9 @@ class Job:
             raise AssertionError(f"supervisor did not finish in {timeout}s:\n{out[-5000:]}")
         return p.returncode, out
 
-
 @pytest.fixture
 def job(tmp_path) -> Job:
     return Job(tmp_path)
-
 
 def wait_for(pred, timeout=30.0, interval=0.05, what="condition"):
     deadline = time.monotonic() + timeout

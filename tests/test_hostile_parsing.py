@@ -221,3 +221,25 @@ def test_fuzz_parse_assemble_history_and_follower(tmp_path):
         assert_sane(rec)
     # every line under the cap came through once; the over-long ones were skipped
     assert seen == sum(len(ln) <= MAX_LINE_BYTES for ln in lines)
+
+
+def test_trainer_output_without_newlines_costs_constant_memory(tmp_path):
+    """A trainer printing 64 MiB without a newline (then one): the supervisor keeps at most one cut line
+    per stream, says once that it was cut, and the attempt log still has every byte."""
+    from supervisor.daemon.trainer_output import TRUNCATED, TrainerOutput
+    from supervisor.core.training_log import MAX_LINE_BYTES
+
+    out = TrainerOutput(tmp_path / "a.log", reserve_bytes=0)
+    chunk = b"x" * 65536
+    got = []
+    for _ in range(1024):
+        got += out.feed("stdout", chunk)
+        assert len(out.partial["stdout"]) <= MAX_LINE_BYTES
+    got += out.feed("stdout", b"tail\nnext line\npart")
+    got += out.end("stdout")
+    out.close()
+    assert [len(t) for _, t in got[:1]] == [MAX_LINE_BYTES + len(TRUNCATED)]
+    assert [t for _, t in got[1:]] == ["next line", "part"]
+    assert (tmp_path / "a.log").stat().st_size == 1024 * 65536 + len(b"tail\nnext line\npart")
+    long_lines = TrainerOutput(tmp_path / "b.log", reserve_bytes=0).feed("stderr", b"y" * 20000 + b"\nok\n")
+    assert [len(t) for _, t in long_lines] == [MAX_LINE_BYTES + len(TRUNCATED), 2]

@@ -7,6 +7,7 @@ import sys
 
 from conftest import REPO, wait_for
 from supervisor.core.queue_policy import Job, schedule
+from supervisor.integrations.store import StateStore
 
 
 def test_schedule_fills_free_slots_in_order_and_a_cascade_waits_for_its_lowres_fold():
@@ -79,8 +80,8 @@ def test_sigterm_stops_every_job_gracefully_and_a_restart_resumes(job):
     p = job.start(cfg)
     try:
         wait_for(lambda: all((job.state / "jobs" / f"3d_fullres-fold_{f}" / "state.json").exists() and
-                             json.loads((job.state / "jobs" / f"3d_fullres-fold_{f}" / "state.json").read_text())
-                             ["epochs"] for f in (0, 1)), timeout=60, what="both jobs training")
+                             (StateStore(job.state / "jobs" / f"3d_fullres-fold_{f}").read() or {}).get("epochs")
+                             for f in (0, 1)), timeout=60, what="both jobs training")
         p.send_signal(signal.SIGTERM)
         out, _ = p.communicate(timeout=90)
     finally:

@@ -21,6 +21,7 @@ import pytest
 from conftest import DATASET, FAKE, REPO, Job, wait_for, write_config
 from supervisor.config import job as job_mod
 from supervisor.integrations import slurm
+from supervisor.integrations.store import StateStore
 from supervisor.config.loader import load
 from supervisor.commands.status import gather, render
 
@@ -224,7 +225,7 @@ def show(conf: str, spec: str) -> dict:
 
 def state(d: Path) -> dict:
     try:
-        return json.loads((d / "state.json").read_text())
+        return StateStore(d).read() or {}
     except (OSError, ValueError):
         return {}
 

@@ -137,14 +137,29 @@ def _json_float(v):
 
 
 class History:
-    """Epoch records of the current lineage, with nnU-Net's EMA."""
+    """Epoch records of the current lineage, with nnU-Net's EMA.
+
+    Records are kept in epoch order (epochs only ever arrive in increasing order, or rewind), and the best
+    EMA and the last epoch are kept up to date as records arrive: adding an epoch costs the same at epoch
+    10,000 as at epoch 1. Only a rewind (a resume from an earlier checkpoint) walks the records."""
 
     def __init__(self, records: list[EpochRecord] | None = None):
-        self.records: dict[int, EpochRecord] = {r.epoch: r for r in (records or [])}
+        self.records: dict[int, EpochRecord] = {}
+        for r in sorted(records or [], key=lambda r: r.epoch):
+            self.records[r.epoch] = r
+        self._recount()
+
+    def _recount(self) -> None:
+        emas = [(r.ema, r.epoch) for r in self.records.values() if not math.isnan(r.ema)]
+        self._best = max(v for v, _ in emas) if emas else None
+        self._best_epoch = max((e for e, r in self.records.items() if r.new_best), default=None)
+        self._last = max(self.records) if self.records else None
 
     def add(self, rec: EpochRecord) -> EpochRecord:
-        for e in [e for e in self.records if e >= rec.epoch]:  # a resume rewound: drop the future
-            del self.records[e]
+        if self._last is not None and rec.epoch <= self._last:  # a resume rewound: drop the future
+            for e in [e for e in self.records if e >= rec.epoch]:
+                del self.records[e]
+            self._recount()
         rec.mean_fg_dice = nanmean(rec.dice)
         prev = self.records.get(rec.epoch - 1)
         if prev is not None:
@@ -158,20 +173,35 @@ class History:
             # nnU-Net: ema = value when its ema list is empty (epoch 0). A record with no predecessor
             # later than 0 means we never saw the earlier epochs; the same formula is the best guess.
             rec.ema = rec.mean_fg_dice
-        best = self.best_ema()
+        best = self._best
         rec.new_best = not math.isnan(rec.ema) and (best is None or rec.ema > best)
         self.records[rec.epoch] = rec
+        self._last = rec.epoch
+        if rec.new_best:
+            self._best, self._best_epoch = rec.ema, rec.epoch
         return rec
 
     def best_ema(self) -> float | None:
-        vals = [r.ema for r in self.records.values() if not math.isnan(r.ema)]
-        return max(vals) if vals else None
+        return self._best
+
+    def best_epoch(self) -> int | None:
+        """The last epoch that set a new best EMA (nnU-Net wrote checkpoint_best.pth after it)."""
+        return self._best_epoch
 
     def last(self) -> EpochRecord | None:
-        return self.records[max(self.records)] if self.records else None
+        return self.records[self._last] if self._last is not None else None
 
     def ordered(self) -> list[EpochRecord]:
-        return [self.records[e] for e in sorted(self.records)]
+        return list(self.records.values())  # insertion order is epoch order (see add)
+
+    def tail(self, n: int) -> list[EpochRecord]:
+        """The last `n` records, oldest first, without walking the others."""
+        out = []
+        for e in reversed(self.records):
+            if len(out) == n:
+                break
+            out.append(self.records[e])
+        return out[::-1]
 
 
 class EpochAssembler:

@@ -7,8 +7,9 @@ exit, inspect the fold's checkpoints and move bad ones aside, lower the batch si
 stop a leftover trainer, measure the disk, ask SLURM, re-read the config, log, and hand the policy's
 decisions (StateChanged, Diagnosed, a started attempt) to the sinks. An action whose result matters
 reports a follow-up event with `self.post`; nothing here decides. Each effect is logged after it
-succeeded. `save` writes state.json atomically (each epoch converted to JSON once); a full or broken
-state directory is warned about once and supervision goes on.
+succeeded. `save` writes state.json atomically, a small record whatever the run's length; each finished
+epoch is appended to epochs.jsonl (`record_epoch`, converted to JSON once); a full or broken state
+directory is warned about once and supervision goes on.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from supervisor.core.events import (ActionFailed, BatchSizeSet, CheckpointsInspe
                                     Reconfigured, Requeued, SlurmJobState)
 from supervisor.daemon.attempt import Attempt
 from supervisor.daemon.trainer_output import TrainerOutput
-from supervisor.integrations import checkpoints, log_setup, plans, proc, slurm
-from supervisor.integrations.store import StateSaveError, move_aside
+from supervisor.integrations import checkpoints, epoch_log, log_setup, plans, proc, slurm
+from supervisor.integrations.store import StateSaveError, UnsafePathError, move_aside
 
 
 class Executor:
@@ -175,11 +176,10 @@ class Executor:
     def _inspect_checkpoints(self, act: A.InspectCheckpoints) -> None:
         fold = job.fold_dir(self.cfg)
         found = tuple((p.name, checkpoints.verify(p) if act.verify else None) for p in job.existing_checkpoints(self.cfg))
-        best = [r.epoch for r in self.history.ordered() if r.new_best]
         last = self.history.last()
         self.post(CheckpointsInspected(found=found, stale_temps=tuple(checkpoints.stale_temp_files(fold)),
                                        last_epoch=last.epoch if last else None,
-                                       best_epoch=best[-1] if best else None))
+                                       best_epoch=self.history.best_epoch()))
 
     def _move_aside(self, act: A.MoveAside) -> bool:
         path = job.fold_dir(self.cfg) / act.file
@@ -256,15 +256,30 @@ class Executor:
         self.post(Requeued(result, msg))
 
     # ---- state.json ---------------------------------------------------------------------------------
-    def _epochs_json(self) -> list[dict]:
-        """The epochs for state.json; a record is converted once (saves come after every epoch, for days)."""
-        out = []
-        for r in self.history.ordered():
-            hit = self._epoch_cache.get(r.epoch)
-            if hit is None or hit[0] is not r:
-                hit = self._epoch_cache[r.epoch] = (r, r.to_json())
-            out.append(hit[1])
-        return out
+    SNAPSHOT_EPOCHS = 20  # what the sinks see of the epochs: the last few (the picture reads the file)
+
+    def _epoch_json(self, r) -> dict:
+        """A record converted to JSON once (the last few are handed to the sinks after every save)."""
+        hit = self._epoch_cache.get(r.epoch)
+        if hit is None or hit[0] is not r:
+            hit = self._epoch_cache[r.epoch] = (r, r.to_json())
+            for e in [e for e in self._epoch_cache if e < r.epoch - self.SNAPSHOT_EPOCHS]:
+                del self._epoch_cache[e]
+        return hit[1]
+
+    def record_epoch(self, rec) -> None:
+        """Append a finished epoch to epochs.jsonl (state.json stays small: see epoch_log.py)."""
+        try:
+            self.epoch_log.append(self._epoch_json(rec))
+        except (OSError, UnsafePathError) as e:  # UnsafePathError: the file keeps being replaced by a link
+            if not self.epochs_failed:
+                self.log.error("epoch_not_saved", path=str(self.epoch_log.path), epoch=rec.epoch,
+                               error=getattr(e, "strerror", None) or str(e), effect="supervision goes on; nnU-Net's own log has the epoch")
+            self.epochs_failed = True
+        else:
+            if self.epochs_failed:
+                self.log.info("epochs_saved_again", path=str(self.epoch_log.path))
+            self.epochs_failed = False
 
     def save(self) -> None:
         if self.child is not None and self.attempts:
@@ -278,13 +293,15 @@ class Executor:
                          "window_minutes": self.cfg.restart.window_minutes},
             "sup": self.sup.to_json(self.mono(), self.wall()),
             "attempts": self.attempts,
-            "epochs": self._epochs_json(),
+            "epochs_file": epoch_log.FILE, "epoch_count": len(self.history.records),
             "changes": self.changes,
             "status_line": self._summary(),
             "slurm": slurm.info(),
         }
         if self.sinks is not None:
-            self.sinks.snapshot({**data, "temps": dict(self.sup.temps), "updated_at": self.wall()})
+            self.sinks.snapshot({**data, "temps": dict(self.sup.temps), "updated_at": self.wall(),
+                                 "epochs": [self._epoch_json(r) for r in self.history.tail(self.SNAPSHOT_EPOCHS)],
+                                 "best_ema": self.history.best_ema()})
         try:
             self.store.save(data)
         except (OSError, StateSaveError) as e:  # a full or broken state directory must not leave the trainer unsupervised

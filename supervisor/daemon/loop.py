@@ -41,6 +41,7 @@ from supervisor.integrations.nvml import Nvml
 from supervisor.integrations.plans import startup_batch_size
 from supervisor.integrations.publish import Sinks
 from supervisor.integrations.sdnotify import Notifier
+from supervisor.integrations.epoch_log import EpochLog
 from supervisor.integrations.store import Lock, StateStore, move_aside, safe_mkdir
 
 LOG_POLL_S = 0.25
@@ -72,6 +73,8 @@ class Daemon(Executor):
         self.guard: thermal.ThermalGuard | None = None
         self.save_failed = False
         self._epoch_cache: dict[int, tuple] = {}
+        self.epoch_log = EpochLog(cfg.paths.state_dir)
+        self.epochs_failed = False
         self.sinks: Sinks | None = None  # notifications, metrics, the progress plot (never block the loop)
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -104,6 +107,12 @@ class Daemon(Executor):
             leftover = -1  # a trainer of ours whose record was lost (state moved aside, a failed save)
         # The logs are the truth: replay them all (an earlier supervisor, or another machine, wrote them).
         replay(self.follower.drain(), self.history)
+        try:  # epochs.jsonl starts as what the logs say, then grows by one line per epoch
+            self.epoch_log.rewrite([r.to_json() for r in self.history.ordered()])
+        except OSError as e:
+            self.epochs_failed = True
+            self.log.error("epoch_not_saved", path=str(self.epoch_log.path), error=e.strerror or str(e),
+                           effect="supervision goes on; nnU-Net's own log has the epochs")
         if (last := self.history.last()) is not None:
             self.log.info("history_loaded", epochs=len(self.history.records), last_epoch=last.epoch,
                           ema=_r(last.ema), best_ema=_r(self.history.best_ema()))
@@ -156,6 +165,7 @@ class Daemon(Executor):
             self.notify.stopping(self._summary())
             self.save()
             self.sinks.close(timeout=5.0)  # the last message (e.g. gave_up) goes out before exit, bounded
+            self.epoch_log.close()
             self.lock.release()
             if self.nvml is not None:
                 self.nvml.close()
@@ -259,6 +269,7 @@ class Daemon(Executor):
                 self.log.info("epoch", epoch=rec.epoch, ema=_r(rec.ema), dice=[_r(d) for d in rec.dice],
                               train_loss=rec.train_loss, val_loss=rec.val_loss, epoch_time_s=rec.epoch_time,
                               best_ema=_r(self.history.best_ema()), attempt=self.sup.attempt)
+                self.record_epoch(rec)
                 ev = EpochDone(rec)
                 self._publish(ev)
                 self.post(ev)

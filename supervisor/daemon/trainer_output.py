@@ -20,15 +20,21 @@ import os
 import time
 from pathlib import Path
 
+from supervisor.core.training_log import MAX_LINE_BYTES
 from supervisor.integrations.store import UnsafePathError, open_append_nofollow
 
 STDERR_TAIL_BYTES = 64 * 1024
 GROUP_HOLD_S = 1.0
 GROUP_MAX_LINES = 400
 LOG_RESERVE_BYTES = 1 << 20  # stop the attempt log while less is free: room for state.json
+TRUNCATED = b" [... line cut: longer than the supervisor keeps; the attempt log has all of it]"
 _STARTS = ("Traceback (most recent call last):", "Exception in thread ")
 _CONTINUES = ("Traceback (most recent call last):", "During handling of the above exception",
               "The above exception was the direct cause")
+
+
+def _cut(line: bytes) -> bytes:
+    return line if len(line) <= MAX_LINE_BYTES else line[:MAX_LINE_BYTES] + TRUNCATED
 
 
 class TracebackGrouper:
@@ -69,7 +75,8 @@ class TrainerOutput:
         self.reserve = reserve_bytes
         self.fd: int | None = None
         self.log_error: str | None = None  # why the attempt log stopped being written, or None
-        self.partial = {"stdout": b"", "stderr": b""}
+        self.partial = {"stdout": b"", "stderr": b""}  # at most MAX_LINE_BYTES each
+        self.skipping = {"stdout": False, "stderr": False}  # inside a line already cut at MAX_LINE_BYTES
         self.groupers = {"stdout": TracebackGrouper(), "stderr": TracebackGrouper()}
         self.stderr_tail = bytearray()
         try:
@@ -113,12 +120,32 @@ class TrainerOutput:
         if stream == "stderr":
             self.stderr_tail += data
             del self.stderr_tail[:-STDERR_TAIL_BYTES]
-        *lines, self.partial[stream] = (self.partial[stream] + data).split(b"\n")
-        return self._group(stream, lines)
+        return self._group(stream, self._lines(stream, data))
+
+    def _lines(self, stream: str, data: bytes) -> list[bytes]:
+        """Complete lines of `data`, with what came before it on the stream. A line is kept up to
+        MAX_LINE_BYTES: the rest of it, up to its newline, is dropped (the attempt log has it all), so a
+        trainer printing endlessly without a newline costs constant memory and linear time."""
+        *done, rest = data.split(b"\n")
+        lines = []
+        if done:
+            if not self.skipping[stream]:
+                lines.append(_cut(self.partial[stream] + done[0]))
+            lines += [_cut(ln) for ln in done[1:]]
+            self.partial[stream], self.skipping[stream] = b"", False
+        if self.skipping[stream]:
+            return lines
+        room = MAX_LINE_BYTES - len(self.partial[stream])
+        if len(rest) > room:  # too long: say so once, then skip to its newline
+            lines.append(self.partial[stream] + rest[:room] + TRUNCATED)
+            self.partial[stream], self.skipping[stream] = b"", True
+        else:
+            self.partial[stream] += rest
+        return lines
 
     def end(self, stream: str) -> list[tuple[str, str]]:
         """The stream closed: flush its partial line and any open group."""
-        rest, self.partial[stream] = self.partial[stream], b""
+        rest, self.partial[stream], self.skipping[stream] = self.partial[stream], b"", False
         out = self._group(stream, [rest] if rest else [])
         return out + [(stream, t) for t in self.groupers[stream].flush()]
 

@@ -207,6 +207,10 @@ if __name__ == "__main__":  # --example OUT.png (the README's picture) | --snaps
         print(render(example_snapshot(), sys.argv[2]))
     elif len(sys.argv) == 4 and sys.argv[1] == "--snapshot":
         with open(sys.argv[2]) as fh:
-            render(json.load(fh), sys.argv[3])
+            snap = json.load(fh)
+        if snap.get("epochs_dir"):  # the daemon hands over the last few epochs only: the file has them all
+            from supervisor.integrations import epoch_log
+            snap["epochs"] = epoch_log.read(Path(snap["epochs_dir"])) or snap.get("epochs") or []
+        render(snap, sys.argv[3])
     else:
         sys.exit("usage: python -m supervisor.plot --example OUT.png | --snapshot SNAP.json OUT.png")

@@ -108,6 +108,11 @@ def _freeze(snap: dict) -> dict:
     return out
 
 
+def _count(snap: dict) -> int:
+    """How many epochs the run has (the snapshot carries only the last few)."""
+    return snap.get("epoch_count", len(snap.get("epochs") or []))
+
+
 def _last_epoch(snap: dict | None):
     epochs = (snap or {}).get("epochs") or []
     return epochs[-1].get("epoch") if epochs and isinstance(epochs[-1], dict) else None
@@ -191,7 +196,7 @@ class Sinks:
                 if self.metrics_worker is not None:
                     self.metrics_worker.submit(snap)
             if self.plot_worker is not None and snap.get("epochs"):
-                key = (len(snap["epochs"]), (snap.get("sup") or {}).get("outcome"), len(self.marks))
+                key = (_count(snap), (snap.get("sup") or {}).get("outcome"), len(self.marks))
                 now = time.monotonic()
                 # at most one drawing per PLOT_MIN_INTERVAL_S (a 5 s epoch must not mean a redraw every 5 s),
                 # and the final state always
@@ -213,7 +218,7 @@ class Sinks:
         fd, src = tempfile.mkstemp(prefix=".plot-snapshot.", suffix=".json", dir=state_dir)
         try:
             with os.fdopen(fd, "w") as fh:
-                json.dump(snap, fh, default=str)
+                json.dump({**snap, "epochs_dir": str(state_dir)}, fh, default=str)
             r = subprocess.run([sys.executable, "-m", "supervisor.integrations.plot", "--snapshot", src, str(self.plot_path)],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                timeout=PLOT_TIMEOUT_S)
@@ -232,7 +237,7 @@ class Sinks:
             if self.notifier is not None:
                 self.notifier.close(left())
             if self.plot_worker is not None and self._last is not None and self._last.get("epochs"):
-                key = (len(self._last["epochs"]), (self._last.get("sup") or {}).get("outcome"), len(self.marks))
+                key = (_count(self._last), (self._last.get("sup") or {}).get("outcome"), len(self.marks))
                 if key != self._plotted:  # the last epochs, held back by the interval
                     self._plotted = key
                     self.plot_worker.submit({**self._last, "marks": list(self.marks)})

@@ -16,9 +16,10 @@ How it works
   (`open_append_nofollow`). `safe_mkdir` and `open_append_nofollow` are what the daemon calls.
 - `move_aside(path, tag)`: rename to `<name>.<tag>-<UTC timestamp>`; the supervisor never deletes
   anything the user (or an earlier run) had.
-- `StateStore`: state.json in the state directory. `load()` returns the saved dict, or None when there is
-  none; a file that is not our JSON (corrupt, foreign version, another job, a link) is moved aside with a
-  warning. `save()` raises `StateSaveError` (never a bare OSError) when the file cannot be written, e.g.
+- `StateStore`: state.json in the state directory. `read()` returns the saved dict (with its "epochs"
+  read from epochs.jsonl, see epoch_log.py), or None when there is none; `load()` likewise for the
+  daemon (without the epochs: it replays the logs), and a file that is not our JSON (corrupt, foreign
+  version, another job, a link) is moved aside with a warning. `save()` raises `StateSaveError` (never a bare OSError) when the file cannot be written, e.g.
   a full disk; the previous state.json is then intact and the caller keeps supervising.
 - `Lock`: an flock on `<state_dir>/lock` held for the daemon's lifetime. The kernel drops it when the
   process dies, even by SIGKILL, so a stale lock never blocks a restart. `status` uses a probe of the same
@@ -211,7 +212,7 @@ class StateStore:
         self.dir = Path(state_dir)
         self.path = self.dir / "state.json"
 
-    def read(self) -> dict | None:
+    def read(self, epochs: bool = True) -> dict | None:
         """Read without side effects (for `status`). Raises ValueError on a file that is not ours (a link
         or special file included: it is never followed)."""
         try:
@@ -230,12 +231,16 @@ class StateStore:
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             raise ValueError(f"not a cardiacseg-train state file (version {data.get('version')!r})"
                              if isinstance(data, dict) else "not a JSON object")
+        if epochs and data.get("epochs_file"):
+            from supervisor.integrations import epoch_log  # it builds on this module
+
+            data["epochs"] = epoch_log.read(self.dir) or []
         return data
 
     def load(self, identity: dict, warn) -> dict | None:
         """The saved state of this job; anything else is moved aside (warn(event, **fields) is told)."""
         try:
-            data = self.read()
+            data = self.read(epochs=False)
         except (ValueError, UnicodeDecodeError) as e:
             dest = move_aside(self.path, "unsafe" if os.path.islink(self.path) else "corrupt")
             warn("state_moved_aside", path=str(self.path), moved_to=str(dest), why=str(e))
