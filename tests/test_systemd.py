@@ -180,6 +180,34 @@ def test_daemon_notifies_ready_status_watchdog_reload_stopping(job, tmp_path):
     assert p.returncode == 0, out
 
 
+def test_the_wait_for_a_safe_point_extends_systemds_stop_timeout(job, tmp_path):
+    """The target is reached while the checkpoints are written (3 s each here): the stop waits for the safe
+    point (STOP_PENDING, up to stop.checkpoint_wait_seconds = 30) and tells systemd that the stop may take
+    that wait + stop.timeout_seconds (20) + the reaping: more than the 20 + 60 s a stop already underway
+    announces, so a long checkpoint_wait_seconds never runs into TimeoutStopSec."""
+    from supervisor.core.criteria import REAP_LIMIT_S
+    lis = Listener(str(tmp_path / "notify.sock"))
+    cfg = job.config(env={"FAKE_EPOCHS": "50", "FAKE_EPOCH_S": "0.1", "FAKE_SAVE_S": "3"},
+                     target={"ema_dice": 0.3})
+    p = job.start(cfg, extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-3000:]
+    assert "new_state=stop_pending" in out
+    extends = [int(x["EXTEND_TIMEOUT_USEC"]) / 1e6 for x in lis.drain() if "EXTEND_TIMEOUT_USEC" in x]
+    assert extends and max(extends) > 20 + REAP_LIMIT_S + 30, extends
+
+
+def test_stop_time_left_covers_every_stage_of_a_stop():
+    from supervisor.core.criteria import REAP_LIMIT_S, stop_time_left
+    from supervisor.core.record import State, Sup
+    from test_policy import cfg as make_cfg
+    c = make_cfg(stop__timeout_seconds=120)
+    assert stop_time_left(Sup(state=State.RUNNING), 0, c) is None
+    assert stop_time_left(Sup(state=State.STOP_PENDING, safe_deadline=600), 0, c) == 600 + 120 + REAP_LIMIT_S + 30
+    assert stop_time_left(Sup(state=State.STOPPING, stop_deadline=100), 40, c) == 60 + REAP_LIMIT_S + 30
+    assert stop_time_left(Sup(state=State.STOPPING, stop_deadline=100), 400, c) == REAP_LIMIT_S + 30
+
+
 # ---- reload end to end ---------------------------------------------------------------------------------
 def test_reload_lowers_the_target_and_a_broken_file_changes_nothing(job):
     cfg = job.config(env={"FAKE_EPOCHS": "500", "FAKE_EPOCH_S": "0.2"}, target={"ema_dice": 0.95})

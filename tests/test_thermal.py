@@ -342,3 +342,90 @@ def test_a_supervisor_restarted_while_cooling_keeps_waiting_for_the_gpu():
     assert s.state == State.COOLING and InspectCheckpoints() not in acts
     s, acts = decide(s, T(60), 5, c)
     assert s.state == State.RUNNING and InspectCheckpoints() in acts
+
+
+def test_cooling_with_a_lost_sensor_gives_up_after_max_pause_minutes():
+    """After a thermal stop the sensor stops answering: the run cannot know the GPU is cool. It waits
+    thermal.max_pause_minutes from the last complete reading (a reading in between restarts the wait),
+    then gives up (exit 3) naming the sensor, instead of waiting forever."""
+    from supervisor.core.classify import Exit
+    from supervisor.core.events import ChildExited, Start
+    from supervisor.core.exit_codes import ExitCode
+    from supervisor.core.policy import decide
+    from supervisor.core.record import State, Sup
+
+    c = cfg()  # max_pause_minutes 10
+    s, _ = decide(Sup(), Start(), 0, c)
+    s, _ = decide(s, T(95), 10, c)
+    s, _ = decide(s, ChildExited(Exit(-2, "KeyboardInterrupt")), 15, c)
+    assert s.state == State.COOLING
+    lost = Readings(temps=(("0", None),), error="nvidia-smi did not answer within 5 s")
+    s, _ = decide(s, lost, 300, c)
+    s, _ = decide(s, T(80), 500, c)                      # known but still hot: the wait starts again
+    s, _ = decide(s, lost, 500 + 599, c)
+    assert s.state == State.COOLING
+    s, acts = decide(s, lost, 500 + 600, c)
+    assert s.state == State.FAILED and s.exit_code == ExitCode.GAVE_UP
+    assert "nvidia-smi did not answer" in s.message and "max_pause_minutes" in s.message
+    # a supervisor restarted while cooling gives the (maybe replaced) sensor a full wait again
+    s, _ = decide(Sup(state=State.COOLING, cool_deadline=1.0), Start(), 1000, cfg(thermal__enabled=True))
+    s, _ = decide(s, lost, 1001, c)
+    assert s.state == State.COOLING
+
+
+def test_reloaded_poll_pace_and_sensor_timeout_are_in_force(job, tmp_path):
+    """thermal.poll_seconds and command_timeout_seconds are declared live: after SIGHUP the sensor is
+    read at the new pace (it was 1 h: never again), and a sensor slower than the new timeout is a failed
+    read. Each poll of the sensor command appends a line to a counter file: an event, not a sleep."""
+    from supervisor.config.loader import reload_kind, LIVE
+    assert reload_kind("thermal.poll_seconds") == reload_kind("thermal.command_timeout_seconds") == LIVE
+    temp, count = tmp_path / "temps", tmp_path / "polls"
+    temp.write_text("0 60\n")
+    sensor = tmp_path / "sensor.sh"
+    sensor.write_text(f'#!/bin/sh\necho x >> "{count}"\nif [ -e "{tmp_path}/slow" ]; then sleep 3; fi\ncat "{temp}"\n')
+    sensor.chmod(0o755)
+    cfg = thermal_job(job, temp, poll_seconds=3600, command=[str(sensor)], max_failed_reads=1000)
+    p = job.start(cfg)
+    try:
+        job.wait_epochs(2, timeout=60)
+        polls = len(count.read_text().splitlines())  # the start-up check and the first poll
+        text = cfg.read_text().replace("poll_seconds = 3600", "poll_seconds = 0.2")
+        assert text != cfg.read_text()
+        cfg.write_text(text)
+        p.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(count.read_text().splitlines()) >= polls + 5, timeout=30, what="5 polls at the new pace")
+        (tmp_path / "slow").touch()
+        cfg.write_text(cfg.read_text().replace("[thermal]", "[thermal]\ncommand_timeout_seconds = 0.5"))
+        p.send_signal(signal.SIGHUP)
+        wait_for(lambda: "sensor_read_failed" in p.log_path.read_text(), timeout=30,
+                 what="a read cut at the new timeout")
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0, out[-3000:]
+    assert "did not answer within 0.5 s" in out
+
+
+def test_a_poll_is_not_fsynced_and_a_temperature_change_is_not_a_state_save(tmp_path, monkeypatch):
+    """thermal.json is rewritten every poll (every 2 s, for days): atomically, but never fsynced; and a
+    change of temperature alone does not make state.json durable-dirty."""
+    import time as _time
+    from supervisor.core.record import Sup
+    from supervisor.integrations.thermal import CommandSource, ThermalGuard
+
+    temp = tmp_path / "temps"
+    temp.write_text("0 70\n")
+    guard = ThermalGuard(cfg(), CommandSource(["/bin/cat", str(temp)], 5, 0.0, None),
+                         SimpleNamespace(warning=lambda *a, **k: None, info=lambda *a, **k: None))
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    got = []
+    for t in range(3):
+        temp.write_text(f"0 {70 + t}\n")
+        wait_for(lambda: (r := guard.poll(_time.monotonic(), tmp_path)) is not None and got.append(r) is None,
+                 timeout=10, interval=0.01, what="a reading")
+    guard.close()
+    assert [r.temps for r in got] == [(("0", 70.0),), (("0", 71.0),), (("0", 72.0),)]
+    assert json.loads((tmp_path / "thermal.json").read_text())["readings"][0]["celsius"] == 72.0
+    assert synced == []
+    assert not Sup(temps={"0": 72.0}, failed_reads=2).durably_differs(Sup(temps={"0": 70.0}))

@@ -41,6 +41,20 @@ def target_met(rec: EpochRecord | None, cfg) -> bool:
     return True
 
 
+def stop_time_left(s, now: float, cfg) -> float | None:
+    """While a stop is underway, the longest it may still take, for systemd's EXTEND_TIMEOUT_USEC: the
+    wait for the safe point (STOP_PENDING), the trainer's graceful exit (STOPPING), its remnants, and
+    30 s of slack; None when nothing is being stopped."""
+    state = s.state.value
+    if state == "stop_pending":
+        left = max(0.0, (s.safe_deadline or now) - now) + cfg.stop.timeout_seconds
+    elif state == "stopping":
+        left = max(0.0, (s.stop_deadline or now) - now)
+    else:
+        return None
+    return left + REAP_LIMIT_S + 30
+
+
 def hang_limit(epoch_times: tuple[float, ...], epochs_this_attempt: int, cfg) -> float:
     """Seconds without an epoch after which an idle trainer counts as hung."""
     h = cfg.hang

@@ -112,7 +112,7 @@ rule((S.PAUSED, S.STOP_PENDING, S.STOPPING), (EpochDone,), w.on_epoch_tracked)
 rule((S.RUNNING,), (Activity,), w.on_activity, to=(S.STOPPING,))
 rule(ACTIVE, (EpochProfiled,), w.on_profiled)
 rule((S.RUNNING, S.PAUSED, S.STOP_PENDING, S.COOLING), (Readings,), w.on_readings,
-     to=(S.PAUSED, S.RUNNING, S.STOP_PENDING, S.STOPPING))
+     to=(S.PAUSED, S.RUNNING, S.STOP_PENDING, S.STOPPING, S.FAILED))
 rule((S.STOPPING, S.IDLE, S.BACKOFF, S.NO_SPACE, S.REQUEUING), (Readings,), w.on_temps_only)
 rule((S.NO_SPACE,), (DiskSpace,), w.on_disk_space, to=(S.RUNNING,))
 rule((S.NO_SPACE,), (Tick,), w.on_tick_no_space, to=(S.FAILED,))

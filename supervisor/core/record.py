@@ -34,11 +34,12 @@ class State(str, enum.Enum):
 TERMINAL = frozenset({State.DONE, State.FAILED})
 ACTIVE = frozenset({State.RUNNING, State.PAUSED, State.STOP_PENDING, State.STOPPING})
 DEADLINES = ("safe_deadline", "stop_deadline", "restart_at", "paused_at", "last_progress", "disk_deadline",
-             "next_disk_check", "reap_deadline", "gpu_deadline", "kill_deadline")
+             "next_disk_check", "reap_deadline", "gpu_deadline", "kill_deadline", "cool_deadline")
 DICTS = ("temps", "restart_reasons")
 # Fields that change every few seconds and matter only to the running process: a change of these alone is
 # not worth a state.json write (the next durable change carries them along).
-VOLATILE = frozenset({"last_progress", "writing", "final_phase", "temps", "failed_reads", "next_disk_check"})
+VOLATILE = frozenset({"last_progress", "writing", "final_phase", "temps", "failed_reads", "next_disk_check",
+                      "cool_deadline"})
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Sup:
     gpu_deadline: float | None = None      # waiting for its GPU memory to be freed ends then
     reap_overdue: bool = False             # the remnants outlived reap_deadline (logged once)
     taking_over: bool = False              # the attempt is another trainer, stopped at its safe point for us
+    cool_deadline: float | None = None     # COOLING: without a complete reading until then, give up
 
     def durably_differs(self, other: "Sup") -> bool:
         """True when a field other than the VOLATILE ones differs (state.json must be written)."""

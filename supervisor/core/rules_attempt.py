@@ -48,6 +48,7 @@ def on_start(s: Sup, ev: Start, now, cfg):
                          f"target already reached at epoch {ev.last_epoch.epoch} (EMA {ev.last_epoch.ema:.4f})")
         return s, acts + more
     if s.state == State.COOLING and cfg.thermal.enabled:
+        s = dataclasses.replace(s, cool_deadline=now + cfg.thermal.max_pause_minutes * 60)  # a new sensor
         return s, acts + [Log("still_cooling", "warning", {"resume_below": cfg.thermal.resume_celsius})]
     if s.state == State.NO_SPACE:
         return s, acts + [Log("still_waiting_for_disk_space", "warning", {"needed_bytes": s.disk_needed})]
@@ -217,7 +218,8 @@ def _after(s: Sup, reason: Reason, now, cfg):
                       "the trainer reported a configuration error (its stderr is in the attempt's log); "
                       "restarting cannot help", "error")
     if reason in (Reason.THERMAL_STOP, Reason.SENSOR_LOST):
-        s, ch = transition(s, State.COOLING, reason, {"resume_below": cfg.thermal.resume_celsius, "temps": s.temps})
+        s, ch = transition(s, State.COOLING, reason, {"resume_below": cfg.thermal.resume_celsius, "temps": s.temps},
+                           cool_deadline=now + cfg.thermal.max_pause_minutes * 60)
         return s, [ch, Log("cooling", "warning", {"reason": reason.value, "resume_below": cfg.thermal.resume_celsius,
                                                   "temps": s.temps})]
     if reason == Reason.DISK_FULL and cfg.restart.disk_full_wait_minutes > 0:

@@ -49,10 +49,21 @@ _THERMAL_STOPS = {"stop_hot": Reason.THERMAL_STOP, "stop_pause": Reason.THERMAL_
 
 
 def on_readings(s: Sup, ev: Readings, now, cfg):
-    """thermal verdict: pause / resume / stop at the safe point / restart when cool"""
+    """thermal verdict: pause / resume / stop at the safe point / restart when cool / give up when the
+    sensor stays lost while cooling"""
     temps = dict(ev.temps)
     failed = ev.error is not None or not temps or any(c is None for c in temps.values())
     s = dataclasses.replace(s, temps=temps, failed_reads=s.failed_reads + 1 if failed else 0)
+    if s.state == State.COOLING:
+        # A lost sensor must not keep a cooling run waiting forever: it can never say the GPU is cool.
+        if not failed:
+            s = dataclasses.replace(s, cool_deadline=now + cfg.thermal.max_pause_minutes * 60)
+        elif s.cool_deadline is not None and now >= s.cool_deadline:
+            return finish(s, State.FAILED, "gave_up", ExitCode.GAVE_UP,
+                          f"no complete temperature reading for {cfg.thermal.max_pause_minutes:g} min "
+                          "(thermal.max_pause_minutes) while waiting for the GPU to cool after a thermal stop: "
+                          f"the supervisor cannot tell that it is cool ({ev.error or 'GPUs without a reading'}). "
+                          "Check the sensor (nvidia-smi), then start again: training resumes with --c.", "error")
     v = criteria.thermal_verdict(s.state.value, temps, bool(ev.lost), now, cfg, s.paused_at, s.failed_reads)
     th, fields = cfg.thermal, {"temps": temps}
     if v == "pause" and s.state == State.RUNNING:

@@ -238,6 +238,8 @@ class Executor:
             rp = plan_reload(self.cfg, new)
             self.cfg = rp.config
             log_setup.setup(self.cfg.logging.level)
+            if self.guard is not None:
+                self.guard.configure(self.cfg)
             self.log.info("reloaded", applied=list(rp.live), next_restart=list(rp.next_attempt))
             if rp.needs_restart:
                 self.log.warning("reload_needs_supervisor_restart", keys=list(rp.needs_restart),

@@ -30,7 +30,7 @@ from supervisor.config.loader import Config
 from supervisor.core import criteria
 from supervisor.core.events import (EpochDone, EpochStarted, Signalled, Start, Tick, TrainerExited, TrainingDone)
 from supervisor.core.policy import decide
-from supervisor.core.record import State, Sup
+from supervisor.core.record import Sup
 from supervisor.core.status_line import summary_line
 from supervisor.core.training_log import EpochAssembler, History, parse_line, replay
 from supervisor.daemon.attempt import Attempt
@@ -194,11 +194,12 @@ class Daemon(Executor):
         if self.notify.enabled:  # systemd's STATUS=: only under systemd is it worth a line per turn
             self.notify.status(self._summary())
         self.notify.watchdog()
-        if self.sup.state == State.STOPPING and self.mono() >= self.next_extend:
-            # keep systemd's TimeoutStopSec from running out while the trainer stops gracefully
+        left = criteria.stop_time_left(self.sup, self.mono(), self.cfg)
+        if left is not None and self.mono() >= self.next_extend:
+            # keep systemd's TimeoutStopSec from running out while the trainer stops gracefully, the wait
+            # for its safe point (stop.checkpoint_wait_seconds) included
             self.next_extend = self.mono() + 10
-            left = max(0.0, (self.sup.stop_deadline or self.mono()) - self.mono())
-            self.notify.extend_timeout(left + criteria.REAP_LIMIT_S + 30)
+            self.notify.extend_timeout(left)
 
     def _timeout(self) -> float:
         if self.child is not None and self.child.exited:

@@ -109,10 +109,12 @@ def fsync_dir(folder: Path) -> None:
         os.close(dfd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int | None = None, *, follow_symlink: bool = False) -> Path:
+def atomic_write(path: Path, data: bytes, mode: int | None = None, *, follow_symlink: bool = False,
+                 durable: bool = True) -> Path:
     """Replace `path` by `data` atomically; returns the file actually written (the link's target when
     `follow_symlink`). `mode` None: an existing regular file's mode, owner and group are kept, a new file
-    gets FILE_MODE minus the umask."""
+    gets FILE_MODE minus the umask. `durable=False` skips the fsyncs: readers still see the old or the new
+    file, but a crash of the machine may leave either (for files rewritten every few seconds)."""
     path = Path(path)
     if follow_symlink:
         path = Path(os.path.realpath(path))
@@ -130,7 +132,8 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, *, follow_sym
                 os.fchmod(fh.fileno(), mode)
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -138,7 +141,8 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, *, follow_sym
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return path
 
 

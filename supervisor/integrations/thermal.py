@@ -147,6 +147,15 @@ class ThermalGuard:
                 raise ConfigError(cfg.path, [f"thermal.gpus: {why or 'no GPU found'}; list them explicitly"])
         return cls(cfg, NvmlSource(nvml, idx, cfg.thermal.poll_seconds), log)
 
+    def configure(self, cfg: Config) -> None:
+        """A reload: the thresholds are read from `cfg` by the policy; the pace and the sensor command's
+        timeout (declared live) are the source's own, so they are set here, in force from the next poll."""
+        self.cfg = cfg
+        self.source.poll_s = cfg.thermal.poll_seconds
+        if isinstance(self.source, CommandSource):
+            self.source.timeout_s = cfg.thermal.command_timeout_seconds
+        self.source.next = 0.0  # the next poll comes at once, then at the new pace
+
     @property
     def pid(self) -> int | None:
         return getattr(self.source, "pid", None)
@@ -160,8 +169,10 @@ class ThermalGuard:
             (self.log.warning("sensor_read_failed", error=err) if err else self.log.info("sensor_ok"))
             self.error = err
         try:
+            # not durable (no fsync): rewritten every poll for `status`, worthless after a crash
             atomic_write(state_dir / "thermal.json", json.dumps({
-                "at": time.time(), "readings": [r.to_json() for r in readings], "error": err}).encode())
+                "at": time.time(), "readings": [r.to_json() for r in readings], "error": err}).encode(),
+                durable=False)
         except OSError:
             pass  # status shows the last readings it has; supervision goes on
         return Readings(temps=tuple((r.gpu, r.celsius) for r in readings),
