@@ -21,8 +21,8 @@ import pytest
 from conftest import DATASET, FAKE, REPO, Job, wait_for, write_config
 from supervisor.config import job as job_mod
 from supervisor.integrations import slurm
-from supervisor.integrations.store import StateStore
-from supervisor.config.loader import load
+from supervisor.integrations.store import STATE_VERSION, StateStore
+from supervisor.config.loader import ConfigError, load
 from supervisor.commands.status import gather, render
 
 SCRIPT = REPO / "scripts" / "slurm-ci.sh"
@@ -85,8 +85,53 @@ def script(cfg_path: Path, *args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
 
+def sbatch_argv(text: str) -> list[str]:
+    """The arguments sbatch takes from a script: a port of SLURM 22.05's reading of #SBATCH lines
+    (_opt_batch_script and _get_argument in src/sbatch/opt.c). Lines up to the first one that is neither blank
+    nor a comment; on an #SBATCH line, arguments split at unquoted white space, "..." and '...' quote, a
+    backslash takes the next character as it is, an unquoted `#` ends the line. A line with `hetjob` or
+    `packjob` anywhere (any case) would start another job component: never in a generated script."""
+    argv = []
+    for line in text.split("\n"):
+        if not line.startswith("#SBATCH"):
+            if line.strip() and not line.lstrip().startswith("#"):
+                break  # the first command: sbatch reads no further
+            continue
+        assert not re.search("hetjob|packjob", line, re.I), f"a het-job separator: {line!r}"
+        rest, i = line[len("#SBATCH"):], 0
+        while True:
+            while i < len(rest) and rest[i].isspace():
+                i += 1
+            if i >= len(rest):
+                break
+            arg, quote, escaped = [], "", False
+            while i < len(rest) and (quote or not rest[i].isspace()):
+                c = rest[i]
+                i += 1
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                    continue
+                elif quote:
+                    if c == quote:
+                        quote = ""
+                        continue
+                elif c in "\"'":
+                    quote = c
+                    continue
+                elif c == "#":
+                    i = len(rest)
+                    break
+                arg.append(c)
+            assert not quote, f"unmatched quote: {line!r}"
+            if arg:
+                argv.append("".join(arg))
+    return argv
+
+
 def sbatch_options(text: str) -> dict:
-    return dict(re.findall(r"^#SBATCH --([\w-]+)=?(.*)$", text, re.M))
+    return dict(a[2:].partition("=")[::2] for a in sbatch_argv(text))
 
 
 def test_slurm_script_default_epoch_time_and_options(job):
@@ -113,7 +158,7 @@ def test_slurm_script_uses_the_measured_epoch_time_and_an_array_over_folds(job):
     d = job.root / "state" / "slurm-99_1"  # a SLURM run's state, found from the login node
     d.mkdir(parents=True)
     cfg = load(cfg_path, env={})
-    (d / "state.json").write_text(json.dumps({"job": job_mod.job_identity(cfg),
+    (d / "state.json").write_text(json.dumps({"version": STATE_VERSION, "job": job_mod.job_identity(cfg),
                                               "epochs": [{"epoch": i, "epoch_time": t}
                                                          for i, t in enumerate([100.0, 140.0, 120.0, 1e3])]}))
     r = script(cfg_path, "--folds", "0,1,2", "--time", "1")
@@ -153,6 +198,125 @@ def test_run_fold_overrides_the_config(job):
     args = build_parser().parse_args(["run", "--config", "x", "--fold", "3"])
     assert args.fold == 3
     assert build_parser().parse_args(["run", "--config", "x", "--fold", "all"]).fold == "all"
+
+
+# ---- hostile input: nothing in the config or on the command line ends the #SBATCH block or adds a command ----
+HOSTILE_NAMES = ["x\nrm -rf ~", "x\r#SBATCH --wrap=id", "x; touch PWNED", "$(touch PWNED)", "a b", "-rf", "a/b"]
+
+
+@pytest.mark.parametrize("key_", ["dataset", "configuration", "trainer", "plans"])
+@pytest.mark.parametrize("value", HOSTILE_NAMES)
+def test_names_nnunet_would_not_take_are_refused_naming_the_key(job, key_, value):
+    cfg_path = slurm_config(job, training={key_: value})
+    with pytest.raises(ConfigError) as e:
+        load(cfg_path, env={})
+    msg = str(e.value)
+    assert f"training.{key_}: expected" in msg and str(cfg_path) in msg, msg
+    if any(c in value for c in "\r\n"):
+        assert "control characters" in msg, msg
+
+
+def test_real_names_are_still_accepted(job):
+    for training in ({"dataset": "Dataset027_ACDC", "configuration": "3d_cascade_fullres",
+                      "trainer": "nnUNetTrainer_250epochs", "plans": "nnUNetResEncUNetMPlans"},
+                     {"dataset": 27, "configuration": "3d_fullres_bs4", "plans": "nnUNetPlans_v2.1+x"},
+                     {"dataset": "27"}):
+        assert load(slurm_config(job, training=training), env={}).training.dataset == str(training["dataset"])
+    cfg_path = slurm_config(job, queue={"configurations": ["2d", "3d_fullres"]})
+    assert load(cfg_path, env={}).queue.configurations == ("2d", "3d_fullres")
+    with pytest.raises(ConfigError, match="queue.configurations: expected"):
+        load(slurm_config(job, queue={"configurations": ["2d", "x\n#SBATCH --wrap=id"]}), env={})
+
+
+@pytest.mark.parametrize("command", ["check", "run", "slurm-script"])
+def test_check_run_and_slurm_script_refuse_a_newline_in_a_name(job, command):
+    cfg_path = slurm_config(job, training={"trainer": "nnUNetTrainer\n#SBATCH --wrap=touch PWNED"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run([sys.executable, "-m", "supervisor", command, "--config", str(cfg_path)], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert f"configuration error in {cfg_path}" in r.stderr and "training.trainer: expected" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout and "#SBATCH" not in r.stdout
+
+
+RECORDER = "import json, os, sys\nopen(os.environ['RECORD'], 'w').write(json.dumps(sys.argv[1:]))\n"
+# every character a folder name may hold that means something to bash or to sbatch
+HOSTILE_FOLDER = "cfg dir $(touch PWNED1) `touch PWNED2` 'sq' \"dq\" %j #hash ;&|<>*? hetJOB ~"
+
+
+def first_command(text: str) -> int:
+    lines = text.split("\n")
+    return next(i for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#"))
+
+
+@pytest.mark.parametrize("folds", [None, [0, 2]])
+def test_slurm_script_is_injection_safe_in_a_folder_with_a_space(job, tmp_path, folds):
+    """A config in a folder with a space and shell/sbatch metacharacters, a dataset whose name holds `hetjob`,
+    hostile --partition/--mem, an [environment] value with newlines: sbatch reads exactly the options written
+    (a port of its parser), bash runs exactly `exec PYTHON ... run --config PATH` (a real bash, the command
+    replaced by a recorder), nothing else runs, and bash -n is happy."""
+    folder = tmp_path / HOSTILE_FOLDER
+    folder.mkdir()
+    evil_env = "x\n#SBATCH --wrap=touch PWNED3\ntouch PWNED4"
+    cfg_path = slurm_config(job, env={"EVIL": evil_env}, training={"dataset": "Dataset001_HetJob+x"})
+    cfg_path = cfg_path.rename(folder / "config.toml")
+    cfg = load(cfg_path, env={})
+    recorder = tmp_path / "recorder.py"
+    recorder.write_text(RECORDER)
+    partition, mem = 'gpu"; touch PWNED5 #', "64G'$(touch PWNED6)"
+    text, _ = slurm.sbatch_script(cfg, command=[sys.executable, str(recorder)], partition=partition, mem=mem,
+                                  time="1-00:00:00", folds=folds)
+    assert "PWNED3" not in text and "PWNED4" not in text  # [environment] never enters the script
+    lines = text.split("\n")
+    first = first_command(text)
+    assert lines[first].startswith("exec ") and first == len(lines) - 2
+    assert [ln for ln in lines[first:] if ln.startswith("#SBATCH")] == []  # every option before the first command
+    o = sbatch_options(text)
+    assert o["job-name"] == "cardiacseg-Dataset001_HetJob+x-3d_fullres"
+    assert (o["partition"], o["mem"], o["time"]) == (partition, mem, "1-00:00:00")
+    out = "slurm-%A_%a.out" if folds else "slurm-%j.out"
+    assert o["output"] == str(folder).replace("%", "%%") + "/" + out
+    assert ("array" in o) == bool(folds) and o.get("array", "0,2") == "0,2"
+    assert subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True).returncode == 0
+    path = tmp_path / "job.sh"
+    path.write_text(text)
+    record = tmp_path / "argv.json"
+    env = {"PATH": os.environ["PATH"], "RECORD": str(record), "SLURM_ARRAY_TASK_ID": "2"}
+    r = subprocess.run(["bash", str(path)], cwd=folder, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(record.read_text()) == ["run", "--config", str(cfg_path), *(["--fold", "2"] if folds else [])]
+    assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
+
+
+@pytest.mark.parametrize("folds", [None, "0,1"])
+def test_generated_script_passes_shellcheck(job, tmp_path, folds):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (Debian: apt-get install shellcheck; .ci/run installs it as root)")
+    folder = tmp_path / "a folder with spaces"
+    folder.mkdir()
+    cfg_path = slurm_config(job).rename(folder / "config.toml")
+    r = script(cfg_path, "--partition", "gpu a", "--time", "1:00:00", *(["--folds", folds] if folds else []))
+    assert r.returncode == 0, r.stderr
+    sc = subprocess.run(["shellcheck", "--shell=bash", "-"], input=r.stdout, text=True, capture_output=True,
+                        timeout=60)
+    assert sc.returncode == 0, sc.stdout + sc.stderr
+
+
+@pytest.mark.parametrize("where,args,needle", [
+    ("folder", (), "cannot be written into the sbatch script"),
+    ("backslash", (), "holds a backslash"),
+    ("arg", ("--partition", "gpu\n#SBATCH --wrap=id"), "--partition"),
+    ("arg", ("--mem", "1G\rx"), "--mem"),
+])
+def test_a_value_that_cannot_be_written_is_refused(job, tmp_path, where, args, needle):
+    cfg_path = slurm_config(job)
+    if where != "arg":
+        folder = tmp_path / ("new\nline" if where == "folder" else "back\\slash")
+        folder.mkdir()
+        cfg_path = cfg_path.rename(folder / "config.toml")
+    r = script(cfg_path, *args)
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert needle in r.stderr and "slurm-script for" in r.stderr and "Traceback" not in r.stderr
 
 
 # ---- a real cluster ------------------------------------------------------------------------------------

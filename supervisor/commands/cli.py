@@ -117,9 +117,13 @@ def cmd_slurm_script(args) -> int:
         print(f"cardiacseg-train: --time {args.time!r}: expected SLURM's format (MM, HH:MM:SS, D-HH:MM:SS)",
               file=sys.stderr)
         return ExitCode.CONFIG
-    text, warnings = slurm.sbatch_script(
-        cfg, command=[sys.executable, "-m", "supervisor"], partition=args.partition, time=args.time,
-        gpus=args.gpus, cpus_per_task=args.cpus_per_task, mem=args.mem, folds=folds)
+    try:
+        text, warnings = slurm.sbatch_script(
+            cfg, command=[sys.executable, "-m", "supervisor"], partition=args.partition, time=args.time,
+            gpus=args.gpus, cpus_per_task=args.cpus_per_task, mem=args.mem, folds=folds)
+    except slurm.ScriptError as e:  # a value that would be read otherwise than written: no script at all
+        print(f"cardiacseg-train: slurm-script for {cfg.path}: {e}", file=sys.stderr)
+        return ExitCode.CONFIG
     for w in warnings:
         print(f"cardiacseg-train: warning: {w}", file=sys.stderr)
     print(text, end="")

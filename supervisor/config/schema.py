@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor.config import names
 from supervisor.config.folds import parse_folds
 from typing import Any, Callable, Mapping
 
@@ -70,10 +71,7 @@ def one_of(*choices):
     return lambda v: None if v in choices else "one of " + ", ".join(f'"{c}"' for c in choices)
 
 
-def nonempty(v):
-    if "\0" in v:
-        return "a string without NUL bytes"
-    return None if v.strip() else "a non-empty string"
+nonempty = names.no_control  # paths and file names: non-empty, no NUL bytes or other control characters
 
 
 def str_list(v):
@@ -112,12 +110,12 @@ class Training:
     command: tuple = key(("cardiacseg-train-nnunet",), argv, "argv prefix of the trainer (a list, never a "
                          "shell string); relative paths are relative to this file", types=list,
                          reload=NEXT_ATTEMPT)
-    dataset: str = key(REQUIRED, lambda v: nonempty(str(v)), "`Dataset001_CardiacSeg` or its id",
+    dataset: str = key(REQUIRED, names.dataset, "`Dataset001_CardiacSeg` or its id",
                        types=(str, int), reload=RESTART, default_doc="required")
-    configuration: str = key("3d_fullres", nonempty, "nnU-Net configuration", types=str, reload=RESTART)
+    configuration: str = key("3d_fullres", names.name, "nnU-Net configuration", types=str, reload=RESTART)
     fold: Any = key(0, fold, '0-4 or `"all"`', types=(int, str), reload=RESTART)
-    trainer: str = key("nnUNetTrainer", nonempty, "`-tr`", types=str, reload=RESTART)
-    plans: str = key("nnUNetPlans", nonempty, "`-p`", types=str, reload=RESTART)
+    trainer: str = key("nnUNetTrainer", names.trainer, "`-tr`", types=str, reload=RESTART)
+    plans: str = key("nnUNetPlans", names.name, "`-p`", types=str, reload=RESTART)
     device: str = key("cuda", one_of("cuda", "cpu", "mps"), "`cuda`, `cpu` or `mps`", types=str,
                       reload=NEXT_ATTEMPT)
     num_gpus: int = key(1, at_least_one, "> 1 adds `-num_gpus N`", types=int, reload=NEXT_ATTEMPT)
@@ -250,7 +248,7 @@ class Queue:
                        "SLURM's range syntax as a string (\"0-4\")", types=(list, str), reload=RESTART,
                        default_doc="`training.fold` alone",
                        convert=lambda v: tuple(parse_folds(v)) if isinstance(v, str) else tuple(v))
-    configurations: tuple = key((), lambda v: str_list(v) or (None if len(set(v)) == len(v) else
+    configurations: tuple = key((), lambda v: names.name_list(v) or (None if len(set(v)) == len(v) else
                                 "a list without repeats"),
                                 "configurations to train (a cascade waits for its 3d_lowres fold)", types=list,
                                 reload=RESTART, default_doc="`training.configuration` alone")
