@@ -90,9 +90,52 @@ def test_http_endpoint_is_scraped(tmp_path):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
-def test_listen_must_be_loopback_and_a_busy_port_does_not_raise(tmp_path):
-    with pytest.raises(ConfigError, match="loopback"):
-        make_cfg(tmp_path, metrics_sec={"listen": "0.0.0.0:9108"})
+@pytest.mark.parametrize("listen", ["0.0.0.0:9108", "localhost:9108", "127.example.com:9108", "127.0.0.1.nip.io:9108",
+                                    "127.1:9108", "::1:9108", "[::]:9108", "192.168.1.5:9108", "127.0.0.1:0",
+                                    "127.0.0.1:65536", "127.0.0.1", "127.0.0.1:\u0663"])
+def test_listen_accepts_only_loopback_ip_literals(tmp_path, listen):
+    """A host name (even `localhost`, or one starting with `127.`) is not a loopback IP literal."""
+    with pytest.raises(ConfigError) as e:
+        make_cfg(tmp_path, metrics_sec={"listen": listen})
+    msg = str(e.value)
+    assert str(tmp_path / "config.toml") in msg and "metrics.listen: expected" in msg and "loopback IP" in msg
+    assert "not a host name" in msg, msg
+
+
+def test_check_refuses_a_host_name_for_listen_naming_file_and_key(tmp_path):
+    import subprocess
+    import sys
+    from conftest import REPO
+    p = tmp_path / "config.toml"
+    p.write_text('[training]\ndataset = "Dataset001_X"\n[paths]\npreprocessed = "pre"\nresults = "res"\n'
+                 '[metrics]\nlisten = "127.evil.example:9108"\n')
+    for cmd in ("check", "run"):
+        r = subprocess.run([sys.executable, "-m", "supervisor", cmd, "--config", str(p)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert str(p) in r.stderr and "metrics.listen: expected" in r.stderr and "loopback IP" in r.stderr
+        assert "Traceback" not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2", "[::1]"])
+def test_other_loopback_literals_are_served(tmp_path, host):
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    try:
+        with socket.socket(family) as s:
+            s.bind((host.strip("[]"), 0))
+            port = s.getsockname()[1]
+    except OSError as e:
+        pytest.skip(f"{host} is not usable on this machine: {e}")
+    sinks = Sinks.open(make_cfg(tmp_path, metrics_sec={"listen": f"{host}:{port}"}), RecLog(), env={})
+    try:
+        sinks.snapshot(snap(batch_size=4))
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
+            assert samples(r.read().decode())[("cardiacseg_train_batch_size", ())] == 4
+    finally:
+        sinks.close(5)
+
+
+def test_a_busy_port_does_not_raise(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

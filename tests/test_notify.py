@@ -22,10 +22,11 @@ REQUIRED = ("event", "message", "dataset", "configuration", "fold", "epoch", "em
 
 
 class Hook:
-    """A real HTTP server: records JSON posts; mode "ok", "500" or "hang" (blocks until released)."""
+    """A real HTTP server: records JSON posts; mode "ok", "500", "hang" (blocks until released) or
+    "redirect" (answers `redirect` = (status, Location))."""
 
-    def __init__(self, mode="ok"):
-        self.mode, self.bodies, self.requests = mode, [], []
+    def __init__(self, mode="ok", redirect=None):
+        self.mode, self.bodies, self.requests, self.redirect = mode, [], [], redirect
         self.cv = threading.Condition()
         self.release = threading.Event()
         hook = self
@@ -35,18 +36,32 @@ class Hook:
                 data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with hook.cv:
                     hook.requests.append((self.path, dict(self.headers)))
+                    hook.times.append(time.monotonic())
                     if hook.mode == "ok":
                         hook.bodies.append(json.loads(data))
                     hook.cv.notify_all()
                 if hook.mode == "hang":
                     hook.release.wait(30)
-                self.send_response(200 if hook.mode == "ok" else 500)
+                if hook.mode == "redirect":
+                    self.send_response(hook.redirect[0])
+                    self.send_header("Location", hook.redirect[1])
+                else:
+                    self.send_response(200 if hook.mode == "ok" else 500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self):  # what a client that turns a redirected POST into a GET would send
+                with hook.cv:
+                    hook.gets.append((self.path, dict(self.headers)))
+                    hook.cv.notify_all()
+                self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
             def log_message(self, *a):
                 pass
 
+        self.gets, self.times = [], []
         self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.srv.daemon_threads = True
         self.port = self.srv.server_address[1]
@@ -314,3 +329,226 @@ def test_check_says_when_apprise_extra_is_missing(tmp_path, monkeypatch):
     assert Sinks.open(cfg, log, env={}).notifier is None
     assert log.events("notify_apprise_missing")
     assert notify.check_findings(make_cfg(tmp_path), env={}) == []  # nothing configured: nothing said
+
+
+# ---- hostile servers: every call bounded, nothing leaked -------------------------------------------------
+class Trickler:
+    """A real TCP server on 127.0.0.1 that reads the request, then answers one byte every `every` s for ever
+    ("HTTP/1.1 200 OK\\r\\nX-Slow: aaaa..."): each byte comes long before any read timeout, the answer never
+    ends. Records each connection's (start, end, bytes sent); the end is when the client cut it. `endless`
+    instead sends a complete 200 header with a huge Content-Length and a body as fast as it can."""
+
+    def __init__(self, every=0.2, endless=False):
+        import socket
+        self.every, self.endless = every, endless
+        self.conns: list[dict] = []
+        self.cv = threading.Condition()
+        self.stop_ev = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stop_ev.is_set():
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        rec = {"start": time.monotonic(), "end": None, "sent": 0}
+        with self.cv:
+            self.conns.append(rec)
+            self.cv.notify_all()
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:  # the request's head (the body, if any, is never read)
+                chunk = c.recv(65536)
+                if not chunk:
+                    raise OSError("closed")
+                data += chunk
+            if self.endless:
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n")
+                block = b"x" * 65536
+                while not self.stop_ev.is_set():
+                    c.sendall(block)
+                    rec["sent"] += len(block)
+            else:
+                head = b"HTTP/1.1 200 OK\r\nX-Slow: "
+                while not self.stop_ev.is_set():
+                    c.sendall(head[:1] if head else b"a")
+                    head = head[1:]
+                    rec["sent"] += 1
+                    self.stop_ev.wait(self.every)  # the server's pace, not a synchronisation
+        except OSError:
+            pass
+        finally:
+            rec["end"] = time.monotonic()
+            c.close()
+            with self.cv:
+                self.cv.notify_all()
+
+    def wait(self, pred, timeout=30):
+        with self.cv:
+            return self.cv.wait_for(lambda: pred(self.conns), timeout)
+
+    def stop(self):
+        self.stop_ev.set()
+        self.sock.close()
+
+
+def ended(n):
+    return lambda conns: len([c for c in conns if c["end"] is not None]) >= n
+
+
+def creds_with_hooks(tmp_path, *urls):
+    """A systemd credential folder with one `webhook=` line per URL (config holds only one webhook)."""
+    d = tmp_path / "creds"
+    d.mkdir(exist_ok=True)
+    (d / "notify-urls").write_text("".join(f"webhook={u}\n" for u in urls))
+    return {"CREDENTIALS_DIRECTORY": str(d)}
+
+
+def test_a_trickling_webhook_is_cut_at_the_deadline_and_holds_no_other_target(tmp_path, hook):
+    """One byte every 0.2 s, for ever: each try ends at its total deadline (not a per-read timeout, which the
+    trickle would defeat), and the good endpoint gets every message while the trickler is still being tried."""
+    slow = Trickler()
+    try:
+        log = RecLog()
+        deadline = 1.0
+        cfg = make_cfg(tmp_path, {"events": ["crash", "gave_up"], "timeout_seconds": deadline, "retries": 1,
+                                  "backoff_seconds": 0.01, "max_per_hour": 1000})
+        s = Sinks.open(cfg, log, env=creds_with_hooks(tmp_path, slow.url, hook.url))
+        assert [t.name for t in s.notifier.targets] == [notify.redact(slow.url), notify.redact(hook.url)]
+        s.publish(crash(attempt=1), SNAP)
+        assert hook.wait_requests(1)
+        assert slow.wait(ended(2), timeout=deadline * 2 + 30), slow.conns  # the try and its retry, both cut
+        assert hook.times[0] < slow.conns[0]["end"]  # the good target did not wait for the trickler's try
+        for c in slow.conns[:2]:
+            assert c["end"] - c["start"] <= deadline + 5 and c["sent"] >= 3, c  # it trickled, then was cut
+        failed = log.events("notify_failed")
+        assert len(failed) == 1 and failed[0][2]["target"] == notify.redact(slow.url)
+        assert "DeadlineExceeded" in failed[0][2]["error"] and failed[0][2]["tries"] == 2
+        s.publish(crash(attempt=2), SNAP)
+        s.publish(gave_up("budget spent"), SNAP)
+        assert hook.wait_requests(3)  # both, without waiting for the trickler's tries
+        s.close(timeout=1)
+        assert [b["event"] for b in hook.bodies] == ["crash", "crash", "gave_up"]
+    finally:
+        slow.stop()
+
+
+def test_the_last_message_before_exit_is_not_held_by_a_slow_target(tmp_path, hook):
+    """close(): one deadline for all targets; the trickler (30 s per try) holds only its own queue."""
+    slow = Trickler()
+    try:
+        log = RecLog()
+        cfg = make_cfg(tmp_path, {"events": ["gave_up"], "timeout_seconds": 30, "retries": 0})
+        s = Sinks.open(cfg, log, env=creds_with_hooks(tmp_path, slow.url, hook.url))
+        s.publish(gave_up("10 restarts within 360 min"), SNAP)
+        assert slow.wait(lambda conns: len(conns) >= 1)  # the trickler's try is under way
+        t0 = time.monotonic()
+        s.close(timeout=3)
+        assert time.monotonic() - t0 < 3 + 5
+        assert [b["event"] for b in hook.bodies] == ["gave_up"]
+        unsent = log.events("notify_unsent")
+        assert unsent and unsent[0][2]["targets"] == [notify.redact(slow.url)]
+    finally:
+        slow.stop()
+
+
+def test_a_slow_apprise_url_is_abandoned_at_the_deadline_one_thread_at_most(tmp_path, hook):
+    """Apprise's own I/O cannot be cut: the try is abandoned at its deadline, the next one waits for it
+    within its own deadline, so a hung URL never holds the others and never piles up threads."""
+    pytest.importorskip("apprise")
+    slow = Trickler()
+    try:
+        log = RecLog()
+        cfg = make_cfg(tmp_path, {"urls": [f"json://127.0.0.1:{slow.port}/"], "events": ["crash"],
+                                  "timeout_seconds": 1, "retries": 0, "max_per_hour": 1000})
+        s = Sinks.open(cfg, log, env=creds_with_hooks(tmp_path, hook.url))
+        assert len(s.notifier.targets) == 2
+        for i in range(4):
+            s.publish(crash(attempt=i), SNAP)
+        assert hook.wait_requests(4)
+        s.close(timeout=10)  # 4 tries of at most 1 s each on the apprise URL
+        w = s.notifier.workers[1]
+        assert w.failed == 4 and w.pending == 0, (w.failed, w.pending, log.calls)
+        errors = [c[2]["error"] for c in log.events("notify_try_failed")]
+        assert errors and all("DeadlineExceeded" in e for e in errors), errors
+        assert slow.wait(lambda conns: len(conns) == 1, timeout=0)  # one abandoned try, never a second
+        alive = [t for t in threading.enumerate() if t.name == "cardiacseg-apprise-try"]
+        assert len(alive) <= 1
+    finally:
+        slow.stop()
+
+
+def test_reply_bodies_are_read_up_to_a_bound(tmp_path):
+    """A 200 with a body that never ends: delivered at once (the status is all that is read, up to
+    REPLY_MAX bytes); reading it whole would run into the deadline and fail."""
+    big = Trickler(endless=True)
+    try:
+        log = RecLog()
+        cfg = make_cfg(tmp_path, {"webhook": big.url, "events": ["gave_up"], "timeout_seconds": 5, "retries": 0})
+        s = Sinks.open(cfg, log, env={})
+        s.publish(gave_up("m"), SNAP)
+        s.close(timeout=10)
+        assert s.notifier.delivered == 1 and not log.events("notify_failed"), log.calls
+        assert big.wait(ended(1))  # the client hung up on the endless body
+    finally:
+        big.stop()
+
+
+@pytest.mark.parametrize("status", [307, 308])
+def test_a_redirect_to_another_origin_never_carries_credentials(tmp_path, hook, status):
+    """307/308 keep the POST and its body and are followed; the Basic auth from user:password@ goes only to
+    the configured origin (another port is another origin), and user:password in a Location is ignored."""
+    other = hook  # records what it received
+    loc = f"http://mallory:LOCsecret@127.0.0.1:{other.port}/final"
+    r = Hook("redirect", redirect=(status, loc))
+    try:
+        log = RecLog()
+        url = f"http://alice:S3cretPass@127.0.0.1:{r.port}/hook"
+        cfg = make_cfg(tmp_path, {"webhook": url, "events": ["gave_up"], **FAST})
+        s = Sinks.open(cfg, log, env={})
+        s.publish(gave_up("m"), SNAP)
+        s.close(timeout=10)
+        assert r.requests[0][1]["Authorization"].startswith("Basic ")  # the configured origin gets it
+        assert [p for p, _ in other.requests] == ["/final"] and [b["event"] for b in other.bodies] == ["gave_up"]
+        assert "Authorization" not in other.requests[0][1], other.requests[0][1]
+        assert s.notifier.delivered == 1 and not log.events("notify_failed")
+    finally:
+        r.stop()
+
+
+def test_a_same_origin_redirect_keeps_the_credentials(tmp_path, hook):
+    same = Hook("redirect", redirect=(308, "/moved"))
+    try:
+        url = f"http://alice:S3cretPass@127.0.0.1:{same.port}/hook"
+        s = Sinks.open(make_cfg(tmp_path, {"webhook": url, "events": ["gave_up"], **FAST}), RecLog(), env={})
+        s.publish(gave_up("m"), SNAP)
+        s.close(timeout=10)
+        paths = [p for p, _ in same.requests]
+        assert paths[:2] == ["/hook", "/moved"] and all("Authorization" in h for _, h in same.requests)
+    finally:
+        same.stop()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+def test_a_redirect_that_would_drop_the_body_is_a_failed_delivery(tmp_path, hook, status):
+    """301/302/303 would turn the POST into a GET without the body: not followed, not counted delivered."""
+    r = Hook("redirect", redirect=(status, f"http://127.0.0.1:{hook.port}/final"))
+    try:
+        log = RecLog()
+        url = f"http://alice:S3cretPass@127.0.0.1:{r.port}/hook"
+        s = Sinks.open(make_cfg(tmp_path, {"webhook": url, "events": ["gave_up"], **FAST}), log, env={})
+        s.publish(gave_up("m"), SNAP)
+        s.close(timeout=10)
+        assert hook.requests == [] and hook.gets == []  # nothing reached the other origin, not even a GET
+        assert s.notifier.delivered == 0 and s.notifier.failed == 1
+        err = log.events("notify_failed")[0][2]["error"]
+        assert f"HTTP {status}" in err and "not followed" in err and "S3cretPass" not in err
+    finally:
+        r.stop()

@@ -279,12 +279,23 @@ def http_url(v):
 
 
 def loopback_listen(v):
-    """`host:port` on a loopback address (the endpoint is unauthenticated: never on a public interface)."""
+    """`HOST:PORT` with HOST a loopback IP literal (the endpoint is unauthenticated: never on a public
+    interface). A host name is refused, even `localhost` or one starting with `127.`: what it resolves to is
+    not this file's to say."""
+    import ipaddress
+
     host, sep, port = v.rpartition(":")
-    host = host.strip("[]")
-    ok_host = host == "localhost" or host == "::1" or host.startswith("127.")
-    if not sep or not ok_host or not port.isdigit() or not 0 < int(port) < 65536:
-        return '"HOST:PORT" on a loopback address, e.g. "127.0.0.1:9108"'
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:  # an IPv6 address without brackets: where it ends and the port begins is ambiguous
+        host = ""
+    try:
+        ok_host = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok_host = False
+    if not sep or not ok_host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        return ('"HOST:PORT" with HOST a loopback IP address (127.0.0.1 or another 127.x.y.z, or [::1]; '
+                'not a host name), e.g. "127.0.0.1:9108"')
     return None
 
 
@@ -312,7 +323,8 @@ class Notify:
     events: tuple = key(NOTIFY_DEFAULT_EVENTS, notify_events, "what to send; also `crash`, `thermal_pause`, "
                         "`started`, `epoch`", types=list, reload=RESTART)
     epoch_every: int = key(10, at_least_one, "event `epoch`: every N epochs", types=int, reload=RESTART)
-    timeout_seconds: float = key(10, positive, "per delivery try", reload=RESTART)
+    timeout_seconds: float = key(10, positive, "deadline of one delivery try, all of it (connect, send, "
+                                 "answer), not per read", reload=RESTART)
     retries: int = key(3, non_negative, "tries after the first, with doubling backoff", types=int,
                        reload=RESTART)
     backoff_seconds: float = key(5, non_negative, "first retry delay", reload=RESTART)
@@ -324,7 +336,8 @@ class Notify:
 class Metrics:
     textfile: str | None = key(UNSET, nonempty, "`.prom` file for node_exporter's textfile collector, "
                                "written atomically", types=str, reload=RESTART, default_doc="unset")
-    listen: str | None = key(UNSET, loopback_listen, "serve `/metrics` on this loopback `HOST:PORT`",
+    listen: str | None = key(UNSET, loopback_listen, "serve `/metrics` on this `HOST:PORT`, HOST a loopback IP "
+                             "(`127.0.0.1`, `[::1]`)",
                              types=str, reload=RESTART, default_doc="off")
     plot: bool = key(True, None, "redraw `<state_dir>/progress.png` (a child process; at most once a minute, and at the end)", types=bool,
                      reload=RESTART)

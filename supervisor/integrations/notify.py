@@ -11,134 +11,39 @@ How it works
   fold, epoch, ema_dice, best_ema_dice, batch_size, restarts, host, time, ...). Apprise gets
   `title` and `message` of the same body.
 - `Notifier.publish` runs on the loop thread and only does cheap work: map, rate limit (a sliding hour
-  of `max_per_hour`; final outcomes always pass), and a non-blocking put on a bounded queue (full:
-  dropped and counted). One worker thread delivers each message to every target, each try with
-  `timeout_seconds`, retried `retries` times with a doubling backoff. A target that starts failing is
-  logged once (not per try, not per message) and once more when it works again, with the count lost.
-- `close(timeout)` lets the worker drain the queue (cutting backoff waits short) until the deadline, so
-  the message about a give-up is sent before the process exits; the worker is a daemon thread, so a
-  hung server never keeps the process alive.
-- Secrets: URLs come from `notify.urls`, `urls_file` (refused when others can read or anyone else can
-  write it) and systemd's `LoadCredential=` ($CREDENTIALS_DIRECTORY/<credential>). Log lines only
-  ever carry `redact(url)` (scheme and, for http(s), host), and error texts are scrubbed of the URLs.
+  of `max_per_hour`; final outcomes always pass), and a non-blocking put on each target's bounded queue
+  (full: dropped and counted).
+- One worker thread per target (the webhook, each Apprise URL): a slow or hung target delays only its
+  own queue, never the messages to the others, nor their final message before exit. Each try has a total
+  deadline of `timeout_seconds` (not a per-read timeout, which a server trickling a byte at a time
+  defeats), retried `retries` times with a doubling backoff. The webhook enforces the deadline inside its
+  own HTTP client and leaves nothing behind (webhook.py). Apprise's plugins do their own I/O, which cannot
+  be cut from outside, so an Apprise try runs in a daemon thread that the worker waits for until the
+  deadline and then abandons; the next try first waits, within its own deadline, for the abandoned one to
+  end, so a URL has at most one such thread however long its server hangs. A target that starts failing
+  is logged once (not per try, not per message) and once more when it works again, with the count lost.
+- `close(timeout)` lets every worker drain its queue (cutting backoff waits short, each try bounded by
+  what is left) until one shared deadline, so the message about a give-up reaches every working target
+  before the process exits; workers are daemon threads, so a hung server never keeps the process alive.
+- Secrets: notify_urls.py (where URLs come from; log lines carry only `redact(url)`, errors are scrubbed).
 """
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import os
 import queue
-import re
-import stat
 import threading
 import time
-import urllib.parse
 from collections import deque
-from pathlib import Path
 
 from supervisor.integrations.notices import body, notice_for
+from supervisor.integrations.notify_urls import load_urls, redact, scrub
+from supervisor.integrations.webhook import DeadlineExceeded, Webhook
 
-QUEUE_MAX = 100
+__all__ = ["Notifier", "Webhook", "AppriseTarget", "build", "check_findings", "load_urls", "redact"]
+
+QUEUE_MAX = 100  # messages waiting per target
 FINAL = frozenset({"gave_up", "config_error", "completed", "target_reached", "diverged"})
 _STOP = object()
-
-
-# ---- secrets ------------------------------------------------------------------------------------
-def redact(url: str) -> str:
-    """What a log line may show of a URL: the scheme, and for http(s) the host and port."""
-    try:
-        p = urllib.parse.urlsplit(url)
-        if p.scheme in ("http", "https") and p.hostname:
-            port = f":{p.port}" if p.port else ""
-            return f"{p.scheme}://{p.hostname}{port}/..."
-    except ValueError:
-        pass
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    return f"{scheme}://..." if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,31}", scheme) else "<url>"
-
-
-def _resolve(cfg, p: str) -> Path:
-    q = Path(os.path.expanduser(p))
-    return q if q.is_absolute() else Path(cfg.path).parent / q
-
-
-def _parse_lines(text: str, urls: list[str], hooks: list[str]) -> None:
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("webhook="):
-            hooks.append(line[len("webhook="):].strip())
-        else:
-            urls.append(line)
-
-
-def load_urls(cfg, env=None) -> tuple[list[str], list[str], list[str]]:
-    """(apprise urls, webhook urls, problems) from the config, urls_file and the systemd credential."""
-    env = os.environ if env is None else env
-    n = cfg.notify
-    urls, hooks, problems = list(n.urls), [n.webhook] if n.webhook else [], []
-    if n.urls_file:
-        path = _resolve(cfg, n.urls_file)
-        try:
-            st = path.stat()
-            # group-readable is allowed (root:cardiacseg 0640); others reading, or others writing, is not
-            if st.st_mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
-                problems.append(f"notify.urls_file {path}: refused, mode {stat.S_IMODE(st.st_mode):04o} lets "
-                                f"others read or change it (it holds tokens): chmod 600 {path}")
-            else:
-                _parse_lines(path.read_text(), urls, hooks)
-        except OSError as e:
-            problems.append(f"notify.urls_file {path}: cannot read: {e.strerror or e}")
-    creds = env.get("CREDENTIALS_DIRECTORY")
-    if creds:
-        path = Path(creds) / n.credential
-        try:
-            _parse_lines(path.read_text(), urls, hooks)
-        except FileNotFoundError:
-            pass  # the credential is optional: a unit without LoadCredential= has none
-        except OSError as e:
-            problems.append(f"credential {n.credential}: cannot read: {e.strerror or e}")
-    bad = [h for h in hooks if not h.startswith(("http://", "https://"))]
-    problems += [f"webhook {redact(h)}: expected an http:// or https:// URL" for h in bad]
-    return urls, [h for h in hooks if h not in bad], problems
-
-
-def _scrub(text: str, secrets: list[str]) -> str:
-    """Replace each URL, and each part of it that may be a token, in an error text."""
-    for s in secrets:
-        text = text.replace(s, redact(s))
-        rest = s.split("://", 1)[-1]
-        userinfo = rest.split("/", 1)[0].rpartition("@")[0]
-        parts = [rest, userinfo, *userinfo.split(":"), *re.split(r"[/?&=#@:]", rest)]
-        for part in sorted({p for p in parts if len(p) >= 4 and not p.replace(".", "").isdigit()},
-                           key=len, reverse=True):
-            if part not in ("http", "https", "localhost"):
-                text = text.replace(part, "***")
-    return text
-
-
-# ---- delivery -----------------------------------------------------------------------------------
-class Webhook:
-    """POST the body as JSON; any non-2xx answer or network error raises."""
-
-    def __init__(self, url: str):
-        self.name = redact(url)
-        self.headers = {"Content-Type": "application/json", "User-Agent": "cardiacseg-train"}
-        p = urllib.parse.urlsplit(url)
-        if p.username is not None:  # urllib does not take user:password@ from the URL: Basic auth instead
-            cred = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
-            self.headers["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
-            p = p._replace(netloc=p.netloc.rpartition("@")[2])
-        self.url = urllib.parse.urlunsplit(p)
-
-    def send(self, msg: dict, timeout: float) -> None:
-        import urllib.request  # only when a webhook is configured: the daemon stays small otherwise
-
-        req = urllib.request.Request(self.url, data=json.dumps(msg).encode(), method="POST", headers=self.headers)
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            r.read()
 
 
 def _drop(_record) -> bool:
@@ -156,38 +61,146 @@ def _silence_apprise() -> None:
 
 
 class AppriseTarget:
-    """All Apprise URLs as one target (Apprise fans out itself). Needs the `notify` extra."""
+    """One Apprise URL, a target of its own. Needs the `notify` extra. A try runs Apprise's blocking call in
+    a daemon thread and is abandoned at its deadline (see the module docstring: why, and why it stays one
+    thread per URL at most)."""
 
-    def __init__(self, urls: list[str]):
+    def __init__(self, url: str):
         import apprise  # optional extra: ImportError is handled by the caller
         _silence_apprise()
         self.ap = apprise.Apprise()
-        self.rejected = [redact(u) for u in urls if not self.ap.add(u)]
-        self.name = "apprise(" + ", ".join(redact(u) for u in urls) + ")"
+        self.ok = bool(self.ap.add(url))
+        self.name = f"apprise({redact(url)})"
+        self._running: threading.Thread | None = None  # an abandoned try that has not ended yet
 
     def send(self, msg: dict, timeout: float) -> None:
-        if not self.ap.notify(title=msg["title"], body=msg["message"]):
+        deadline = time.monotonic() + timeout
+        if self._running is not None:
+            self._running.join(timeout)
+            if self._running.is_alive():
+                raise DeadlineExceeded(f"the previous try is still running after another {timeout:g} s")
+            self._running = None
+        out: dict = {}
+
+        def run():
+            try:
+                out["ok"] = self.ap.notify(title=msg["title"], body=msg["message"])
+            except Exception as e:  # a plugin's failure is a failed delivery
+                out["error"] = e
+
+        t = threading.Thread(target=run, name="cardiacseg-apprise-try", daemon=True)
+        t.start()
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            self._running = t
+            raise DeadlineExceeded(f"no answer within {timeout:g} s (the try is abandoned)")
+        if "error" in out:
+            raise out["error"]
+        if not out.get("ok"):
             raise OSError("Apprise reported a failed delivery")
 
 
+class _Worker:
+    """One target's bounded queue and delivery thread (the Notifier's part that blocks)."""
+
+    def __init__(self, owner: "Notifier", target, index: int):
+        self.o, self.t = owner, target
+        self.q: queue.Queue = queue.Queue()  # bounded by offer() (the only producer): the sentinel always fits
+        self.lock = threading.Lock()
+        self.pending = 0  # queued or being delivered (under lock)
+        self.delivered = self.failed = self.dropped = self.unsent = 0
+        self.lost: int | None = None  # messages lost since the target started failing; None: working
+        self._full_logged = False
+        self.thread = threading.Thread(target=self._run, name=f"cardiacseg-notify-{index}", daemon=True)
+        self.thread.start()
+
+    def offer(self, msg: dict) -> bool:
+        """Queue `msg` without blocking; False (dropped, counted, logged once per full stretch) when full."""
+        if self.q.qsize() >= QUEUE_MAX:
+            self.dropped += 1
+            if not self._full_logged:
+                self._full_logged = True
+                self.o.log.warning("notify_queue_full", target=self.t.name, dropped=self.dropped,
+                                   kind=msg.get("event"))
+            return False
+        self._full_logged = False
+        with self.lock:
+            self.pending += 1
+        self.q.put_nowait(msg)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            msg = self.q.get()
+            if msg is _STOP:
+                return
+            tried = True
+            try:
+                tried = self._deliver(msg)
+            except Exception:  # pragma: no cover - a logging failure must not end deliveries
+                pass
+            finally:
+                with self.lock:  # one step, so that close() never counts a message twice or not at all
+                    self.pending -= 1
+                    self.unsent += not tried
+
+    def _deliver(self, msg: dict) -> bool:
+        """Try `msg` on the target; False when close()'s deadline left no time for a first try."""
+        n, o, t = self.o.n, self.o, self.t
+        delay, err, tries = n.backoff_seconds, None, 0
+        for i in range(n.retries + 1):
+            rem = None if o.deadline is None else o.deadline - o.clock()
+            if rem is not None and rem <= 0:
+                if not tries:  # close()'s deadline passed before its first try: unsent, not failed
+                    return False
+                break
+            budget = n.timeout_seconds if rem is None else max(0.1, min(rem, n.timeout_seconds))
+            t0, tries = time.monotonic(), i + 1
+            try:
+                t.send(msg, budget)
+            except Exception as e:  # any failure of an optional integration is a failed delivery, never a crash
+                err = e
+                o.log.debug("notify_try_failed", target=t.name, kind=msg.get("event"), attempt=tries,
+                            seconds=round(time.monotonic() - t0, 3), error=self._text(e))
+            else:
+                self.delivered += 1
+                if self.lost is not None:
+                    o.log.info("notify_recovered", target=t.name, lost=self.lost)
+                    self.lost = None
+                return True
+            if i < n.retries:
+                o.wake.wait(delay)  # set by close(): retry at once until the deadline
+                delay *= 2
+        self.failed += 1
+        if self.lost is None:
+            self.lost = 0
+            o.log.warning("notify_failed", target=t.name, kind=msg.get("event"), tries=tries,
+                          error=self._text(err) if err else "deadline")
+        self.lost += 1
+        return True
+
+    def _text(self, e: BaseException) -> str:
+        return scrub(f"{type(e).__name__}: {e}", self.o.secrets)
+
+
 class Notifier:
-    """A bounded queue and one delivery thread; publish() never blocks and never raises."""
+    """Bounded queues and one delivery thread per target; publish() never blocks and never raises."""
 
     def __init__(self, targets: list, cfg_notify, log, secrets: list[str] = (), clock=time.monotonic):
-        self.targets, self.n, self.log, self.secrets, self.clock = targets, cfg_notify, log, list(secrets), clock
+        self.n, self.log, self.secrets, self.clock = cfg_notify, log, list(secrets), clock
         self.events = frozenset(cfg_notify.events)
-        self.q: queue.Queue = queue.Queue()  # bounded by publish() (the only producer): the sentinel always fits
         self.sent_times: deque[float] = deque()
-        self.dropped_full = self.dropped_rate = self.delivered = self.failed = 0
-        self.failing: dict[str, int] = {}  # target name -> messages lost since it started failing
-        self._seen_start = False
-        self._limited_logged = self._full_logged = False
-        self.pending = 0  # queued or being delivered (under _lock)
-        self._lock = threading.Lock()
-        self._deadline: float | None = None
-        self._wake = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="cardiacseg-notify", daemon=True)
-        self.thread.start()
+        self.dropped_rate = 0
+        self._seen_start = self._limited_logged = False
+        self.deadline: float | None = None
+        self.wake = threading.Event()
+        self.workers = [_Worker(self, t, i) for i, t in enumerate(targets)]
+        self.targets = targets
+
+    dropped_full = property(lambda self: sum(w.dropped for w in self.workers))
+    delivered = property(lambda self: sum(w.delivered for w in self.workers))
+    failed = property(lambda self: sum(w.failed for w in self.workers))
+    pending = property(lambda self: sum(w.pending for w in self.workers))
 
     # -- loop thread --
     def publish(self, item, snap: dict | None) -> None:
@@ -198,7 +211,7 @@ class Notifier:
         elif kind == "epoch" and not (isinstance(fields.get("epoch"), int)
                                       and fields["epoch"] % self.n.epoch_every == 0):
             kind = None
-        if kind is None or kind not in self.events or self._deadline is not None:
+        if kind is None or kind not in self.events or self.deadline is not None:
             return
         now = self.clock()
         while self.sent_times and self.sent_times[0] <= now - 3600:
@@ -210,67 +223,26 @@ class Notifier:
                 self.log.warning("notify_rate_limited", max_per_hour=self.n.max_per_hour, kind=kind)
             return
         self._limited_logged = False
-        if self.q.qsize() >= QUEUE_MAX:
-            self.dropped_full += 1
-            if not self._full_logged:
-                self._full_logged = True
-                self.log.warning("notify_queue_full", dropped=self.dropped_full, kind=kind)
-            return
-        self._full_logged = False
-        self.sent_times.append(now)
-        with self._lock:
-            self.pending += 1
-        self.q.put_nowait(body(kind, fields, snap))
+        msg = body(kind, fields, snap)
+        if [w.offer(msg) for w in self.workers].count(True):
+            self.sent_times.append(now)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Deliver what is queued until the deadline; what is left is counted and logged once."""
-        if self._deadline is None:
-            self._deadline = self.clock() + timeout
-            self._wake.set()  # cut a backoff wait short: from now on, retries only until the deadline
-            self.q.put_nowait(_STOP)
-        self.thread.join(max(0.0, self._deadline - self.clock()))
-        if self.pending:
-            self.log.warning("notify_unsent", messages=self.pending, timeout_s=timeout)
-
-    # -- worker thread --
-    def _run(self) -> None:
-        while True:
-            msg = self.q.get()
-            if msg is _STOP:
-                return
-            for t in self.targets:
-                try:
-                    self._deliver(t, msg)
-                except Exception:  # pragma: no cover - a logging failure must not end deliveries
-                    pass
-            with self._lock:
-                self.pending -= 1
-
-    def _deliver(self, t, msg: dict) -> None:
-        delay, err = self.n.backoff_seconds, None
-        for i in range(self.n.retries + 1):
-            rem = None if self._deadline is None else self._deadline - self.clock()
-            if rem is not None and rem <= 0:
-                break
-            try:
-                t.send(msg, self.n.timeout_seconds if rem is None else max(0.1, min(rem, self.n.timeout_seconds)))
-            except Exception as e:  # any failure of an optional integration is a failed delivery, never a crash
-                err = e
-            else:
-                self.delivered += 1
-                lost = self.failing.pop(t.name, None)
-                if lost is not None:
-                    self.log.info("notify_recovered", target=t.name, lost=lost)
-                return
-            if i < self.n.retries:
-                self._wake.wait(delay)  # set by close(): retry at once until the deadline
-                delay *= 2
-        self.failed += 1
-        if t.name not in self.failing:
-            self.failing[t.name] = 0
-            self.log.warning("notify_failed", target=t.name, kind=msg.get("event"), tries=i + 1,
-                             error=_scrub(f"{type(err).__name__}: {err}" if err else "deadline", self.secrets))
-        self.failing[t.name] += 1
+        """Deliver what is queued until one deadline for all targets; what is left is counted and logged once."""
+        if self.deadline is None:
+            self.deadline = self.clock() + timeout
+            self.wake.set()  # cut backoff waits short: from now on, retries only until the deadline
+            for w in self.workers:
+                w.q.put_nowait(_STOP)
+        for w in self.workers:
+            w.thread.join(max(0.0, self.deadline - self.clock()))
+        left = {}
+        for w in self.workers:
+            with w.lock:  # queued, being tried, or skipped at the deadline: not delivered before exit
+                if w.pending + w.unsent:
+                    left[w.t.name] = w.pending + w.unsent
+        if left:
+            self.log.warning("notify_unsent", messages=sum(left.values()), targets=sorted(left), timeout_s=timeout)
 
 
 def build(cfg, log, env=None) -> Notifier | None:
@@ -281,14 +253,15 @@ def build(cfg, log, env=None) -> Notifier | None:
     targets: list = [Webhook(h) for h in hooks]
     if urls:
         try:
-            t = AppriseTarget(urls)
+            apprise_targets = [AppriseTarget(u) for u in urls]
         except ImportError:
             log.error("notify_apprise_missing", urls=len(urls),
                       fix="pip install 'cardiacseg-train[notify]'")
         else:
-            for r in t.rejected:
-                log.error("notify_url_rejected", url=r)
-            targets.append(t)
+            for u, t in zip(urls, apprise_targets):
+                if not t.ok:
+                    log.error("notify_url_rejected", url=redact(u))
+            targets += [t for t in apprise_targets if t.ok]
     if not targets:
         return None
     log.info("notify_enabled", targets=[t.name for t in targets], events=list(cfg.notify.events))
