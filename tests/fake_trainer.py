@@ -23,6 +23,8 @@ Faults on cue, from the environment (each fires once per results folder, tracked
     sigkill - kill itself with SIGKILL (what the kernel OOM killer does)
     hang    - stop printing and sleep forever mid-epoch
     nan     - report nan losses and dice from then on
+    daemon  - start a daemon that double-forks, calls setsid and execs `sleep` with an EMPTY environment
+              (no group, no marker finds it; its pid in <fold>/daemon.pid), then train on
     enospc  - after the epoch's last log line, die writing checkpoint_best.pth with
               "OSError: [Errno 28] No space left on device" (a half-written file is left behind)
   FAKE_OOM_ABOVE_BS=N  - OOM in the first epoch whenever the plans' batch size is above N
@@ -90,6 +92,22 @@ def dice_for(epoch, nan):
     if nan:
         return [float("nan")] * 3
     return [min(0.97, 0.50 + step * epoch + 0.00123), min(0.93, 0.30 + step * epoch + 0.00456), 0.0]
+
+
+def start_daemon(out):
+    """The classic double fork: the middle process exits at once, the daemon is orphaned (reparented to
+    the nearest subreaper: the supervisor), leaves the session and sheds the environment."""
+    mid = os.fork()
+    if mid == 0:
+        os.setsid()
+        if os.fork() == 0:
+            with open(os.path.join(out, "daemon.pid"), "w") as fh:
+                fh.write(str(os.getpid()))
+            os.execve("/bin/sleep", ["sleep", "1000"], {})
+        os._exit(0)
+    os.waitpid(mid, 0)
+    while not os.path.exists(os.path.join(out, "daemon.pid")):
+        time.sleep(0.01)
 
 
 def event(name):
@@ -266,6 +284,8 @@ def main():
                 nan = True
             if kind == "enospc":
                 enospc = True
+            if kind == "daemon":
+                start_daemon(out)
         time.sleep(epoch_s)
         dice = dice_for(epoch, nan)
         vals = [d for d in dice if d == d]

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="torch is not installed: this module's tests use real torch checkpoints")
 
-from conftest import REPO, wait_for
+from conftest import DATASET, REPO, wait_for
 
 
 def attempts(job):
@@ -74,6 +74,33 @@ def test_sigterm_stops_gracefully_and_leaves_no_process(job):
     st = job.state_json()
     assert st["sup"]["outcome"] == "stopped" and st["attempts"][-1]["reason"] == "stopped"
     assert no_group_left(pgid)
+
+
+def test_a_daemon_the_trainer_double_forked_ends_with_its_attempt(job):
+    """The trainer starts a daemon that double-forks, calls setsid and execs with an empty environment:
+    neither the trainer's group, nor its descendants, nor the attempt marker finds it. It is orphaned to
+    the supervisor (the subreaper), and the attempt's end ends it; nothing of the run is left."""
+    cfg = job.config(env={"FAKE_EPOCHS": "4", "FAKE_EPOCH_S": "0.1", "FAKE_FAULT": "1:daemon"})
+    p = job.start(cfg)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-3000:]
+    pid_file = job.results / DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0" / "daemon.pid"
+    pid = int(pid_file.read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).name() != "sleep", "the daemon outlived its attempt"
+    assert job.state_json()["sup"]["outcome"] == "completed"
+
+
+def test_a_childs_exit_status_belongs_to_whoever_waits_for_it():
+    """The loop reaps orphans while a worker thread waits for its own child (the picture, the sensor):
+    reap_zombies must never take that child's exit status."""
+    from supervisor.integrations import proc
+    p = proc.popen(["sh", "-c", "exit 7"])
+    wait_for(lambda: psutil.Process(p.pid).status() == psutil.STATUS_ZOMBIE, timeout=10, interval=0.01,
+             what="the child exited")
+    assert proc.reap_zombies() == [] and p.pid not in proc.orphans()
+    assert p.wait(5) == 7
+    proc.release(p)
+    assert proc.run(["sh", "-c", "echo hi; exit 3"], capture_output=True, text=True).returncode == 3
 
 
 def _pgid(pid):

@@ -4,9 +4,9 @@ How it works: a trainer we start leads its own process group (start_new_session)
 trainer we adopt (`run --take-over`: another trainer on the fold, to be stopped at its safe point) is
 not our child: its end is seen by its pid disappearing, its exit status is unknown, and when it shares
 the supervisor's own process group (started with `&` from the same shell) it is signalled by pid and
-descendants, never by group. Every few seconds `sample()` records the trainer's descendants (pid +
-start time, so a reused pid is never mistaken for ours, and a worker that left the group with setsid is
-still known) and the CPU seconds the whole tree has used, and returns an Activity event (cores used
+descendants, never by group. Every few seconds `sample()` records the trainer's descendants and the
+orphans of its tree reparented to the supervisor (pid + start time, so a reused pid is never mistaken
+for ours, and a worker that left the group with setsid, or a daemon that double-forked, is still known) and the CPU seconds the whole tree has used, and returns an Activity event (cores used
 since the previous sample, GPU utilisation where NVML tells) for the policy's hang rule: this module
 measures, it does not decide. `remnants()` reports what is left after the trainer itself exited;
 `members()` (pid -> start time) is persisted in state.json so a supervisor restarted after SIGKILL can
@@ -58,6 +58,7 @@ class Attempt:
             if rc is None:
                 return False
             self.returncode = rc
+            proc.release(self.popen)
         elif any(proc.running(p, self.known.get(p)) for p in (self.pid, *self.adopted)):
             return False
         self.exited = True
@@ -100,7 +101,7 @@ class Attempt:
             return None
         self.next_sample = now + SAMPLE_S
         total = 0.0
-        for pid in [self.pid, *proc.descendants(self.pid)]:
+        for pid in [self.pid, *proc.descendants(self.pid), *proc.orphans()]:
             self.known.setdefault(pid, proc.process_start_time(pid))
             try:
                 t = psutil.Process(pid).cpu_times()
@@ -121,6 +122,7 @@ class Attempt:
 
     def remnants(self, nvml) -> Remnants:
         """What is left of the attempt after its main process exited (for the policy's reaping rule)."""
+        self.learn(proc.orphans())  # orphaned by the trainer's end: reparented to us
         alive = set(self.survivors())
         if self.pgid != os.getpgrp() and proc.group_alive(self.pgid):
             alive.add(self.pgid)

@@ -76,6 +76,7 @@ class Executor:
             return
         a.signal(signal.SIGKILL)  # the trainer is gone; what is left of it is useless and may hold GPU memory
         a.learn(proc.marked_processes(self.cfg.paths.state_dir, a.n))  # one scan: then known by start time
+        a.learn(proc.orphans())  # a daemon of the trainer's that double-forked, setsid, no marker
         for pid in a.survivors():
             proc.kill_pid(pid)
 

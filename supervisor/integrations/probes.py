@@ -14,6 +14,8 @@ import json
 import subprocess
 import sys
 
+from supervisor.integrations import proc
+
 MARKER = "CARDIACSEG_PROBE "  # the trainer-side modules print their answer behind it
 TIMEOUT_S = 180
 
@@ -21,8 +23,8 @@ TIMEOUT_S = 180
 def ask(module: str, arg: str, env: dict | None, timeout: float = TIMEOUT_S) -> tuple[dict | None, str]:
     """(answer, "") or (None, why there is none) from supervisor.trainer.<module>."""
     try:
-        r = subprocess.run([sys.executable, "-m", f"supervisor.trainer.{module}", arg], env=env,
-                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        r = proc.run([sys.executable, "-m", f"supervisor.trainer.{module}", arg], env=env,
+                     capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return None, f"no answer within {timeout:g} s"
     except OSError as e:

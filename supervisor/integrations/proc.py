@@ -8,8 +8,14 @@ How it works
 - The supervisor makes itself a child subreaper (prctl PR_SET_CHILD_SUBREAPER, as systemd does), so
   augmentation workers orphaned by a dead trainer are reparented to us rather than to PID 1, stay
   visible, and are reaped here.
-- `group_alive(pgid)` asks the kernel (killpg with signal 0) whether any process of the group is left;
-  `reap_zombies()` collects exited children that are ours, so they stop counting as members.
+- The supervisor's own children (the trainer, the picture, the sensor command, scontrol, probes) are
+  started through `popen`/`run`, which register them until their owner has waited for them. Every other
+  child of ours is an orphan reparented to us by the subreaper: a process of the trainer's tree (a
+  worker, or a daemon that double-forked, called setsid and exec'ed with an empty environment, so that
+  neither its group nor the attempt marker finds it). `orphans()` lists them for the attempt to end,
+  and `reap_zombies()` collects only them: the exit status of a registered child belongs to its owner.
+  The registration happens under a lock that spans the fork, so no child is ever seen unregistered.
+- `group_alive(pgid)` asks the kernel (killpg with signal 0) whether any process of the group is left.
 - `cgroup_oom_kills()` reads the `oom_kill` counter of our cgroup (v2 memory.events) when there is one,
   as evidence for telling a kernel OOM kill from someone's `kill -9`.
 """
@@ -19,6 +25,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -43,8 +50,54 @@ def become_subreaper() -> bool:
         return False
 
 
+_OWN: set[int] = set()        # children the supervisor started and will wait for itself
+_OWN_LOCK = threading.Lock()   # held across a fork and while children are listed
+
+
+def popen(argv, **kw) -> subprocess.Popen:
+    """subprocess.Popen for a child the supervisor starts itself: registered as its owner's until
+    `release(p)`, which the owner calls once it has waited for it (poll() returned its status)."""
+    with _OWN_LOCK:
+        p = subprocess.Popen(argv, **kw)
+        _OWN.add(p.pid)
+    return p
+
+
+def release(p: subprocess.Popen) -> None:
+    with _OWN_LOCK:
+        _OWN.discard(p.pid)
+
+
+def run(argv, *, timeout: float | None = None, input=None, capture_output: bool = False, **kw):
+    """subprocess.run through popen/release (the same arguments); TimeoutExpired after killing it."""
+    if capture_output:
+        kw["stdout"] = kw["stderr"] = subprocess.PIPE
+    p = popen(argv, **kw)
+    try:
+        with p:
+            try:
+                out, err = p.communicate(input, timeout=timeout)
+            except BaseException:
+                p.kill()
+                p.communicate()
+                raise
+    finally:
+        release(p)
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
+def orphans() -> list[int]:
+    """Live children of ours that we did not start: orphans of the trainer's tree (see the docstring)."""
+    with _OWN_LOCK:
+        try:
+            kids = psutil.Process().children()
+        except psutil.Error:
+            return []
+        return [k.pid for k in kids if k.pid not in _OWN and _alive(k.pid)]
+
+
 def spawn(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
+    return popen(
         argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_child_setup, close_fds=True,
     )
@@ -71,23 +124,25 @@ def group_alive(pgid: int) -> bool:
 
 
 def reap_zombies(skip: set[int] = frozenset()) -> list[tuple[int, int]]:
-    """waitpid() our exited children (orphans reparented to us included), except pids in skip."""
+    """waitpid() the exited orphans reparented to us; never a child we started (its owner waits for it)
+    nor a pid in skip."""
     reaped = []
-    try:
-        kids = psutil.Process().children()
-    except psutil.Error:
-        return reaped
-    for k in kids:
-        if k.pid in skip:
-            continue
+    with _OWN_LOCK:
         try:
-            if k.status() != psutil.STATUS_ZOMBIE:
+            kids = psutil.Process().children()
+        except psutil.Error:
+            return reaped
+        for k in kids:
+            if k.pid in skip or k.pid in _OWN:
                 continue
-            pid, status = os.waitpid(k.pid, os.WNOHANG)
-            if pid:
-                reaped.append((pid, status))
-        except (ChildProcessError, psutil.Error):
-            continue
+            try:
+                if k.status() != psutil.STATUS_ZOMBIE:
+                    continue
+                pid, status = os.waitpid(k.pid, os.WNOHANG)
+                if pid:
+                    reaped.append((pid, status))
+            except (ChildProcessError, psutil.Error):
+                continue
     return reaped
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from supervisor.integrations import notify
+from supervisor.integrations import notify, proc
 from supervisor.integrations import plot
 
 if TYPE_CHECKING:
@@ -219,9 +219,9 @@ class Sinks:
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump({**snap, "epochs_dir": str(state_dir)}, fh, default=str)
-            r = subprocess.run([sys.executable, "-m", "supervisor.integrations.plot", "--snapshot", src, str(self.plot_path)],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               timeout=PLOT_TIMEOUT_S)
+            r = proc.run([sys.executable, "-m", "supervisor.integrations.plot", "--snapshot", src, str(self.plot_path)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         timeout=PLOT_TIMEOUT_S)
             if r.returncode != 0:
                 raise RuntimeError((r.stderr or b"").decode(errors="replace").strip()[-300:] or f"exit {r.returncode}")
         finally:

@@ -22,6 +22,7 @@ from pathlib import Path
 from supervisor.config import job
 from supervisor.config.loader import Config, ConfigError
 from supervisor.core.events import Readings
+from supervisor.integrations import proc
 from supervisor.integrations.nvml import Nvml, Reading
 from supervisor.integrations.store import atomic_write
 
@@ -78,8 +79,8 @@ class CommandSource:
                 return None
             self.next = now + self.poll_s
             try:
-                self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+                self.proc = proc.popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                       stdin=subprocess.DEVNULL, text=True, start_new_session=True)
             except OSError as e:
                 return self._failed(f"cannot run {self.argv[0]}: {e.strerror or e}")
             self.started = now
@@ -89,9 +90,11 @@ class CommandSource:
                 return None
             self.proc.kill()
             self.proc.communicate()
+            proc.release(self.proc)
             self.proc = None
             return self._failed(f"{self.argv[0]} did not answer within {self.timeout_s:g} s")
         out, _ = self.proc.communicate()
+        proc.release(self.proc)
         rc, self.proc = self.proc.returncode, None
         if rc != 0:
             return self._failed(f"{self.argv[0]} exited with {rc}")
@@ -110,9 +113,12 @@ class CommandSource:
         return self._failed("no answer")
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
             self.proc.communicate()
+            proc.release(self.proc)
+            self.proc = None
 
 
 class ThermalGuard:
