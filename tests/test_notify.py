@@ -552,3 +552,30 @@ def test_a_redirect_that_would_drop_the_body_is_a_failed_delivery(tmp_path, hook
         assert f"HTTP {status}" in err and "not followed" in err and "S3cretPass" not in err
     finally:
         r.stop()
+
+
+def test_the_webhook_goes_through_the_environments_proxy(tmp_path, hook, monkeypatch):
+    """$http_proxy is honoured as urllib did (the proxy gets the absolute URL, and the credentials of the
+    proxy's URL as Proxy-Authorization), and $no_proxy exempts a host. `hook` plays the proxy."""
+    monkeypatch.setenv("http_proxy", f"http://proxyuser:PXsecret@127.0.0.1:{hook.port}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    url = "http://alice:S3cretPass@hooks.example.invalid:8080/cardiacseg"
+    log = RecLog()
+    s = Sinks.open(make_cfg(tmp_path, {"webhook": url, "events": ["gave_up"], **FAST}), log, env={})
+    s.publish(gave_up("m"), SNAP)
+    s.close(timeout=10)
+    assert [p for p, _ in hook.requests] == ["http://hooks.example.invalid:8080/cardiacseg"], log.calls
+    h = hook.requests[0][1]
+    assert h["Proxy-Authorization"].startswith("Basic ") and h["Authorization"].startswith("Basic ")
+    assert s.notifier.delivered == 1
+    direct = Hook()
+    try:
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        s = Sinks.open(make_cfg(tmp_path, {"webhook": direct.url, "events": ["gave_up"], **FAST}), log, env={})
+        s.publish(gave_up("m"), SNAP)
+        s.close(timeout=10)
+        assert len(hook.requests) == 1 and [p for p, _ in direct.requests] == ["/hook"]  # not through the proxy
+        assert "Proxy-Authorization" not in direct.requests[0][1]
+    finally:
+        direct.stop()

@@ -1,7 +1,8 @@
 """The built-in webhook of [notify]: one POST of a JSON body, bounded in time and in what it reads.
 
 How it works
-- One try is one `post()`: a fresh connection per request (`Connection: close`), no proxy, no cookies.
+- One try is one `post()`: a fresh connection per request (`Connection: close`), no cookies; through the
+  proxy of $http_proxy/$https_proxy unless $no_proxy exempts the host, as urllib did.
 - Total deadline per try. A server that answers a byte at a time, each byte sooner than any read timeout,
   would hold a per-read timeout forever; so each try has one deadline for everything after name resolution
   (connect, TLS handshake, sending, status line, headers, reply). The socket timeout is the time left, and
@@ -21,7 +22,6 @@ How it works
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import socket
 import threading
@@ -79,14 +79,40 @@ class _Cutter:
                 self.dup.close()
 
 
+def _connection(url: urllib.parse.SplitResult, left: float):
+    """(connection, request target) for `url`, through the proxy of $http_proxy/$https_proxy unless
+    $no_proxy exempts the host (as urllib did): an https URL through a CONNECT tunnel, an http URL as an
+    absolute URL to the proxy. user:password in the proxy's URL becomes its Proxy-Authorization."""
+    import http.client  # only when a webhook is configured: the daemon stays small otherwise
+    import urllib.request
+
+    target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if not proxy or urllib.request.proxy_bypass(url.hostname):
+        return cls(url.hostname, url.port, timeout=left), target, {}
+    p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    auth = {}
+    if p.username is not None:
+        cred = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
+        auth = {"Proxy-Authorization": "Basic " + base64.b64encode(cred.encode()).decode()}
+    if url.scheme == "https":
+        conn = cls(p.hostname, p.port or 8080, timeout=left)
+        conn.set_tunnel(url.hostname, url.port, headers=auth)
+        return conn, target, {}
+    return http.client.HTTPConnection(p.hostname, p.port or 8080, timeout=left), urllib.parse.urlunsplit(
+        url._replace(fragment="")), auth
+
+
 def _one(url: urllib.parse.SplitResult, body: bytes, headers: dict, deadline: float, budget: float):
     """(status, Location header, the first REPLY_MAX bytes of the reply) of one POST, within `deadline`
     (time.monotonic()); `budget` is only for the message."""
+    import http.client
+
     left = deadline - time.monotonic()
     if left <= 0:
         raise DeadlineExceeded(f"no complete answer within {budget:g} s")
-    cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-    conn = cls(url.hostname, url.port, timeout=left)
+    conn, target, extra = _connection(url, left)
     cut = _Cutter()
 
     def connect(address, timeout=None, source_address=None):
@@ -99,8 +125,7 @@ def _one(url: urllib.parse.SplitResult, body: bytes, headers: dict, deadline: fl
     timer.daemon = True
     timer.start()
     try:
-        path = url.path or "/"
-        conn.request("POST", path + (f"?{url.query}" if url.query else ""), body=body, headers=headers)
+        conn.request("POST", target, body=body, headers={**headers, **extra})
         r = conn.getresponse()
         reply = r.read(REPLY_MAX)  # never the whole reply: the rest goes with the connection
         return r.status, r.getheader("Location"), reply
