@@ -124,8 +124,8 @@ class Daemon(Executor):
         w.setblocking(False)
         self._wake_w = w
         signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
-        for s in HANDLED_SIGNALS:
-            signal.signal(s, lambda signum, _frame: self.sig_queue.append(signum))
+        self._old_handlers = {s: signal.signal(s, lambda signum, _frame: self.sig_queue.append(signum))
+                              for s in HANDLED_SIGNALS}
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wakeup")
 
     def _start_event(self, leftover, batch_size) -> Start:
@@ -143,33 +143,54 @@ class Daemon(Executor):
 
     # ---- main loop -----------------------------------------------------------------------------
     def run(self) -> int:
-        bs = startup_batch_size(self.cfg)  # bad plans: exit 2 before anything is locked or started
-        self.nvml = Nvml.open()
-        self.guard = thermal.ThermalGuard.open(self.cfg, self.nvml, self.log)
-        self.sinks = Sinks.open(self.cfg, self.log)
-        leftover = self.prepare()
+        """Start-up in the order that makes every step safe: signal handlers first (a SIGHUP or SIGTERM
+        from then on is recorded, never fatal: a systemd reload right after start, or a stop while the
+        sensor is read), then the lock (nothing below ever runs twice on one state directory), then the
+        sensors and the optional outputs; everything opened is closed in `_teardown`, whatever fails."""
         self._install_signals()
-        proc.become_subreaper()
-        self.log.info("supervisor_started", pid=os.getpid(), config=str(self.cfg.path),
-                      fold_dir=str(job.fold_dir(self.cfg)), target=self.cfg.target.ema_dice, batch_size=bs,
-                      nvml=self.nvml is not None, systemd=self.notify.enabled)
+        decided = False
         try:
+            bs = startup_batch_size(self.cfg)  # bad plans: exit 2 before anything is locked or started
+            leftover = self.prepare()
+            self.nvml = Nvml.open()
+            self.guard = thermal.ThermalGuard.open(self.cfg, self.nvml, self.log)
+            self.sinks = Sinks.open(self.cfg, self.log)
+            proc.become_subreaper()
+            self.log.info("supervisor_started", pid=os.getpid(), config=str(self.cfg.path),
+                          fold_dir=str(job.fold_dir(self.cfg)), target=self.cfg.target.ema_dice, batch_size=bs,
+                          nvml=self.nvml is not None, systemd=self.notify.enabled)
+            decided = True
             self.post(self._start_event(leftover, bs))
             self.pump()
             self.notify.ready(self._summary())
             while self.finish_code is None:
                 self.turn()
         finally:
-            if self.guard is not None:
-                self.guard.close()
+            self._teardown(decided)
+        return self.finish_code
+
+    def _teardown(self, decided: bool) -> None:
+        """Close what run() opened, newest first. A signal arriving now is still only recorded (a reload
+        during teardown is ignored); the wake-up socket is detached from the signal machinery before it
+        is closed, so no handler ever writes to a closed (or reused) descriptor."""
+        if self.guard is not None:
+            self.guard.close()
+        if decided:  # state.json and the last message only when the first decision was made
             self.notify.stopping(self._summary())
             self.save()
+        if self.sinks is not None:
             self.sinks.close(timeout=5.0)  # the last message (e.g. gave_up) goes out before exit, bounded
-            self.epoch_log.close()
-            self.lock.release()
-            if self.nvml is not None:
-                self.nvml.close()
-        return self.finish_code
+        self.epoch_log.close()
+        self.lock.release()
+        if self.nvml is not None:
+            self.nvml.close()
+        self.notify.close()
+        signal.set_wakeup_fd(-1)
+        for s, old in self._old_handlers.items():  # as they were; a late SIGHUP must still not kill us
+            signal.signal(s, signal.SIG_IGN if s == signal.SIGHUP and old == signal.SIG_DFL else old)
+        self.sel.close()
+        for s in (self._wake_r, self._wake_w):
+            s.close()
 
     def turn(self) -> None:
         for key, _mask in self.sel.select(self._timeout()):
