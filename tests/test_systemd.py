@@ -208,6 +208,39 @@ def test_stop_time_left_covers_every_stage_of_a_stop():
     assert stop_time_left(Sup(state=State.STOPPING, stop_deadline=100), 400, c) == REAP_LIMIT_S + 30
 
 
+def test_sighup_while_starting_or_tearing_down_never_kills_the_supervisor(job, tmp_path):
+    """systemd may send SIGHUP (a reload) at any moment: while the supervisor starts (here: its thermal
+    sensor takes 2 s to answer the start-up check) and while it tears down (here: the last notification
+    waits for a webhook that never answers). Both are recorded, never fatal; the run ends with exit 0."""
+    import socket as _socket
+    started = tmp_path / "sensor-started"
+    sensor = tmp_path / "sensor.sh"
+    sensor.write_text(f'#!/bin/sh\ntouch "{started}"\nsleep 2\necho "0 50"\n')
+    sensor.chmod(0o755)
+    hold = _socket.socket()
+    hold.bind(("127.0.0.1", 0))
+    hold.listen(8)  # accepts (the kernel does) and never answers
+    cfg = job.config(env={"FAKE_EPOCHS": "50", "FAKE_EPOCH_S": "0.1"}, target={"ema_dice": 0.3},
+                     thermal={"enabled": True, "source": "command", "command": [str(sensor)], "poll_seconds": 3600},
+                     notify={"webhook": f"http://127.0.0.1:{hold.getsockname()[1]}/hook", "events": ["target_reached"],
+                             "timeout_seconds": 4, "retries": 0})
+    p = job.start(cfg)
+    try:
+        wait_for(started.exists, timeout=30, interval=0.01, what="the start-up sensor check")
+        p.send_signal(signal.SIGHUP)
+        wait_for(lambda: "outcome=target_reached" in p.log_path.read_text(), timeout=60, interval=0.01,
+                 what="the final decision")
+        p.send_signal(signal.SIGHUP)  # the last message is still waiting for the silent webhook
+        out, _ = p.communicate(timeout=60)
+    finally:
+        hold.close()
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, out[-3000:]
+    assert "reloaded" in out and job.state_json()["sup"]["outcome"] == "target_reached"
+
+
 # ---- reload end to end ---------------------------------------------------------------------------------
 def test_reload_lowers_the_target_and_a_broken_file_changes_nothing(job):
     cfg = job.config(env={"FAKE_EPOCHS": "500", "FAKE_EPOCH_S": "0.2"}, target={"ema_dice": 0.95})
