@@ -125,3 +125,14 @@ def test_queue_folds_take_slurms_range_syntax_too(tmp_path):
     with pytest.raises(ConfigError, match=r'queue.folds: expected folds as a list, or a string like "0-4" '
                                           r'\(fold 1 given twice'):
         parse({**base, "queue": {"folds": "0-2,1"}}, tmp_path / "c.toml", env={})
+
+
+@pytest.mark.parametrize("cmd", ["run", "status", "check"])
+def test_a_byte_order_mark_gets_a_clear_message(tmp_path, cmd):
+    """Windows editors may save config.toml with a UTF-8 BOM, which TOML parsers refuse at "line 1"."""
+    p = write(tmp_path, GOOD)
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    r = subprocess.run([sys.executable, "-m", "supervisor", cmd, "--config", str(p)], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert str(p) in r.stderr and "byte order mark" in r.stderr and "without BOM" in r.stderr

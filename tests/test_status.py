@@ -3,8 +3,12 @@ and only the restarts the supervisor made."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 from supervisor.config import loader as config_mod
@@ -100,3 +104,34 @@ def test_status_json_keeps_its_keys(job):
     d = json.loads(r.stdout)
     assert JSON_KEYS <= set(d) and d["restarts"] == 1
     assert {"reason", "exit_code", "started_at", "ended_at"} <= set(d["history"][0])
+
+
+def test_status_and_plot_by_a_user_who_cannot_read_the_state_directory():
+    """An operator runs `status` or `plot` without sudo against the service's 0700 state directory: they
+    say what they cannot read, and why, and show what they can; no traceback."""
+    import shutil
+    import tempfile
+    from conftest import Job
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root (to run status as another user) and setpriv")
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    root = Path(tempfile.mkdtemp(prefix="cardiacseg-status-"))
+    try:
+        root.chmod(0o755)
+        job = Job(root)
+        cfg = job.config()
+        (job.state / "attempts").mkdir(parents=True)
+        (job.state / "state.json").write_text('{"version": 1}')
+        (job.state / "attempts" / "attempt-0001.profile.jsonl").write_text("")
+        job.state.chmod(0o700)
+        for argv, rc in ((["status"], 0), (["status", "--json"], 0), (["plot"], 1)):
+            r = subprocess.run([*as_nobody, sys.executable, "-m", "supervisor", *argv, "--config", str(cfg)],
+                               cwd=REPO, capture_output=True, text=True, timeout=120)
+            out = r.stdout + r.stderr
+            assert r.returncode == rc and "Traceback" not in out, (argv, out)
+            assert f"cannot read {job.state / 'state.json'}: Permission denied" in out, (argv, out)
+        assert '"state": "unknown"' in subprocess.run(
+            [*as_nobody, sys.executable, "-m", "supervisor", "status", "--json", "--config", str(cfg)],
+            cwd=REPO, capture_output=True, text=True, timeout=120).stdout
+    finally:
+        shutil.rmtree(root)

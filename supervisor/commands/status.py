@@ -106,8 +106,28 @@ def _bottleneck(data: dict, attempts: list[dict], cfg: Config) -> dict | None:
     return {**v.to_json(), "source": "trainer timings only (no machine samples)"}
 
 
+def _unreadable(path, e: OSError) -> str:
+    return (f"cannot read {getattr(e, 'filename', None) or path}: {e.strerror or e} (run status as the user the "
+            "supervisor runs as, e.g. with sudo -u)")
+
+
+def _try(fn, default=None):
+    """A part of the status that may be unreadable for this user: left out (the message says why)."""
+    try:
+        return fn()
+    except OSError:
+        return default
+
+
+def _exists(path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return True  # there, but not ours to look into: reading it says why
+
+
 def gather(cfg: Config) -> dict:
-    if not (cfg.paths.state_dir / "state.json").exists():
+    if not _exists(cfg.paths.state_dir / "state.json"):
         # on a SLURM login node: the job wrote its state below, in state/slurm-<job>[_<task>]
         found, _data = slurm.find_state(cfg)
         if found is not None:
@@ -118,10 +138,15 @@ def gather(cfg: Config) -> dict:
         data = store.read() or {}
     except (ValueError, UnicodeDecodeError) as e:
         data, problem = {}, f"state.json unreadable: {e}"
+    except OSError as e:  # a user who may not read the service's state directory
+        data, problem = {}, _unreadable(store.path, e)
     if data and data.get("job") != job.job_identity(cfg):
         data, problem = {}, "state.json belongs to another job"
-    history = (History([EpochRecord.from_json(r) for r in data["epochs"]]) if data.get("epochs")
-               else replay(LogFollower(job.fold_dir(cfg)).drain()))
+    try:
+        history = (History([EpochRecord.from_json(r) for r in data["epochs"]]) if data.get("epochs")
+                   else replay(LogFollower(job.fold_dir(cfg)).drain()))
+    except OSError as e:
+        history, problem = History(), problem or _unreadable(job.fold_dir(cfg), e)
     recs = history.ordered()
     last = recs[-1] if recs else None
     times = [r.epoch_time for r in recs[-TREND_EPOCHS:] if r.epoch_time]
@@ -129,18 +154,19 @@ def gather(cfg: Config) -> dict:
     sup = data.get("sup", {})
     attempts = data.get("attempts", [])
     holder = Lock.holder(cfg.paths.state_dir)
-    state = sup.get("state", "not started")
-    if not holder and state not in ("done", "failed", "not started"):
+    state = sup.get("state", "unknown" if problem and problem.startswith("cannot read") else "not started")
+    if not holder and state not in ("done", "failed", "not started", "unknown"):
         state = f"not running (last: {state})"
     remaining = (cfg.training.expected_epochs - last.epoch - 1) if last else cfg.training.expected_epochs
-    bs = plan_batch_size(job.plans_file(cfg), cfg.training.configuration)
+    bs = _try(lambda: plan_batch_size(job.plans_file(cfg), cfg.training.configuration))
     n_restarts, restart_reasons = restart_count(sup)
-    finished = sup.get("state") in ("done", "failed") or (job.fold_dir(cfg) / "checkpoint_final.pth").is_file()
+    finished = sup.get("state") in ("done", "failed") or _try((job.fold_dir(cfg) / "checkpoint_final.pth").is_file,
+                                                               False)
     blocker = None if finished else target_blocker(recs, cfg.target.min_class_dice)
     eta_target = None if finished or blocker else eta_to_target(recs, cfg.target.ema_dice, epoch_s)
     eta_end = None if finished or epoch_s is None or remaining < 0 else remaining * epoch_s
     plot_path = cfg.paths.state_dir / "progress.png"
-    bn = _bottleneck(data, attempts, cfg)
+    bn = _try(lambda: _bottleneck(data, attempts, cfg))
     return {
         "state": state,
         "running": bool(holder),
@@ -173,11 +199,11 @@ def gather(cfg: Config) -> dict:
                     for a in attempts],
         "paused_for_heat": sup.get("state") == "paused",
         "paused_total_s": sup.get("paused_total", 0.0),
-        "thermal": _thermal(cfg),
+        "thermal": _try(lambda: _thermal(cfg)),
         "fold_dir": str(job.fold_dir(cfg)),
         "state_dir": str(cfg.paths.state_dir),
-        "plot": str(plot_path) if plot_path.is_file() else None,
-        "other_trainers": [{"pid": o.pid, "command": o.command} for o in other_trainers.find(cfg)],
+        "plot": str(plot_path) if _try(plot_path.is_file, False) else None,
+        "other_trainers": [{"pid": o.pid, "command": o.command} for o in _try(lambda: other_trainers.find(cfg), [])],
         "bottleneck": bn["kind"] if bn else None,
         "data_wait_fraction": (bn.get("figures") or {}).get("data_wait_fraction") if bn else None,
         "bottleneck_detail": bn,

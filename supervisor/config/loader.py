@@ -169,6 +169,9 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(path, ["file not found"]) from None
     except OSError as e:
         raise ConfigError(path, [f"cannot read: {e.strerror}"]) from None
+    if data.startswith(b"\xef\xbb\xbf"):  # what some Windows editors save: TOML parsers refuse it at "line 1"
+        raise ConfigError(path, ["starts with a UTF-8 byte order mark (BOM), which TOML does not allow: save it "
+                                 "as UTF-8 without BOM (e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' FILE`)"])
     try:
         raw = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:

@@ -146,12 +146,19 @@ def main(cfg, out_path=None) -> int:
         snap = StateStore(cfg.paths.state_dir).read() or {}
     except (ValueError, UnicodeDecodeError):
         snap = {}
+    except OSError as e:  # not this user's to read: say so, then try the fold's logs
+        print(f"cannot read {e.filename or cfg.paths.state_dir}: {e.strerror or e}", file=sys.stderr)
+        snap = {}
     if snap.get("job") not in (None, job.job_identity(cfg)):
         snap = {}
     if not snap.get("epochs"):
         from supervisor.core.training_log import replay
         from supervisor.integrations.log_follower import LogFollower
-        hist = replay(LogFollower(job.fold_dir(cfg)).drain())
+        try:
+            hist = replay(LogFollower(job.fold_dir(cfg)).drain())
+        except OSError as e:
+            print(f"cannot read {e.filename or job.fold_dir(cfg)}: {e.strerror or e}", file=sys.stderr)
+            return 1
         snap = {"job": job.job_identity(cfg), "epochs": [r.to_json() for r in hist.ordered()]}
     if not snap.get("epochs"):
         print("nothing to plot yet: no epoch in state.json or the fold's training logs", file=sys.stderr)
