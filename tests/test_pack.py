@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed: this module
 from conftest import REPO
 from supervisor.commands import pack_manifest as mf
 from supervisor.commands import pack
+from supervisor.commands import pack_stream
 from supervisor.commands import unpack
 
 DS = "Dataset001_Fake"
@@ -30,6 +31,10 @@ def save_checkpoint(path: Path, epoch: int, emas: list[float]) -> None:
 
 @pytest.fixture
 def src(tmp_path):
+    return make_src(tmp_path)
+
+
+def make_src(tmp_path: Path) -> Path:
     """A source machine's nnUNet_preprocessed and nnUNet_results, laid out as nnU-Net 2.8.1 leaves them."""
     root = tmp_path / "src"
     pre = root / "preprocessed" / DS
@@ -75,6 +80,10 @@ def to_args(dst: Path) -> list[str]:
 
 @pytest.fixture
 def archive(src, tmp_path) -> Path:
+    return make_archive(src, tmp_path)
+
+
+def make_archive(src: Path, tmp_path: Path) -> Path:
     out = tmp_path / "job.tar"
     r = cli("pack", "1", "3d_fullres", "0", "-o", out, env=nnunet_env(src))
     assert r.returncode == 0, r.stderr.decode()
@@ -310,13 +319,13 @@ def test_checkpoint_that_stays_incomplete_is_left_out_and_c_resumes_from_best(sr
 
 def test_a_file_that_changes_between_the_passes_fails_the_pack(src, tmp_path, monkeypatch):
     victim = src / "preprocessed" / DS / "nnUNetPlans_3d_fullres" / "case_001.b2nd"
-    real = pack.hash_pass
+    real = pack_stream.hash_pass
 
     def hash_then_change(sources, progress):
         real(sources, progress)
         victim.write_bytes(os.urandom(victim.stat().st_size))
 
-    monkeypatch.setattr(pack, "hash_pass", hash_then_change)
+    monkeypatch.setattr(pack_stream, "hash_pass", hash_then_change)
     sources, folds = pack.collect(spec_for(src))
     with pytest.raises(pack.PackError, match="case_001.b2nd changed while packing"):
         pack.write(io.BytesIO(), spec_for(src), sources, folds, quiet=True)

@@ -10,44 +10,42 @@ How it works
   fold folder (checkpoints, training logs, progress.png, debug.json, validation); a cascade stage also
   gets `<trainer>__<plans>__<previous stage>/predicted_next_stage/<configuration>/`. `--with-raw` adds
   `$nnUNet_raw/<dataset>/`. A missing piece is refused (PackError, exit 2) naming the file.
-- Two passes, so the manifest (sizes and sha256) can come FIRST and unpack can check each member as it
-  streams: pass 1 hashes every file, pass 2 streams it again through tarfile (`w|`, PAX, 1 MiB blocks),
-  re-hashing exactly the bytes it writes; a file that changed in between fails the pack. Memory stays
-  constant: nothing is held whole except the fold folder's small files (logs, json, png: < 16 MiB).
-- A consistent snapshot of a running training: the fold folder's small files are read once, in pass 1,
-  and kept. Each checkpoint is opened once, verified through that open file (checkpoints.verify: zip
+- Links: the paths the job names (the plans file, the data folder, the fold folder...) are taken as they
+  are, links followed (the admin's choice, like a linked state_dir). Inside the folders pack walks, a
+  link is followed only when its target stays inside the roots (raw, preprocessed, results, resolved) or
+  the walked folder; one pointing elsewhere is left out and said: nnU-Net writes no links, and following
+  one would carry a file from outside the job (~/.ssh, /etc) to another machine, or walk all of `/`.
+- The archive is written by pack_stream.py: two passes (hash, then write), constant memory.
+- A consistent snapshot of a running training: the fold folder's files that nnU-Net rewrites in place
+  (progress.png, debug.json) are read once, when collected, and kept: every fold-folder file that still
+  fits in CAPTURE_BUDGET (walk order: a fold's top level, then validation/); the rest are read again in
+  each pass. Each checkpoint is opened once, verified through that open file (checkpoints.verify: zip
   directory, every storage, CRCs) and streamed from the same open file, so an atomic rewrite by the
   supervisor's launcher (a rename) cannot change what is packed. A checkpoint that does not verify is
   being written (stock nnU-Net writes in place): it is polled until it verifies, for up to
   `wait_seconds`, else left out, and `--c` will resume from the next one in nnU-Net's order.
 - `-o FILE` is written under a temporary name beside FILE and renamed at the end (an existing FILE is
-  moved aside, never overwritten); `-o -` streams to stdout. Progress goes to stderr on a terminal.
+  moved aside, never overwritten); `-o -` streams to stdout, and a reader that goes away early (`| head`)
+  ends the pack quietly with 141 (cli.main's closed-pipe exit). Progress goes to stderr on a terminal.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 from supervisor.commands import pack_manifest as mf
+from supervisor.commands.pack_stream import CAPTURE_BUDGET, PackError, Source, write
 from supervisor.integrations.checkpoints import verify
 from supervisor.config import folds as fold_lists
 from supervisor.config.job import CHECKPOINT_ORDER
 
 
-CHUNK = 1 << 20
-SMALL = 16 << 20  # fold-folder files up to this size are captured in memory in pass 1
 WAIT_SECONDS = 120
-
-
-class PackError(Exception):
-    """Bad input to pack (a missing file or folder, a bad argument): exit 2, no traceback."""
 
 
 @dataclass
@@ -60,18 +58,6 @@ class Spec:
     roots: dict = field(default_factory=dict)  # raw / preprocessed / results -> Path or None
     with_raw: bool = False
     device: str | None = None
-
-
-@dataclass
-class Source:
-    root: str
-    rel: str
-    path: Path
-    size: int = 0
-    sha256: str = ""
-    mtime: float = 0.0
-    data: bytes | None = None  # captured in pass 1 (small fold-folder files)
-    fh: object = None          # held open since it was verified (checkpoints)
 
 
 def _resolve_dataset(ds: str, roots: dict) -> str:
@@ -124,7 +110,15 @@ def configuration(plans_path: Path, name: str) -> dict:
     return merged
 
 
-def _walk(top: Path, root_dir: Path, root: str, skip_hidden_tmp: bool = True) -> list[Source]:
+def _within(path: Path, allowed: tuple[str, ...]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == a or real.startswith(a.rstrip("/") + "/") for a in allowed)
+
+
+def _walk(top: Path, root_dir: Path, root: str, allowed: tuple[str, ...], say, recursive: bool = True,
+          ) -> list[Source]:
+    """The regular files below `top`, sorted; links followed only inside `allowed` + top (else said)."""
+    allowed = (*allowed, os.path.realpath(top))
     out, seen_dirs = [], set()
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         st = os.stat(dirpath)
@@ -132,14 +126,22 @@ def _walk(top: Path, root_dir: Path, root: str, skip_hidden_tmp: bool = True) ->
             dirnames[:] = []
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
-        dirnames.sort()
+        dirnames[:] = [n for n in sorted(dirnames) if recursive and _followable(Path(dirpath) / n, allowed, say)]
         for name in sorted(filenames):
-            if skip_hidden_tmp and name.startswith(".") and ".tmp" in name:
+            if name.startswith(".") and ".tmp" in name:
                 continue  # an atomic writer's temporary file (a checkpoint's: job.CHECKPOINT_TEMP), not training
             p = Path(dirpath) / name
-            if p.is_file():
+            if _followable(p, allowed, say) and p.is_file():
                 out.append(Source(root, p.relative_to(root_dir).as_posix(), p))
     return out
+
+
+def _followable(p: Path, allowed: tuple[str, ...], say) -> bool:
+    if not p.is_symlink() or _within(p, allowed):
+        return True
+    say(f"pack: left out {p}: a link to {os.path.realpath(p)}, outside nnUNet_raw, nnUNet_preprocessed "
+        "and nnUNet_results")
+    return False
 
 
 def _need(path: Path, what: str, is_dir: bool = False) -> Path:
@@ -168,6 +170,7 @@ def _open_checkpoint(path: Path, wait_seconds: float, say) -> object | None:
 def collect(spec: Spec, wait_seconds: float = WAIT_SECONDS, say=lambda s: None) -> tuple[list[Source], list[dict]]:
     """Every file to pack (fold folders captured consistently) and per fold what `--c` resumes from."""
     pre_root, res_root = spec.roots.get("preprocessed"), spec.roots.get("results")
+    allowed = tuple(os.path.realpath(r) for r in spec.roots.values() if r is not None)
     pre = _need(Path(pre_root) / spec.dataset, "the preprocessed dataset", is_dir=True)
     plans = _need(pre / f"{spec.plans}.json", "the plans file")
     conf = configuration(plans, spec.configuration)
@@ -179,23 +182,24 @@ def collect(spec: Spec, wait_seconds: float = WAIT_SECONDS, say=lambda s: None) 
                      ("gt_segmentations", "the final validation's reference")):
         if not isinstance(sub, str):
             raise PackError(f"{plans}: configuration {spec.configuration!r} has no data_identifier")
-        sources += _walk(_need(pre / sub, why, is_dir=True), Path(pre_root), "preprocessed")
+        sources += _walk(_need(pre / sub, why, is_dir=True), Path(pre_root), "preprocessed", allowed, say)
     base = Path(res_root) / spec.dataset
     tdir = base / f"{spec.trainer}__{spec.plans}__{spec.configuration}"
     if conf.get("previous_stage"):
         prev = base / f"{spec.trainer}__{spec.plans}__{conf['previous_stage']}" / "predicted_next_stage" / spec.configuration
         sources += _walk(_need(prev, "a cascade stage trains on the previous stage's predictions", is_dir=True),
-                         Path(res_root), "results")
+                         Path(res_root), "results", allowed, say)
     if spec.with_raw:
         sources += _walk(_need(Path(spec.roots["raw"]) / spec.dataset, "--with-raw", is_dir=True),
-                         Path(spec.roots["raw"]), "raw")
-    sources += [Source("results", p.relative_to(res_root).as_posix(), p) for p in sorted(tdir.glob("*"))
-                if p.is_file() and not p.name.startswith(".")]
-    folds = []
+                         Path(spec.roots["raw"]), "raw", allowed, say)
+    if tdir.is_dir():
+        sources += [s for s in _walk(tdir, Path(res_root), "results", allowed, say, recursive=False)
+                    if not s.path.name.startswith(".")]
+    folds, budget = [], CAPTURE_BUDGET
     for fold in spec.folds:
         fdir = _need(tdir / f"fold_{fold}", "the fold folder: nothing to continue", is_dir=True)
         resume = None
-        for s in _walk(fdir, Path(res_root), "results"):
+        for s in _walk(fdir, Path(res_root), "results", allowed, say):
             if s.path.parent == fdir and s.path.name in CHECKPOINT_ORDER:
                 s.fh = _open_checkpoint(s.path, wait_seconds, say)
                 if s.fh is None:
@@ -203,8 +207,11 @@ def collect(spec: Spec, wait_seconds: float = WAIT_SECONDS, say=lambda s: None) 
                 order = CHECKPOINT_ORDER.index(s.path.name)
                 if resume is None or order < resume[0]:
                     resume = (order, s)
-            elif s.path.stat().st_size <= SMALL:
-                s.data = s.path.read_bytes()
+            elif s.path.stat().st_size <= budget:
+                with open(s.path, "rb") as fh:
+                    data = fh.read(budget + 1)  # it may have grown since: never more than the budget
+                if len(data) <= budget:
+                    s.data, budget = data, budget - len(data)
             sources.append(s)
         info = None
         if resume is not None:
@@ -213,81 +220,6 @@ def collect(spec: Spec, wait_seconds: float = WAIT_SECONDS, say=lambda s: None) 
         folds.append({"fold": fold, "path": fdir.relative_to(res_root).as_posix(),
                       "resume": resume[1].path.name if resume else None, **(info or {})})
     return sources, folds
-
-
-def _chunks(s: Source):
-    if s.data is not None:
-        yield s.data
-        return
-    fh = s.fh if s.fh is not None else open(s.path, "rb")
-    try:
-        fh.seek(0)
-        while block := fh.read(CHUNK):
-            yield block
-    finally:
-        if s.fh is None:
-            fh.close()
-
-
-def hash_pass(sources: list[Source], progress: mf.Progress) -> None:
-    for s in sources:
-        h, n = hashlib.sha256(), 0
-        s.mtime = s.path.stat().st_mtime
-        for block in _chunks(s):
-            h.update(block)
-            n += len(block)
-            progress.add(len(block))
-        s.size, s.sha256 = n, h.hexdigest()
-
-
-class _Exactly:
-    """What tarfile reads for one member: exactly s.size bytes, re-hashed; PackError if it changed."""
-
-    def __init__(self, s: Source, progress: mf.Progress):
-        self.s, self.it, self.buf, self.left, self.h, self.p = s, _chunks(s), b"", s.size, hashlib.sha256(), progress
-
-    def read(self, n: int = -1) -> bytes:
-        while len(self.buf) < min(n, self.left) and (block := next(self.it, None)) is not None:
-            self.buf += block
-        out = self.buf[:min(n, self.left)]
-        self.buf = self.buf[len(out):]
-        self.left -= len(out)
-        self.h.update(out)
-        self.p.add(len(out))
-        if self.left == 0 and (self.buf or next(self.it, None) is not None or self.h.hexdigest() != self.s.sha256):
-            raise PackError(f"cannot pack: {self.s.path} changed while packing; run pack again")
-        if len(out) < n and self.left:
-            raise PackError(f"cannot pack: {self.s.path} shrank while packing; run pack again")
-        return out
-
-
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    import io
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode = len(data), int(time.time()), 0o644
-    tar.addfile(ti, io.BytesIO(data))
-
-
-def write(out, spec: Spec, sources: list[Source], folds: list[dict], quiet: bool = False) -> dict:
-    """Hash, then stream the archive to the binary file `out`; returns {files, bytes} for the report."""
-    total = sum(s.path.stat().st_size if s.data is None else len(s.data) for s in sources)
-    with mf.Progress("pack: hashing", total, quiet=quiet) as p:
-        hash_pass(sources, p)
-    device = spec.device or next((f.get("device") for f in folds if f.get("device")), None)
-    job = {"dataset": spec.dataset, "configuration": spec.configuration, "trainer": spec.trainer,
-           "plans": spec.plans, "folds": spec.folds}
-    files = [{"root": s.root, "path": s.rel, "size": s.size, "sha256": s.sha256} for s in sources]
-    man = mf.build(files, folds, job, device)
-    total = sum(s.size for s in sources)
-    with mf.Progress("pack: writing", total, quiet=quiet) as p, \
-            tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK, copybufsize=CHUNK) as tar:
-        _add_bytes(tar, mf.MANIFEST, man)
-        for s in sources:
-            ti = tarfile.TarInfo(mf.member_name(s.root, s.rel))
-            ti.size, ti.mtime, ti.mode = s.size, s.mtime, 0o644
-            tar.addfile(ti, _Exactly(s, p))
-        _add_bytes(tar, mf.MANIFEST_SUM, mf.digest_line(man))
-    return {"files": len(sources), "bytes": total}
 
 
 def pack_to(dest: str, spec: Spec, wait_seconds: float = WAIT_SECONDS, quiet: bool = False, say=None) -> dict:
@@ -353,6 +285,8 @@ def cli(args, cfg) -> int:
         report = pack_to(args.output, spec, args.wait_seconds, quiet=args.quiet)
     except PackError as e:
         return err(str(e))
+    except BrokenPipeError:
+        raise  # `-o -` and the reader went away: cli.main's quiet closed-pipe exit, not an error of ours
     except OSError as e:
         return err(f"cannot pack: {e.filename or ''}: {e.strerror or e}")
     where = "stdout" if args.output == "-" else args.output

@@ -11,7 +11,13 @@ How it works
   resume from with its epoch and EMA.
 - `parse(data)` validates a manifest and raises BadArchive naming what is wrong; `safe_relpath`
   refuses absolute paths, `..`, empty or `.` parts, backslashes and NUL bytes (an entry must not be
-  able to leave its root, whatever the unpacking side's folders look like).
+  able to leave its root, whatever the unpacking side's folders look like). The job's names and each
+  fold's path are checked too: unpack builds paths from them.
+- Parsing costs bounded memory: unpack reads at most MAX_MANIFEST_BYTES, and counts the bytes that
+  can start a JSON value (`,` `:` `{` `[`) as it reads, and `parse` again before json.loads: pack writes
+  one per ~20 bytes (a file entry: ~190 bytes, 9 values), so more than one per MIN_BYTES_PER_VALUE is
+  refused (`check_density`). Without it 32 MB of `{},{},...` become 10 million dicts (~850 MB); with it
+  parsing costs at most ~8 times the manifest's size (measured), and such a bomb is refused at its first MiB.
 - `read_checkpoint(file)` reads a torch checkpoint's data.pkl without torch: an Unpickler whose
   globals are inert stubs, except numpy's scalar/dtype (decoded with struct, so the epoch and the EMA
   come out as numbers) and `_codecs.encode` (a pure function). It also tells whether the pickle names
@@ -38,7 +44,8 @@ FORMAT = "cardiacseg-pack/1"
 MANIFEST = "MANIFEST.json"
 MANIFEST_SUM = "MANIFEST.json.sha256"
 ROOTS = ("raw", "preprocessed", "results")
-MAX_MANIFEST_BYTES = 256 << 20  # ~200 bytes per file: a million files
+MAX_MANIFEST_BYTES = 64 << 20  # ~200 bytes per file: 300 000 files (a large nnU-Net job has ~30 000)
+MIN_BYTES_PER_VALUE = 12  # pack's densest entry (root "raw", a 3-character path) has 15.6
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -91,19 +98,35 @@ def digest_line(manifest_bytes: bytes) -> bytes:
     return f"{hashlib.sha256(manifest_bytes).hexdigest()}  {MANIFEST}\n".encode()
 
 
+def values_in(data: bytes) -> int:
+    """How many JSON values `data` can start at most (every one but the first follows , : { or [)."""
+    return sum(data.count(c) for c in (b",", b":", b"{", b"["))
+
+
+def check_density(size: int, values: int) -> None:
+    """BadArchive when `size` bytes of manifest (or of its beginning) start more values than pack writes."""
+    if size > MAX_MANIFEST_BYTES or values > size // MIN_BYTES_PER_VALUE + 1024:
+        raise BadArchive(f"{MANIFEST}: {values} JSON values in {size} bytes; expected at most {MAX_MANIFEST_BYTES} "
+                         f"bytes and one value per {MIN_BYTES_PER_VALUE} bytes (pack writes one per ~20): "
+                         "refused before parsing it")
+
+
 def parse(data: bytes) -> dict:
     """A validated manifest, or BadArchive saying what is wrong with it."""
+    check_density(len(data), values_in(data))
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadArchive(f"{MANIFEST}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise BadArchive(f"{MANIFEST}: nested too deeply to be a manifest") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise BadArchive(f"{MANIFEST}: expected format {FORMAT!r}, got {got!r}")
     files = doc.get("files")
     if not isinstance(files, list):
         raise BadArchive(f"{MANIFEST}: key 'files': expected a list")
-    seen = set()
+    seen, folders = set(), set()
     for i, f in enumerate(files):
         where = f"{MANIFEST}: files[{i}]"
         if not isinstance(f, dict):
@@ -121,9 +144,23 @@ def parse(data: bytes) -> dict:
         if name in seen:
             raise BadArchive(f"{where}: {name} is listed twice")
         seen.add(name)
+        parts = name.split("/")
+        folders.update("/".join(parts[:k]) for k in range(2, len(parts)))
+    if clash := next((n for n in seen if n in folders), None):
+        raise BadArchive(f"{MANIFEST}: {clash} is listed as a file and as a folder of another file")
     for key in ("folds", "source", "job"):
         if not isinstance(doc.get(key), list if key == "folds" else dict):
             raise BadArchive(f"{MANIFEST}: key {key!r} missing or of the wrong type")
+    for key in ("dataset", "configuration", "trainer", "plans"):
+        v = doc["job"].get(key)
+        if not isinstance(v, str) or safe_relpath(v) is not None or "/" in v:
+            raise BadArchive(f"{MANIFEST}: job.{key} expected a folder name, got {v!r}")
+    for i, f in enumerate(doc["folds"]):
+        fold = f.get("fold") if isinstance(f, dict) else None
+        if not (fold == "all" or (isinstance(fold, int) and not isinstance(fold, bool) and fold >= 0)):
+            raise BadArchive(f"{MANIFEST}: folds[{i}].fold expected a fold number or 'all', got {fold!r}")
+        if (why := safe_relpath(f.get("path"))) is not None:
+            raise BadArchive(f"{MANIFEST}: folds[{i}].path {f.get('path')!r} is {why}")
     return doc
 
 

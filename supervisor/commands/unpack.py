@@ -1,20 +1,28 @@
 """`cardiacseg-train unpack`: verify every byte of a pack archive, then move its files into place.
 
 How it works
-- The archive is read once, as a stream (`r|*`: a pipe from ssh works, gzip is recognised). Its first
-  member must be MANIFEST.json (manifest.parse validates it); every later member must be a regular
-  file, listed in the manifest, not seen before, of the listed size. It is written into a staging
-  folder `<root>/.cardiacseg-unpack-<random>/` (same filesystem as its destination) while its sha256 is
-  computed, and compared with the manifest when the member ends. The last member, MANIFEST.json.sha256,
-  must match the manifest's own bytes. Links, devices, folders, absolute names, `..`, unlisted or
-  duplicate members, a short or damaged member, a truncated stream, a file listed but absent: each is
-  BadArchive naming the member; the staging folders are removed and nothing is placed.
-- Only after the whole archive verified are the files moved into place (os.replace), preprocessed and raw
-  data first and results last, so a checkpoint is never in place without its data. An existing file with
-  the same content is kept; a different one (or a link, a folder) is moved aside as
-  `<name>.before-unpack-<UTC time>`, never overwritten. Every destination is checked before anything is
-  written: it must stay inside its root even through links already there.
-- `--dry-run` streams and verifies the same way without writing anything.
+- The archive is read once, as a stream (a pipe from ssh works), through archive_stream.py: gzip, bzip2
+  and xz are recognised and decompressed in bounded reads, a compression bomb is refused, and so are
+  headers tarfile would hold whole. Its first member must be MANIFEST.json, at most MAX_MANIFEST_BYTES
+  (checked from its header, before a byte of it is read; manifest.parse bounds what parsing costs).
+  Every later member must be a regular file, listed in the manifest, not seen before, of the listed
+  size. It is written into a staging folder `<root>/.cardiacseg-unpack-<random>/` (the filesystem of its
+  root) while its sha256 is computed, and compared with the manifest when the member ends. The last
+  member, MANIFEST.json.sha256, must match the manifest's own bytes. Links, devices, folders, absolute
+  names, `..`, unlisted or duplicate members, a short or damaged member, a truncated stream, a file
+  listed but absent: each is BadArchive naming the member; the staging folders are removed and nothing
+  is placed. Memory stays constant: members are copied in CHUNK blocks, headers are forgotten once read.
+- Before anything is written (unpack_checks.py): every destination inside its root, room for staging,
+  the job's supervisor lock free (held until the end) and no trainer on a fold folder the archive
+  writes into; the trainers are looked for again before placing.
+- Placing, only after the whole archive verified: preprocessed and raw data first and results last, so
+  a checkpoint is never in place without its data. An existing file with the same content is kept; a
+  different one (or a link, a folder) is moved aside as `<name>.before-unpack-<UTC time>`, never
+  overwritten. A destination on another filesystem than its staging folder (a mount point below the
+  root) is first copied beside itself under a temporary name, for every such file, before anything is
+  moved aside: a copy that fails (a full disk) removes the copies and the folders made for them, and
+  nothing is placed or moved aside. Then placing is renames only.
+- `--dry-run` streams and verifies the same way (the same checks, the lock only probed) without writing.
 - Afterwards (and in `check`, via pack.check_findings) resume_probe.py loads each fold's resume checkpoint
   with the installed torch/numpy in a subprocess with a timeout; `findings` turns its answer and the
   manifest's source versions into (level, text) pairs with the fix for each known incompatibility.
@@ -31,39 +39,20 @@ import tarfile
 import zlib
 from pathlib import Path
 
+from supervisor.commands import archive_stream
 from supervisor.commands import pack_manifest as mf
+from supervisor.commands import unpack_checks as checks
+from supervisor.config.loader import ConfigError
 from supervisor.integrations import probes
 from supervisor.config.job import CHECKPOINT_ORDER
-from supervisor.integrations.store import move_aside
+from supervisor.integrations.store import fsync_dir, move_aside, temp_beside
 
 CHUNK = 1 << 20
 PLACE_ORDER = {"preprocessed": 0, "raw": 1, "results": 2}
 
 
-def _inside(path: Path, root: Path) -> bool:
-    """Does path (its deepest existing ancestor resolved through links) stay inside root?"""
-    if not os.path.lexists(root):
-        return True  # nothing below it exists yet: everything will be made by us, as folders
-    real_root = os.path.realpath(root)
-    p = path
-    while not os.path.lexists(p) and p != root:
-        p = p.parent
-    real = os.path.realpath(p)
-    return real == real_root or real.startswith(real_root.rstrip("/") + "/")
-
-
-def _check_destinations(doc: dict, roots: dict) -> None:
-    for f in doc["files"]:
-        root = roots.get(f["root"])
-        if root is None:
-            var = {"raw": "--to-raw (or nnUNet_raw)", "preprocessed": "--to-preprocessed",
-                   "results": "--to-results"}[f["root"]]
-            raise mf.BadArchive(f"the archive holds {f['root']} files ({f['path']}, ...) but no {f['root']} "
-                                f"folder was given: use --config or {var}")
-        dest = Path(root) / f["path"]
-        if not _inside(dest.parent, Path(root)):
-            raise mf.BadArchive(f"{f['root']}/{f['path']}: would be written outside {root} through a link "
-                                "already there; refused")
+class WriteError(Exception):
+    """A file could not be written (a full disk, a permission): the message names it and what was left."""
 
 
 def _stage_member(tar, ti, entry: dict, staging: Path | None) -> None:
@@ -98,81 +87,121 @@ def _kind(ti: tarfile.TarInfo) -> str:
             else "a device" if ti.isdev() else "a FIFO" if ti.isfifo() else "not a regular file")
 
 
-def _verify_stream(src, roots: dict, dry_run: bool, quiet: bool, staging: dict) -> dict:
+def _manifest(tar, stream) -> tuple[dict, bytes]:
+    first = tar.next()
+    if first is None or first.name != mf.MANIFEST or not first.isreg():
+        got = "an empty archive" if first is None else f"{first.name!r}"
+        raise mf.BadArchive(f"the first member must be {mf.MANIFEST} (written by cardiacseg-train pack); got {got}")
+    if first.size > mf.MAX_MANIFEST_BYTES:
+        raise mf.BadArchive(f"{mf.MANIFEST}: {first.size} bytes, more than the {mf.MAX_MANIFEST_BYTES} a "
+                            "manifest may take; refused before reading it")
+    stream.where = mf.MANIFEST
+    src, man, values = tar.extractfile(first), bytearray(), 0
+    while block := src.read(CHUNK):  # a bomb of tiny values is refused at its first block, not once whole
+        man += block
+        values += mf.values_in(block)
+        mf.check_density(len(man), values)
+    return mf.parse(man), bytes(man)
+
+
+def _verify_members(tar, stream, doc: dict, man_bytes: bytes, staging: dict | None, quiet: bool) -> None:
+    expected = {mf.member_name(f["root"], f["path"]): f for f in doc["files"]}
+    seen, summed = set(), False
+    with mf.Progress("unpack: verifying", sum(f["size"] for f in doc["files"]), quiet=quiet) as p:
+        while (ti := tar.next()) is not None:
+            tar.members.clear()  # tarfile keeps every header it read; a stream needs none of them
+            stream.where = ti.name
+            if summed:
+                raise mf.BadArchive(f"{ti.name}: after {mf.MANIFEST_SUM}, which ends the archive")
+            if ti.name == mf.MANIFEST_SUM and ti.isreg():
+                if tar.extractfile(ti).read(1024) != mf.digest_line(man_bytes):
+                    raise mf.BadArchive(f"{mf.MANIFEST}: its sha256 differs from {mf.MANIFEST_SUM} "
+                                        "(the manifest was edited or damaged)")
+                summed = True
+                continue
+            root, _, rel = ti.name.partition("/")
+            why = mf.safe_relpath(rel) if root in mf.ROOTS else "not under raw/, preprocessed/ or results/"
+            if why is not None:
+                raise mf.BadArchive(f"{ti.name}: escapes its root ({why}); refused")
+            if not ti.isreg():
+                raise mf.BadArchive(f"{ti.name}: {_kind(ti)}; pack writes regular files only, refused")
+            entry = expected.get(ti.name)
+            if entry is None or ti.name in seen:
+                raise mf.BadArchive(f"{ti.name}: {'a second copy' if entry else 'not listed in MANIFEST.json'}; refused")
+            if ti.size != entry["size"]:
+                raise mf.BadArchive(f"{ti.name}: {ti.size} bytes, MANIFEST.json says {entry['size']}")
+            _stage_member(tar, ti, entry, None if staging is None else staging[root])
+            seen.add(ti.name)
+            p.add(ti.size)
+        stream.where = "the archive's end"
+    if missing := [n for n in expected if n not in seen]:
+        raise mf.BadArchive(f"{missing[0]}: listed in MANIFEST.json but not in the archive"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if not summed:
+        raise mf.BadArchive(f"the archive ends before {mf.MANIFEST_SUM} (truncated)")
+
+
+def _makedirs(folder: Path, made: list) -> None:
+    """mkdir -p, each folder it creates recorded in `made` (to be removed again if placing fails)."""
+    if folder.is_dir():
+        return
+    _makedirs(folder.parent, made)
+    folder.mkdir()
+    made.append(folder)
+
+
+def _copy_beside(staged: Path, dest: Path) -> Path:
+    """staged copied to a temporary name beside dest (dest's filesystem), flushed to disk."""
+    fd, tmp = temp_beside(dest.parent, dest.name)
     try:
-        tar = tarfile.open(fileobj=src, mode="r|*", bufsize=CHUNK)
-    except tarfile.TarError as e:
-        raise mf.BadArchive(f"not a tar archive ({e})") from None
-    with tar:
-        first = tar.next()
-        if first is None or first.name != mf.MANIFEST or not first.isreg():
-            got = "an empty archive" if first is None else f"{first.name!r}"
-            raise mf.BadArchive(f"the first member must be {mf.MANIFEST} (written by cardiacseg-train pack); got {got}")
-        if first.size > mf.MAX_MANIFEST_BYTES:
-            raise mf.BadArchive(f"{mf.MANIFEST}: {first.size} bytes, more than a manifest holds")
-        man_bytes = tar.extractfile(first).read()
-        doc = mf.parse(man_bytes)
-        _check_destinations(doc, roots)
-        if not dry_run:
-            for r in {f["root"] for f in doc["files"]}:
-                Path(roots[r]).mkdir(parents=True, exist_ok=True)
-                staging[r] = Path(roots[r]) / f".cardiacseg-unpack-{secrets.token_hex(4)}"
-                staging[r].mkdir()
-        expected = {mf.member_name(f["root"], f["path"]): f for f in doc["files"]}
-        seen, summed = set(), False
-        with mf.Progress("unpack: verifying", sum(f["size"] for f in doc["files"]), quiet=quiet) as p:
-            while (ti := tar.next()) is not None:
-                tar.members.clear()  # tarfile keeps every header it read; a stream needs none of them
-                if summed:
-                    raise mf.BadArchive(f"{ti.name}: after {mf.MANIFEST_SUM}, which ends the archive")
-                if ti.name == mf.MANIFEST_SUM and ti.isreg():
-                    if tar.extractfile(ti).read(1024) != mf.digest_line(man_bytes):
-                        raise mf.BadArchive(f"{mf.MANIFEST}: its sha256 differs from {mf.MANIFEST_SUM} "
-                                            "(the manifest was edited or damaged)")
-                    summed = True
-                    continue
-                root, _, rel = ti.name.partition("/")
-                why = mf.safe_relpath(rel) if root in mf.ROOTS else "not under raw/, preprocessed/ or results/"
-                if why is not None:
-                    raise mf.BadArchive(f"{ti.name}: escapes its root ({why}); refused")
-                if not ti.isreg():
-                    raise mf.BadArchive(f"{ti.name}: {_kind(ti)}; pack writes regular files only, refused")
-                entry = expected.get(ti.name)
-                if entry is None or ti.name in seen:
-                    raise mf.BadArchive(f"{ti.name}: {'a second copy' if entry else 'not listed in MANIFEST.json'}; refused")
-                if ti.size != entry["size"]:
-                    raise mf.BadArchive(f"{ti.name}: {ti.size} bytes, MANIFEST.json says {entry['size']}")
-                _stage_member(tar, ti, entry, None if dry_run else staging[root])
-                seen.add(ti.name)
-                p.add(ti.size)
-        if missing := [n for n in expected if n not in seen]:
-            raise mf.BadArchive(f"{missing[0]}: listed in MANIFEST.json but not in the archive"
-                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        if not summed:
-            raise mf.BadArchive(f"the archive ends before {mf.MANIFEST_SUM} (truncated)")
-    return doc
+        with os.fdopen(fd, "wb") as out, open(staged, "rb") as src:
+            shutil.copyfileobj(src, out, CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+        shutil.copystat(staged, tmp)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(dest)) from None
+    return tmp
 
 
-def _place(doc: dict, roots: dict, staging: dict) -> dict:
-    counts = {"placed": 0, "same": 0, "moved_aside": []}
+def _place(doc: dict, roots: dict, staging: dict, counts: dict) -> None:
+    moves, made, copies = [], [], []
     for f in sorted(doc["files"], key=lambda f: PLACE_ORDER[f["root"]]):  # stable: manifest order within
         staged, dest = staging[f["root"]] / f["path"], Path(roots[f["root"]]) / f["path"]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if os.path.lexists(dest):
-            if not dest.is_symlink() and dest.is_file() and dest.stat().st_size == f["size"] and _sha(dest) == f["sha256"]:
-                counts["same"] += 1
-                continue
-            counts["moved_aside"].append(str(move_aside(dest, "before-unpack")))
+        if os.path.lexists(dest) and not dest.is_symlink() and dest.is_file() \
+                and dest.stat().st_size == f["size"] and _sha(dest) == f["sha256"]:
+            counts["same"] += 1
+            continue
+        moves.append([staged, dest])
+    try:  # everything that can fail for want of room happens before anything is moved aside or placed
+        for move in moves:
+            _makedirs(move[1].parent, made)
+            if os.stat(move[1].parent).st_dev != os.stat(move[0]).st_dev:
+                move[0] = _copy_beside(move[0], move[1])
+                copies.append(move[0])
+    except BaseException:
+        for path in copies:
+            path.unlink(missing_ok=True)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # not empty after all: someone else's file is in it now; it stays
+        raise
+    for i, (src, dest) in enumerate(moves):
         try:
-            os.replace(staged, dest)
-        except OSError as e:
-            if e.errno != 18:  # EXDEV: a mount point below the root; copy beside, then rename
-                raise
-            tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-            shutil.copy2(staged, tmp)
-            os.replace(tmp, dest)
+            if os.path.lexists(dest):
+                counts["moved_aside"].append(str(move_aside(dest, "before-unpack")))
+            os.replace(src, dest)
+        except BaseException:
+            for left, _ in moves[i:]:
+                if left in copies:
+                    left.unlink(missing_ok=True)
+            raise
         counts["placed"] += 1
-    return counts
+    for folder in {dest.parent for _, dest in moves}:
+        fsync_dir(folder)
 
 
 def _sha(path: Path) -> str:
@@ -183,21 +212,45 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def unpack(src, roots: dict, dry_run: bool = False, quiet: bool = False) -> dict:
-    """Verify the archive read from the binary stream `src`, then place it; BadArchive if anything fails
-    (then nothing is placed and no staging folder is left)."""
+def unpack(src, roots: dict, dry_run: bool = False, quiet: bool = False, cfg=None) -> dict:
+    """Verify the archive read from the binary stream `src`, then place it; BadArchive or Refused if
+    anything fails (then nothing is placed and no staging folder is left). `cfg`: the job whose
+    supervisor lock is held meanwhile (--config)."""
     roots = {k: (Path(v).absolute() if v is not None else None) for k, v in roots.items()}
     staging: dict = {}
+    counts = {"placed": 0, "same": 0, "moved_aside": []}
+    lock = stream = None
     try:
-        doc = _verify_stream(src, roots, dry_run, quiet, staging)
-        if dry_run:
-            return {"manifest": doc, "placed": 0, "same": 0, "moved_aside": []}
-        return {"manifest": doc, **_place(doc, roots, staging)}
+        tar, stream = archive_stream.tar_stream(src)
+        with tar:
+            doc, man_bytes = _manifest(tar, stream)
+            checks.check_destinations(doc, roots)
+            lock = checks.hold_lock(cfg, dry_run)
+            checks.trainers_here(doc, roots)
+            if not dry_run:
+                checks.check_space(doc, roots)
+                for r in {f["root"] for f in doc["files"]}:
+                    Path(roots[r]).mkdir(parents=True, exist_ok=True)
+                    staging[r] = Path(roots[r]) / f".cardiacseg-unpack-{secrets.token_hex(4)}"
+                    staging[r].mkdir()
+            _verify_members(tar, stream, doc, man_bytes, None if dry_run else staging, quiet)
+        if not dry_run:
+            checks.trainers_here(doc, roots)  # one may have started while the archive streamed
+            _place(doc, roots, staging, counts)
+        return {"manifest": doc, **counts}
     except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise mf.BadArchive(f"the archive is damaged or truncated ({type(e).__name__}: {e})") from None
+        where = f"{stream.where}: " if stream is not None else ""
+        raise mf.BadArchive(f"{where}the archive is damaged or truncated ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        what = f"cannot write {e.filename}: {e.strerror}" if e.filename else f"cannot read or write: {e}"
+        done = (f"{counts['placed']} files were placed before it, the others removed" if counts["placed"]
+                else "nothing was placed")
+        raise WriteError(f"{what}; {done}") from None
     finally:
         for d in staging.values():
             shutil.rmtree(d, ignore_errors=True)
+        if lock is not None:
+            lock.release()
 
 
 # ---- can --c load it here? --------------------------------------------------------------------------
@@ -310,13 +363,12 @@ def cli(args, cfg) -> int:
         return 2
     try:
         with src:
-            result = unpack(src, roots, dry_run=args.dry_run, quiet=args.quiet)
-    except mf.BadArchive as e:
+            result = unpack(src, roots, dry_run=args.dry_run, quiet=args.quiet, cfg=cfg)
+    except (mf.BadArchive, checks.Refused, ConfigError) as e:
         print(f"cardiacseg-train unpack: {name}: refused: {e}; nothing was placed", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"cardiacseg-train unpack: {name}: cannot write {e.filename or ''}: {e.strerror or e}; "
-              "files not yet moved into place were removed", file=sys.stderr)
+    except WriteError as e:
+        print(f"cardiacseg-train unpack: {name}: {e}", file=sys.stderr)
         return 2
     doc = result["manifest"]
     n, size = len(doc["files"]), sum(f["size"] for f in doc["files"]) / 1e9

@@ -60,7 +60,8 @@ def _matches(argv: list[str], cfg, dataset: str) -> bool:
 
 def find(cfg) -> list[Other]:
     dataset, results = job.dataset_name(cfg), str(Path(cfg.paths.results).resolve())
-    ours = f"{Path(cfg.paths.state_dir).resolve()}#"
+    # no state directory (unpack asking about an archive's job): no trainer is ours, every one counts
+    ours = f"{Path(cfg.paths.state_dir).resolve()}#" if cfg.paths.state_dir is not None else None
     hits: dict[int, Other] = {}
     for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
         try:
@@ -71,7 +72,7 @@ def find(cfg) -> list[Other]:
                 env = p.environ()
             except (psutil.AccessDenied, OSError):
                 env = {}
-            if env.get(proc.ATTEMPT_ENV, "").startswith(ours):
+            if ours is not None and env.get(proc.ATTEMPT_ENV, "").startswith(ours):
                 continue
             theirs = env.get("nnUNet_results")
             if theirs and str(Path(theirs).resolve()) != results:
