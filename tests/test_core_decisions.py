@@ -216,7 +216,7 @@ def test_a_stop_during_a_retry_backoff_ends_the_queue():
     q, acts = qp.decide_queue(q, qp.QSignalled("SIGTERM"), 6, c)
     assert q.status["3d_fullres/0"] == "failed" and qp.Forward("SIGTERM") in acts
     q, acts = qp.decide_queue(q, qp.JobExited("3d_fullres/1", 0, False), 7, c)
-    assert q.state == qp.QState.DONE and acts[-1] == qp.QFinish(ExitCode.GAVE_UP, False)
+    assert q.state == qp.QState.DONE and acts[-1] == qp.QFinish(ExitCode.GAVE_UP)
 
 
 def test_a_cascade_fold_whose_lowres_fold_failed_is_skipped_not_waited_for_forever():
@@ -225,7 +225,7 @@ def test_a_cascade_fold_whose_lowres_fold_failed_is_skipped_not_waited_for_forev
     assert acts == [qp.Launch("3d_lowres/0", "0")]
     q, acts = qp.decide_queue(q, qp.JobExited("3d_lowres/0", ExitCode.GAVE_UP, False), 1, c)
     assert q.status["3d_cascade_fullres/0"] == "skipped" and q.state == qp.QState.DONE
-    assert acts[-1] == qp.QFinish(ExitCode.GAVE_UP, False)
+    assert acts[-1] == qp.QFinish(ExitCode.GAVE_UP)
 
 
 def test_a_config_error_stops_the_queue_and_the_others_are_told():
@@ -235,7 +235,7 @@ def test_a_config_error_stops_the_queue_and_the_others_are_told():
     assert q.state == qp.QState.STOPPING and qp.Forward("SIGTERM") in acts
     assert not any(isinstance(a, qp.Launch) for a in acts)
     q, acts = qp.decide_queue(q, qp.JobExited("3d_fullres/1", 0, False), 2, c)
-    assert q.state == qp.QState.DONE and acts[-1] == qp.QFinish(ExitCode.CONFIG, False)
+    assert q.state == qp.QState.DONE and acts[-1] == qp.QFinish(ExitCode.CONFIG)
     assert q.status == {"3d_fullres/0": "config_error", "3d_fullres/1": "stopped", "3d_fullres/2": "pending"}
 
 

@@ -1,11 +1,12 @@
 """A queue of folds and configurations: one supervisor per job, one job per GPU slot, every guarantee each."""
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 
-from conftest import REPO, wait_for
+from conftest import REPO, LoggedPopen, wait_for
 from supervisor.core.queue_policy import Job, schedule
 from supervisor.integrations.store import StateStore
 
@@ -99,7 +100,93 @@ def test_impossible_queues_are_refused_with_every_problem(job):
                             "gpus": ["0", "0"]})
     rc, out = job.run(cfg, timeout=60)
     assert rc == 2, out
-    for needle in ("queue.gpus: expected each GPU once", "fold 4 does not exist", "'2d' is not in",
+    for needle in ("queue.gpus: expected each GPU in one slot only", "fold 4 does not exist", "'2d' is not in",
                    "3d_cascade_fullres fold 0 needs 3d_lowres fold 0"):
         assert needle in out, (needle, out)
     assert "Traceback" not in out
+
+
+def test_overlapping_gpu_slots_are_refused(job):
+    cfg = job.config(queue={"folds": [0, 1], "gpus": ["0,1", "1"]})
+    rc, out = job.run(cfg, timeout=60)
+    assert rc == 2 and "GPU 1 in more than one" in out and "Traceback" not in out, out
+
+
+def _jobs_training(job, folds=(0, 1), n=1):
+    return all(len((StateStore(job.state / "jobs" / f"3d_fullres-fold_{f}").read() or {}).get("epochs") or []) >= n
+               for f in folds)
+
+
+def test_a_reload_keeps_each_jobs_own_fold_gpu_and_state(job):
+    """SIGHUP to the master reaches every job; each job re-reads the file through its own overrides (fold,
+    CUDA_VISIBLE_DEVICES, state directory): an unchanged file changes nothing and needs no restart."""
+    cfg = job.config(env={"FAKE_EPOCHS": "200", "FAKE_EPOCH_S": "0.2"}, queue={"folds": [0, 1], "gpus": ["0", "1"]})
+    p = job.start(cfg, extra_env=None)
+    try:
+        wait_for(lambda: _jobs_training(job), timeout=90, what="both jobs training")
+        p.send_signal(signal.SIGHUP)
+        wait_for(lambda: p.log_path.read_text().count("reloaded applied") >= 2, timeout=30, what="both jobs reloaded")
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out[-3000:]
+    assert out.count("reloaded applied=[] next_restart=[]") == 2, out[-3000:]
+    assert "reload_needs_supervisor_restart" not in out
+
+
+def test_a_master_killed_and_started_again_adopts_the_running_jobs(job):
+    """SIGKILL to the queue's master: its job supervisors (own sessions) train on. The master started
+    again adopts them on their GPUs (no second supervisor or trainer), forwards its signals to them, and
+    ends with their outcome. --quiet-trainer reaches the jobs (no trainer line in the log)."""
+    cfg = job.config(env={"FAKE_EPOCHS": "25", "FAKE_EPOCH_S": "0.2"}, queue={"folds": [0, 1, 2], "gpus": ["0", "1"]})
+    argv = [sys.executable, "-m", "supervisor", "run", "--config", str(cfg), "--quiet-trainer"]
+    p = LoggedPopen(argv, cwd=REPO, log_path=job.root / "master1.log")
+    try:
+        wait_for(lambda: _jobs_training(job, n=2), timeout=90, what="two jobs training")
+        p.kill()
+        p.communicate(timeout=30)
+        p2 = LoggedPopen(argv, cwd=REPO, log_path=job.root / "master2.log")
+        out, _ = p2.communicate(timeout=240)
+    finally:
+        for x in (p, locals().get("p2")):
+            if x is not None and x.poll() is None:
+                x.kill()
+    assert p2.returncode == 0, out[-4000:]
+    assert out.count("queue_job_adopted") == 2 and "3d_fullres/2" in out
+    q = json.loads((job.state / "queue.json").read_text())
+    assert [j["status"] for j in q["jobs"]] == ["done", "done", "done"], q
+    for f in (0, 1, 2):
+        st = json.loads((job.state / "jobs" / f"3d_fullres-fold_{f}" / "state.json").read_text())
+        assert st["sup"]["outcome"] == "completed" and len(st["attempts"]) == 1, (f, st["attempts"])
+    logs = (job.root / "master1.log").read_text() + out
+    assert "src=trainer" not in logs and "Epoch time" not in logs
+
+
+def test_find_best_configuration_is_a_polled_child_a_stop_ends(job, tmp_path):
+    """nnUNetv2_find_best_configuration may take hours: the master goes on turning (queue.json is
+    rewritten, systemd's watchdog pinged) and a SIGTERM ends it; the queue's exit status is the jobs'."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    started = tmp_path / "find-best-started"
+    fake = bin_dir / "nnUNetv2_find_best_configuration"
+    fake.write_text(f'#!/bin/sh\necho "$@" > "{started}"\nexec sleep 1000\n')
+    fake.chmod(0o755)
+    cfg = job.config(env={"FAKE_EPOCHS": "2", "FAKE_EPOCH_S": "0.1"},
+                     queue={"folds": [0, 1], "find_best_configuration": True})
+    p = job.start(cfg, extra_env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    try:
+        wait_for(started.exists, timeout=120, what="find_best_configuration started")
+        t0 = json.loads((job.state / "queue.json").read_text())["updated_at"]
+        wait_for(lambda: json.loads((job.state / "queue.json").read_text())["updated_at"] > t0, timeout=10,
+                 what="the master still turning")
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out[-3000:]
+    assert "find_best_configuration_stopped" in out and "-f 0 1" in started.read_text()
+    fb = json.loads((job.state / "queue.json").read_text())["find_best_configuration"]
+    assert fb["exit_code"] == -15

@@ -33,22 +33,16 @@ def cmd_run(args) -> int:
     from supervisor.daemon.loop import Daemon
     from supervisor.integrations.store import LockedError
 
-    cfg = _load(args.config)
-    if args.fold is not None:  # an array task of `slurm-script --folds`: same config, this fold
-        import dataclasses
-
-        # one fold of one configuration: a [queue] in the same config must not run in every array task
-        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, fold=args.fold),
-                                  queue=dataclasses.replace(cfg.queue, folds=(), configurations=(), gpus=()))
+    shape = _job_shape(args)
+    cfg = shape(_load(args.config))
     log_setup.setup(cfg.logging.level, trainer_output=not args.quiet_trainer)
     if os.environ.get(queue_master.ENV):  # one job of a queue, started by the queue's master process
         spec = json.loads(os.environ[queue_master.ENV])
-        cfg = queue_master.job_config(cfg, spec)
         structlog.contextvars.bind_contextvars(job=f"{spec['configuration']}/{spec['fold']}")
     elif queue_policy.is_queue(cfg):
-        return _run_queue(cfg)
+        return _run_queue(cfg, quiet_trainer=args.quiet_trainer)
     try:
-        return Daemon(cfg, take_over=args.take_over).run()
+        return Daemon(cfg, take_over=args.take_over, shape=shape).run()
     except config_mod.ConfigError as e:  # found at start-up (e.g. the plans file), before training
         print(f"cardiacseg-train: {e}", file=sys.stderr)
         return ExitCode.CONFIG
@@ -61,7 +55,24 @@ def cmd_run(args) -> int:
         return ExitCode.CONFIG
 
 
-def _run_queue(cfg) -> int:
+def _job_shape(args):
+    """What makes the file's config this process's job: a fold of `slurm-script --folds` (an array task),
+    or a queue's job (CARDIACSEG_QUEUE_JOB: its fold, GPU slot and state directory). Applied at start and
+    to every reload, so a reload keeps them."""
+    import dataclasses
+
+    spec = json.loads(os.environ[queue_master.ENV]) if os.environ.get(queue_master.ENV) else None
+
+    def shape(cfg):
+        if args.fold is not None:
+            # one fold of one configuration: a [queue] in the same config must not run in every array task
+            cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, fold=args.fold),
+                                      queue=dataclasses.replace(cfg.queue, folds=(), configurations=(), gpus=()))
+        return queue_master.job_config(cfg, spec) if spec is not None else cfg
+    return shape
+
+
+def _run_queue(cfg, quiet_trainer: bool = False) -> int:
     from supervisor.integrations.plans import dataset_problems
     from supervisor.integrations.sdnotify import Notifier
     from supervisor.integrations.store import Lock, LockedError, safe_mkdir
@@ -78,7 +89,7 @@ def _run_queue(cfg) -> int:
         print(f"cardiacseg-train: {e}", file=sys.stderr)
         return ExitCode.LOCKED
     try:
-        return queue_master.QueueRunner(cfg, log_setup.get(), Notifier()).run()
+        return queue_master.QueueRunner(cfg, log_setup.get(), Notifier(), quiet_trainer=quiet_trainer).run()
     finally:
         lock.release()
 

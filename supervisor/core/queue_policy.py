@@ -12,7 +12,12 @@ queue.json. What that means is decided here, with the same vocabulary as the sin
 - a signal means what it means to a single job (criteria.signal_meaning): SIGTERM/SIGINT stop every job
   gracefully (forwarded; a second forces, a third kills, in each job), SIGHUP reloads every job,
   SIGUSR1 outside SLURM is ignored;
-- `schedule` picks which pending jobs start on which free slots (a cascade fold after its lowres fold).
+- `schedule` picks which pending jobs start on which free slots (a cascade fold after its lowres fold);
+- a master started again after its own death (SIGKILL) adopts the job supervisors that still run (their
+  lock is held) on the slots they hold: it watches them, forwards signals to them, never starts a
+  second supervisor or trainer for them, and reads their outcome from their state when they end;
+- nnUNetv2_find_best_configuration, when asked for, runs once every job is over (FINISHING) as a child
+  the master polls, bounded by FIND_BEST_LIMIT_S; a stop request ends it.
 Every (QState, event) pair has a rule or an explicit "ignored" in QUEUE_TABLE.
 """
 from __future__ import annotations
@@ -27,6 +32,7 @@ from supervisor.core.exit_codes import ExitCode
 
 DONE_OUTCOMES = ("target_reached", "completed")
 CHILD_RETRIES = 3  # a job whose supervisor process itself died is started again at most this often
+FIND_BEST_LIMIT_S = 6 * 3600  # nnUNetv2_find_best_configuration: ensembles of every fold's validation
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,9 @@ def schedule(pending: list[Job], done: set[str], free_slots: list, stopping: boo
 
 # ---- the queue's state, events and actions ---------------------------------------------------------------
 class QState(str, enum.Enum):
-    RUNNING = "running"    # starting and watching jobs
-    STOPPING = "stopping"  # no new job starts; waiting for the running ones to end
+    RUNNING = "running"      # starting and watching jobs
+    STOPPING = "stopping"    # no new job starts; waiting for the running ones to end
+    FINISHING = "finishing"  # every job is over; nnUNetv2_find_best_configuration runs
     DONE = "done"
 
 
@@ -92,11 +99,14 @@ class Queue:
     retries: dict = field(default_factory=dict)       # key -> times its dead supervisor was started again
     retry_at: dict = field(default_factory=dict)      # key -> monotonic time of that start
     stop_why: str | None = None
+    final_code: int | None = None                     # FINISHING: the queue's exit status, decided
+    find_best_deadline: float | None = None           # FINISHING: stop nnUNetv2_find_best_configuration then
 
 
 @dataclass(frozen=True)
 class QStart:
     already_done: tuple = ()      # keys whose state says target_reached/completed (a restarted service)
+    running: tuple = ()           # (key, slot) of job supervisors still running (a master started again)
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,11 @@ class QTick:
 
 
 @dataclass(frozen=True)
+class FindBestExited:
+    code: int | None              # None: it could not be started
+
+
+@dataclass(frozen=True)
 class Launch:
     key: str
     slot: object
@@ -132,7 +147,16 @@ class Forward:
 @dataclass(frozen=True)
 class QFinish:
     code: int
-    find_best: bool = False       # run nnUNetv2_find_best_configuration over the done jobs first
+
+
+@dataclass(frozen=True)
+class RunFindBest:
+    """Start nnUNetv2_find_best_configuration over the configurations and folds that are done."""
+
+
+@dataclass(frozen=True)
+class StopFindBest:
+    why: str
 
 
 def _launches(q: Queue) -> tuple[Queue, list]:
@@ -153,22 +177,30 @@ def _launches(q: Queue) -> tuple[Queue, list]:
     return dataclasses.replace(q, status=status, slot_of=slot_of), acts
 
 
-def _maybe_finish(q: Queue, cfg) -> tuple[Queue, list]:
+def _maybe_finish(q: Queue, cfg, now: float) -> tuple[Queue, list]:
     if q.slot_of or q.retry_at or (q.state == QState.RUNNING and any(v == "pending" for v in q.status.values())):
         return q, []
     st = set(q.status.values())
     code = ExitCode.CONFIG if "config_error" in st else ExitCode.GAVE_UP if st & {"gave_up", "failed"} else ExitCode.OK
-    find_best = q.state == QState.RUNNING and cfg.queue.find_best_configuration
-    return dataclasses.replace(q, state=QState.DONE), [Log("queue_finished", fields={
-        "jobs": dict(q.status), "exit_code": int(code)}), QFinish(int(code), find_best)]
+    log = Log("queue_finished", fields={"jobs": dict(q.status), "exit_code": int(code)})
+    if q.state == QState.RUNNING and cfg.queue.find_best_configuration and "done" in st:
+        return dataclasses.replace(q, state=QState.FINISHING, final_code=int(code),
+                                   find_best_deadline=now + FIND_BEST_LIMIT_S), [log, RunFindBest()]
+    return dataclasses.replace(q, state=QState.DONE), [log, QFinish(int(code))]
 
 
 def on_start(q: Queue, ev: QStart, now, cfg):
-    """skip what is done; start what fits on the slots"""
+    """skip what is done; adopt the job supervisors still running on their slots; start what fits"""
     status = {j.key: ("done" if j.key in ev.already_done else "pending") for j in q.order}
     acts = [Log("queue_job_skipped", fields={"job": k, "why": "already done"}) for k in ev.already_done]
-    q, more = _launches(dataclasses.replace(q, status=status))
-    q, fin = _maybe_finish(q, cfg)
+    slot_of = {}
+    for key, slot in ev.running:
+        if key in status:  # a job of another queue (the config changed) is not ours to watch
+            status[key], slot_of[key] = "running", slot
+            acts.append(Log("queue_job_adopted", "warning", {"job": key, "gpu": slot,
+                                                             "why": "its supervisor still runs (this master was restarted)"}))
+    q, more = _launches(dataclasses.replace(q, status=status, slot_of=slot_of))
+    q, fin = _maybe_finish(q, cfg, now)
     return q, [*acts, *more, *fin]
 
 
@@ -208,7 +240,7 @@ def on_job_exited(q: Queue, ev: JobExited, now, cfg):
         if slot_of:
             acts.append(Forward("SIGTERM"))
     q, more = _launches(q)
-    q, fin = _maybe_finish(q, cfg)
+    q, fin = _maybe_finish(q, cfg, now)
     return q, [*acts, *more, *fin]
 
 
@@ -228,7 +260,7 @@ def on_signal(q: Queue, ev: QSignalled, now, cfg):
         q = dataclasses.replace(q, state=QState.STOPPING, stop_why=ev.signame, retry_at={}, status=status,
                                 slot_of=slot_of)
         acts.insert(0, Log("queue_stopping", fields={"signal": ev.signame, "running": sorted(slot_of)}))
-    q, fin = _maybe_finish(q, cfg)
+    q, fin = _maybe_finish(q, cfg, now)
     return q, [*acts, *fin]
 
 
@@ -246,12 +278,35 @@ def on_tick(q: Queue, ev: QTick, now, cfg):
     return q, [*acts, *more]
 
 
+def on_signal_finishing(q: Queue, ev: QSignalled, now, cfg):
+    """a stop ends nnUNetv2_find_best_configuration (the jobs are over); a reload or SIGUSR1 is ignored"""
+    if criteria.signal_meaning(ev.signame, ev.in_slurm) in ("ignore", "reload"):
+        return q, [Log("signal_ignored", fields={"signal": ev.signame, "why": "only find_best_configuration runs"})]
+    return q, [StopFindBest(f"{ev.signame} to the queue")]
+
+
+def on_tick_finishing(q: Queue, ev: QTick, now, cfg):
+    """nnUNetv2_find_best_configuration past FIND_BEST_LIMIT_S -> stopped"""
+    if q.find_best_deadline is not None and now >= q.find_best_deadline:
+        return dataclasses.replace(q, find_best_deadline=None), [
+            StopFindBest(f"still running after {FIND_BEST_LIMIT_S / 3600:g} h")]
+    return q, []
+
+
+def on_find_best_exited(q: Queue, ev: FindBestExited, now, cfg):
+    """the queue's exit status as decided when the jobs ended (find_best_configuration is an extra)"""
+    return dataclasses.replace(q, state=QState.DONE), [
+        Log("find_best_configuration_finished", "info" if ev.code == 0 else "error", {"exit_code": ev.code}),
+        QFinish(q.final_code if q.final_code is not None else int(ExitCode.OK))]
+
+
 @dataclass(frozen=True)
 class QIgnored:
     why: str
 
 
-QEVENTS = (QStart, JobExited, QSignalled, QTick)
+QEVENTS = (QStart, JobExited, QSignalled, QTick, FindBestExited)
+_NOT_YET = QIgnored("find_best_configuration starts only once every job is over (FINISHING)")
 _FINAL = QIgnored("the final decision is made: the master exits after this turn")
 QUEUE_TABLE = {
     (QState.RUNNING, QStart): on_start,
@@ -262,8 +317,14 @@ QUEUE_TABLE = {
     (QState.STOPPING, JobExited): on_job_exited,
     (QState.STOPPING, QSignalled): on_signal,
     (QState.STOPPING, QTick): QIgnored("while stopping no job is started, not even a dead one's retry"),
+    (QState.RUNNING, FindBestExited): _NOT_YET, (QState.STOPPING, FindBestExited): _NOT_YET,
+    (QState.FINISHING, QStart): QIgnored("a queue starts RUNNING"),
+    (QState.FINISHING, JobExited): QIgnored("every job ended before find_best_configuration started"),
+    (QState.FINISHING, QSignalled): on_signal_finishing,
+    (QState.FINISHING, QTick): on_tick_finishing,
+    (QState.FINISHING, FindBestExited): on_find_best_exited,
     (QState.DONE, QStart): _FINAL, (QState.DONE, JobExited): _FINAL, (QState.DONE, QSignalled): _FINAL,
-    (QState.DONE, QTick): _FINAL,
+    (QState.DONE, QTick): _FINAL, (QState.DONE, FindBestExited): _FINAL,
 }
 assert set(QUEUE_TABLE) == {(s, e) for s in QState for e in QEVENTS}, "every queue state x event needs an entry"
 

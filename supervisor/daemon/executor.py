@@ -232,7 +232,7 @@ class Executor:
         """Re-read config.toml; apply what can change live; a bad file changes nothing."""
         self.notify.reloading()
         try:
-            new = load(self.cfg.path)
+            new = self.shape(load(self.cfg.path))
         except ConfigError as e:
             self.log.error("reload_failed", error=str(e), kept="the previous configuration")
         else:

@@ -50,8 +50,11 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
 
 
 class Daemon(Executor):
-    def __init__(self, cfg: Config, mono=time.monotonic, wall=time.time, take_over: bool = False):
+    def __init__(self, cfg: Config, mono=time.monotonic, wall=time.time, take_over: bool = False, shape=None):
+        """`shape(cfg)`: what makes the file's config this job (a queue job's fold, GPU and state directory),
+        applied to every reload too."""
         self.cfg, self.mono, self.wall, self.take_over = cfg, mono, wall, take_over
+        self.shape = shape or (lambda c: c)
         self.log = log_setup.get()
         self.store = StateStore(cfg.paths.state_dir)
         self.lock = Lock(cfg.paths.state_dir)

@@ -35,8 +35,10 @@ from supervisor.config import job as jobmod
 from supervisor.core import queue_policy as qp
 from supervisor.core.actions import Log
 from supervisor.core.queue_policy import Job, jobs
-from supervisor.integrations import slurm
-from supervisor.integrations.store import atomic_write
+import psutil
+
+from supervisor.integrations import proc, slurm
+from supervisor.integrations.store import Lock, atomic_write
 
 ENV = "CARDIACSEG_QUEUE_JOB"
 
@@ -64,8 +66,11 @@ def _with(cfg, j: Job):
 def problems(cfg) -> list[str]:
     out = []
     gpus = [str(g) for g in cfg.queue.gpus]
-    if len(set(gpus)) != len(gpus):
-        out.append(f"queue.gpus: expected each GPU once, got {gpus}")
+    devices = [d.strip() for g in gpus for d in g.split(",")]  # a slot may be several GPUs ("0,1")
+    if len(set(devices)) != len(devices):
+        twice = sorted({d for d in devices if devices.count(d) > 1})
+        out.append(f"queue.gpus: expected each GPU in one slot only, got {gpus} (GPU {', '.join(twice)} in "
+                   "more than one): two jobs would train on one GPU")
     try:
         plans = json.loads(jobmod.plans_file(cfg).read_text())
         confs = plans["configurations"]
@@ -92,12 +97,31 @@ def problems(cfg) -> list[str]:
     return sorted(set(out), key=out.index)
 
 
-def already_done(cfg, j: Job) -> bool:
+def _sup(cfg, j: Job) -> dict:
+    """The job's durable record ("sup" of its state.json), {} when there is none or it is unreadable."""
     try:
         data = json.loads((state_dir(cfg, j) / "state.json").read_text())
-        return (data.get("sup") or {}).get("outcome") in qp.DONE_OUTCOMES
+        return data.get("sup") or {} if isinstance(data, dict) else {}
     except (OSError, ValueError):
-        return False
+        return {}
+
+
+def already_done(cfg, j: Job) -> bool:
+    return _sup(cfg, j).get("outcome") in qp.DONE_OUTCOMES
+
+
+def still_running(cfg, j: Job) -> tuple[int, object] | None:
+    """(pid, GPU slot) of this job's supervisor when one still runs (it holds the job's lock), e.g. after
+    the master itself was killed; the slot is the one in its CARDIACSEG_QUEUE_JOB."""
+    holder = Lock.holder(state_dir(cfg, j))
+    if not holder or not holder.startswith("pid ") or not holder[4:].isdigit():
+        return None
+    pid = int(holder[4:])
+    try:
+        spec = json.loads(psutil.Process(pid).environ().get(ENV, "null")) or {}
+    except (psutil.Error, OSError, ValueError):
+        spec = {}
+    return pid, spec.get("gpu")
 
 
 class QueueRunner:
@@ -105,13 +129,15 @@ class QueueRunner:
     to queue_policy.decide_queue and carries out its actions (Launch, Forward, Log, QFinish); keeps
     <state_dir>/queue.json and systemd's STATUS= current."""
 
-    def __init__(self, cfg, log, notify, mono=time.monotonic):
-        self.cfg, self.log, self.notify, self.mono = cfg, log, notify, mono
+    def __init__(self, cfg, log, notify, mono=time.monotonic, quiet_trainer: bool = False):
+        self.cfg, self.log, self.notify, self.mono, self.quiet_trainer = cfg, log, notify, mono, quiet_trainer
         self.all = qp.jobs(cfg)
         self.by_key = {j.key: j for j in self.all}
         self.q = qp.Queue(order=tuple(self.all), slots=tuple(str(g) for g in cfg.queue.gpus) or (None,),
                           status={j.key: "pending" for j in self.all})
         self.procs: dict[str, subprocess.Popen] = {}
+        self.adopted: dict[str, int] = {}  # key -> pid of a job supervisor an earlier master started
+        self.finder: subprocess.Popen | None = None  # nnUNetv2_find_best_configuration
         self.sigs: list[int] = []
         self.events: list = []
         self.best: dict | None = None
@@ -126,7 +152,11 @@ class QueueRunner:
             signal.signal(s, lambda n, _f: self.sigs.append(n))
         sel.register(r, selectors.EVENT_READ)
         self.log.info("queue_started", jobs=[j.key for j in self.all], slots=list(self.q.slots))
-        self.events.append(qp.QStart(tuple(j.key for j in self.all if already_done(self.cfg, j))))
+        running = {j.key: found for j in self.all if (found := still_running(self.cfg, j)) is not None}
+        self.adopted = {k: pid for k, (pid, _slot) in running.items()}
+        self.events.append(qp.QStart(tuple(j.key for j in self.all if j.key not in running and
+                                           already_done(self.cfg, j)),
+                                     tuple((k, slot) for k, (_pid, slot) in running.items())))
         self.pump()
         self.notify.ready(self.summary())
         while self.code is None:
@@ -143,7 +173,19 @@ class QueueRunner:
             for key, p in list(self.procs.items()):
                 if (code := p.poll()) is not None:
                     del self.procs[key]
+                    proc.release(p)
                     self.events.append(qp.JobExited(key, code, already_done(self.cfg, self.by_key[key])))
+            for key in [k for k in self.adopted if still_running(self.cfg, self.by_key[k]) is None]:
+                # not our child: its exit status is what it recorded (none: it died, as a crash)
+                del self.adopted[key]
+                j = self.by_key[key]
+                self.events.append(qp.JobExited(key, _sup(self.cfg, j).get("exit_code"), already_done(self.cfg, j)))
+            if self.finder is not None and (code := self.finder.poll()) is not None:
+                proc.release(self.finder)
+                self.finder = None
+                self.best["exit_code"] = code
+                self.best["tail"] = _tail(Path(self.best["log"]))
+                self.events.append(qp.FindBestExited(code))
             self.events.append(qp.QTick())
             self.pump()
             self.notify.status(self.summary())
@@ -167,9 +209,15 @@ class QueueRunner:
         elif isinstance(act, qp.Forward):
             for p in self.procs.values():  # each job stops (or reloads) as a single job does
                 p.send_signal(getattr(signal, act.signame))
+            for pid in self.adopted.values():
+                proc.send(pid, getattr(signal, act.signame))
+        elif isinstance(act, qp.RunFindBest):
+            self.find_best()
+        elif isinstance(act, qp.StopFindBest):
+            if self.finder is not None:
+                self.finder.terminate()
+                self.log.warning("find_best_configuration_stopped", why=act.why)
         elif isinstance(act, qp.QFinish):
-            if act.find_best:
-                self.find_best()
             self.code = act.code
         else:  # pragma: no cover - a new action without an executor is a bug
             raise TypeError(f"unknown queue action {act!r}")
@@ -179,9 +227,10 @@ class QueueRunner:
                 "gpu": slot}
         env = {k: v for k, v in os.environ.items() if k not in jobmod.PRIVATE_ENV}
         env[ENV] = json.dumps(spec)
-        argv = [sys.executable, "-m", "supervisor", "run", "--config", str(self.cfg.path)]
+        argv = [sys.executable, "-m", "supervisor", "run", "--config", str(self.cfg.path),
+                *(["--quiet-trainer"] if self.quiet_trainer else [])]
         # its own session: a terminal's Ctrl-C reaches the master only, which forwards it once
-        self.procs[j.key] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[j.key] = proc.popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         self.log.info("queue_job_started", job=j.key, gpu=slot, state_dir=spec["state_dir"])
 
     def summary(self) -> str:
@@ -193,6 +242,8 @@ class QueueRunner:
         return f"{done}/{len(self.all)} done" + (": " + "; ".join(parts) if parts else "")
 
     def find_best(self) -> None:
+        """Start nnUNetv2_find_best_configuration as a child the loop polls (watchdog pings and signals go on
+        for the hours it may take); its exit is reported as FindBestExited."""
         done = [j for j in self.all if self.q.status[j.key] == "done"]
         confs = sorted({j.configuration for j in done})
         folds = sorted({str(j.fold) for j in done})
@@ -201,18 +252,16 @@ class QueueRunner:
             t, command=("nnUNetv2_find_best_configuration",))))[0]
         argv = [exe, jobmod.dataset_name(self.cfg), "-c", *confs, "-f", *folds, "-tr", t.trainer, "-p", t.plans]
         out = Path(self.cfg.paths.state_dir) / "find_best_configuration.log"
-        self.log.info("find_best_configuration_started", argv=" ".join(argv), log=str(out))
+        self.best = {"argv": argv, "exit_code": None, "log": str(out), "tail": []}
         try:
             with open(out, "wb") as fh:
-                r = subprocess.run(argv, env=jobmod.build_env(self.cfg), stdout=fh, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, timeout=6 * 3600)
-            code = r.returncode
-        except (OSError, subprocess.TimeoutExpired) as e:
-            code = None
+                self.finder = proc.popen(argv, env=jobmod.build_env(self.cfg), stdout=fh, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
             self.log.error("find_best_configuration_failed", error=str(e))
-        tail = out.read_text(errors="replace").strip().splitlines()[-12:] if out.exists() else []
-        self.best = {"argv": argv, "exit_code": code, "log": str(out), "tail": tail}
-        (self.log.info if code == 0 else self.log.error)("find_best_configuration_finished", exit_code=code)
+            self.events.append(qp.FindBestExited(None))
+            return
+        self.log.info("find_best_configuration_started", argv=" ".join(argv), log=str(out), pid=self.finder.pid)
 
     def save(self) -> None:
         data = {"jobs": [{"configuration": j.configuration, "fold": j.fold, "key": j.key,
@@ -225,6 +274,13 @@ class QueueRunner:
             atomic_write(Path(self.cfg.paths.state_dir) / "queue.json", json.dumps(data, indent=1).encode())
         except OSError as e:
             self.log.warning("queue_state_not_saved", error=str(e))
+
+
+def _tail(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").strip().splitlines()[-12:]
+    except OSError:
+        return []
 
 
 def _job_line(cfg, j: Job) -> str:
