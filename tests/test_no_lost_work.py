@@ -1,4 +1,5 @@
 """No lost work: corrupt checkpoints, hangs, divergence, plateau, and atomic checkpoint writes."""
+import os
 import signal
 import subprocess
 import sys
@@ -172,3 +173,62 @@ def test_verify_spots_truncation_and_zeroed_bytes(tmp_path):
     assert checkpoints.verify(p) is not None
     p.write_bytes(b"")
     assert checkpoints.verify(p) is not None
+
+
+EXPORTER = """
+import os, sys, time, multiprocessing
+from supervisor.trainer import launcher
+
+
+def export(i):
+    open(os.path.join(sys.argv[1], f"worker-{i}"), "w").close()
+    time.sleep(300)
+
+
+def validate():
+    with multiprocessing.get_context("spawn").Pool(2) as pool:  # nnU-Net's export pool
+        res = pool.map_async(export, range(2))
+        res.get(300)
+
+
+if __name__ == "__main__":
+    launcher.quiet_spawned_children()
+    launcher.install_signal_handlers()
+    launcher.run_until_stopped(validate)
+"""
+
+
+def test_a_stop_during_the_final_validations_export_workers_is_one_line(tmp_path):
+    """SIGINT to the trainer's whole group while nnU-Net's spawn Pool exports predictions: one line from the
+    trainer, no KeyboardInterrupt traceback from each export worker, and the trainer dies by SIGINT."""
+    script = tmp_path / "exporter.py"
+    script.write_text(EXPORTER)
+    p = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    wait_for(lambda: len(list(tmp_path.glob("worker-*"))) == 2, timeout=120, what="both export workers busy")
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cardiacseg-train-nnunet: stopped by SIGINT"), err
+    assert p.returncode == -signal.SIGINT
+
+
+def test_a_stop_while_the_launcher_imports_torch_is_one_line(tmp_path):
+    """SIGINT while the launcher is still importing torch and nnU-Net (seconds at every start): the same one
+    line as a stop in epoch 500, no traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "supervisor.trainer.launcher", "Dataset999_None", "3d_fullres", "0"],
+                         cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "nnUNet_raw": str(tmp_path), "nnUNet_preprocessed": str(tmp_path),
+                              "nnUNet_results": str(tmp_path)})
+
+    def importing_torch():
+        try:
+            return "libtorch" in open(f"/proc/{p.pid}/maps").read()
+        except OSError:
+            return False
+    wait_for(importing_torch, timeout=120, interval=0.005, what="torch being imported")
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    assert "cardiacseg-train-nnunet: stopped by SIGINT before the first epoch" in err, err
+    assert p.returncode == -signal.SIGINT

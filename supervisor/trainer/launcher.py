@@ -147,8 +147,35 @@ def apply_patches() -> None:
         if nd.producer is not quiet_producer:
             _ORIG_PRODUCER.append(nd.producer)
             nd.producer = quiet_producer
+    quiet_spawned_children()
     cls._cardiacseg_patched = True
     install_signal_handlers()
+
+
+def quiet_spawned_children() -> None:
+    """Children started by multiprocessing's spawn (nnU-Net's final validation exports its predictions in
+    a spawn Pool) get SIGINT ignored: Python keeps an inherited SIG_IGN instead of installing its
+    KeyboardInterrupt handler, so a stop sent to the trainer's group makes no traceback in each of them;
+    the trainer ends them itself (Pool's finaliser: SIGTERM). Around the launch the parent blocks SIGINT
+    too, so a stop arriving then is delivered to it right after, never lost."""
+    try:
+        from multiprocessing import popen_spawn_posix as ps
+    except ImportError:
+        return
+    orig = ps.Popen._launch
+    if getattr(orig, "_cardiacseg", False):
+        return
+
+    def _launch(self, process_obj):
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return orig(self, process_obj)
+        finally:
+            signal.signal(signal.SIGINT, old)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    _launch._cardiacseg = True
+    ps.Popen._launch = _launch
 
 
 def install_signal_handlers() -> None:
@@ -170,13 +197,20 @@ _ORIG_RUN_DDP: list = []
 
 
 def main() -> None:
+    # everything inside run_until_stopped: a stop while torch and nnU-Net are still being imported (seconds)
+    # ends with the same one line as a stop in epoch 500
+    install_signal_handlers()
+    run_until_stopped(_start_training)
+
+
+def _start_training() -> None:
     apply_patches()
     from nnunetv2.run import run_training as rt
 
     if rt.run_ddp is not run_ddp:
         _ORIG_RUN_DDP.append(rt.run_ddp)
         rt.run_ddp = run_ddp
-    run_until_stopped(rt.run_training_entry)
+    rt.run_training_entry()
 
 
 def _silent_keyboard_interrupt(etype, value, tb):
