@@ -192,3 +192,18 @@ def test_a_half_written_latest_is_chosen_against_and_best_resumes(good, tmp_path
     assert pick.bad == (("checkpoint_latest.pth",
                          "checkpoint_latest/data/15 is missing (the checkpoint was cut off while being written)"),)
     assert choose_resume(found[1:], suspect="checkpoint_best.pth").resume_from is None  # it died loading it
+
+
+def test_a_bug_in_the_verifier_never_calls_a_good_checkpoint_damaged(good, monkeypatch):
+    """Only a known form of damage is a verdict: when the inert unpickler itself fails on a checkpoint whose
+    bytes are intact (a torch version it does not follow, a bug of ours), the file is not judged, so the
+    policy never moves a good checkpoint aside; damage is still found."""
+    from supervisor.integrations import checkpoints
+
+    def broken_load(self):
+        raise TypeError("Stub.__init__() takes no arguments (a verifier bug)")
+    monkeypatch.setattr(checkpoints._StorageCollector, "load", broken_load)
+    assert torch_load_error(good) is None and verify(good) is None
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])
+    assert verify(good).startswith("not a complete zip archive")

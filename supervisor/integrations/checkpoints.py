@@ -10,7 +10,8 @@ failed locating file data/101". So `verify` walks data.pkl with `_StorageCollect
 never imports or calls anything real (every global is an inert stub; nothing in the pickle can run code)
 and records each persistent id ('storage', type, key, location, numel) torch writes for a tensor's
 storage; each `<name>/data/<key>` must exist with at least numel x element size bytes (the size where the
-storage type is known). Last it CRC-checks every entry (testzip), which catches flipped or zeroed bytes.
+storage type is known). It CRC-checks every entry (testzip) first, which catches flipped or zeroed bytes:
+what fails after that is the verifier's limit, not damage, and never moves a checkpoint aside.
 
 Which checkpoint `--c` resumes from, and which are moved aside, is the policy's decision
 (criteria.choose_resume over what `verify` found); `stale_temp_files` lists the temp files a killed
@@ -86,14 +87,13 @@ class _StorageCollector(pickle.Unpickler):
 
 
 def _missing_storage(z: zipfile.ZipFile, pkl: str) -> str | None:
-    """What data.pkl refers to that the archive lacks, or None."""
-    info = z.getinfo(pkl)
-    if info.file_size > MAX_PICKLE_BYTES:
-        return f"{pkl} is {info.file_size} bytes, more than a checkpoint's pickle holds"
+    """What data.pkl (whose bytes passed the CRC check) refers to that the archive lacks, or None. A pickle
+    stream that is malformed (cut short, not a pickle) is damage any unpickler refuses; any other error is
+    the inert unpickler's own limit and raises: the caller does not judge the file then."""
     collector = _StorageCollector(z.open(pkl))
     try:
         collector.load()
-    except Exception as e:  # whatever a damaged pickle makes the unpickler raise
+    except (pickle.UnpicklingError, EOFError) as e:
         return f"{pkl} does not unpickle ({type(e).__name__}: {e})"
     prefix = pkl[: -len("data.pkl")]
     sizes = {i.filename: i.file_size for i in z.infolist()}
@@ -108,22 +108,32 @@ def _missing_storage(z: zipfile.ZipFile, pkl: str) -> str | None:
 
 
 def verify(path: Path) -> str | None:
-    """None when the checkpoint is a complete torch archive, else what is wrong with it."""
+    """None when the checkpoint is a complete torch archive, else what is wrong with it.
+
+    Only a known form of damage is a verdict (a checkpoint judged damaged is moved aside): an archive
+    zipfile cannot read, a CRC mismatch, a missing or short storage. The archive is read and CRC-checked
+    first, by zipfile; once every byte is as its writer wrote it, anything else going wrong is the
+    verifier's own limit or bug (a pickle it cannot follow, a torch version it does not know), never a
+    reason to move a good checkpoint away: the answer is then None, and torch.load has the last word."""
     try:
         with zipfile.ZipFile(path) as z:
             pkls = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
             if not pkls:
                 return "no data.pkl in the archive (not a torch checkpoint)"
-            if (why := _missing_storage(z, pkls[0])) is not None:
-                return why
             bad = z.testzip()
             if bad is not None:
                 return f"CRC mismatch in {bad}"
+            info = z.getinfo(pkls[0])
+            if info.file_size > MAX_PICKLE_BYTES:
+                return f"{pkls[0]} is {info.file_size} bytes, more than a checkpoint's pickle holds"
+            try:
+                return _missing_storage(z, pkls[0])
+            except Exception:  # noqa: BLE001 - ours, not the file's: see the docstring
+                return None
     except zipfile.BadZipFile as e:
         return f"not a complete zip archive ({e})"
     except (OSError, EOFError, ValueError, RuntimeError, KeyError, NotImplementedError, zlib.error) as e:
-        return f"unreadable ({e})"  # a hostile archive: bad compression method, bad deflate data, ...
-    return None
+        return f"unreadable ({e})"  # zipfile on a hostile archive: bad compression method, bad deflate data, ...
 
 
 def stale_temp_files(fold: Path) -> list[str]:
