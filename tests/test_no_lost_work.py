@@ -43,7 +43,8 @@ def test_no_valid_checkpoint_gives_up_or_starts_fresh(job, allow):
     run_until_epochs(job, cfg, 2)
     for name in ("checkpoint_latest.pth", "checkpoint_best.pth"):
         (job.fold / name).write_bytes(b"\0" * 1000)
-    cfg = job.config(env={"FAKE_EPOCHS": "3", "FAKE_EPOCH_S": "0.1"}, checkpoint={"allow_fresh_start": allow})
+    cfg = job.config(env={"FAKE_EPOCHS": "3", "FAKE_EPOCH_S": "0.1"},
+                     checkpoint={"allow_fresh_start": allow, "fresh_start_max_minutes": 0})
     rc, out = job.run(cfg)
     st = job.state_json()
     assert len(list(job.fold.glob("*.corrupt-*"))) == 2
@@ -232,3 +233,22 @@ def test_a_stop_while_the_launcher_imports_torch_is_one_line(tmp_path):
     assert "Traceback" not in err, err
     assert "cardiacseg-train-nnunet: stopped by SIGINT before the first epoch" in err, err
     assert p.returncode == -signal.SIGINT
+
+
+def test_the_only_checkpoint_truncated_early_starts_fresh_and_says_what_it_lost(job):
+    """Stock nnUNetv2_train (no checkpoint_latest before epoch 50) killed while it writes its first
+    checkpoint_best.pth: the only checkpoint is truncated. A fresh start loses seconds here, below
+    checkpoint.fresh_start_max_minutes: it starts at epoch 0 and says so; with a limit of 0 it gives up."""
+    cfg = job.config(env={"FAKE_EPOCHS": "200", "FAKE_EPOCH_S": "0.2", "FAKE_SAVE_EVERY": "1000"})
+    run_until_epochs(job, cfg, 2)
+    latest = job.fold / "checkpoint_latest.pth"
+    assert not latest.exists()  # best only, as stock nnU-Net early in a run
+    best = job.fold / "checkpoint_best.pth"
+    best.write_bytes(best.read_bytes()[:1000])
+    cfg = job.config(env={"FAKE_EPOCHS": "3", "FAKE_EPOCH_S": "0.1", "FAKE_SAVE_EVERY": "1000"})
+    rc, out = job.run(cfg)
+    assert rc == 0, out[-3000:]
+    st = job.state_json()
+    assert st["attempts"][-1]["resume_from"] is None and st["sup"]["outcome"] == "completed"
+    assert "fresh_start" in out and "at most checkpoint.fresh_start_max_minutes = 30" in out
+    assert len(list(job.fold.glob("checkpoint_best.pth.corrupt-*"))) == 1

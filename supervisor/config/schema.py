@@ -221,8 +221,10 @@ class Checkpoint:
     every_epochs: int = key(1, at_least_one, "default launcher: checkpoint_latest every N epochs",
                             types=int, reload=NEXT_ATTEMPT)
     verify: bool = key(True, None, "check the checkpoint `--c` will load before each start", types=bool)
-    allow_fresh_start: bool = key(False, None, "all checkpoints unreadable: start at epoch 0 (else exit 3)",
-                                  types=bool)
+    allow_fresh_start: bool = key(False, None, "all checkpoints unreadable: start at epoch 0 whatever that loses "
+                                  "(else: see fresh_start_max_minutes)", types=bool)
+    fresh_start_max_minutes: float = key(30, non_negative, "all checkpoints unreadable: start at epoch 0 when the "
+                                         "training that loses took at most this long (else exit 3)")
 
 
 def _str_or_int_list(v):

@@ -91,6 +91,7 @@ class CheckpointsInspected:
     stale_temps: tuple[str, ...] = ()
     last_epoch: int | None = None         # from the logs: what a fallback to checkpoint_best costs
     best_epoch: int | None = None
+    trained_s: float | None = None        # the lineage's epoch times added up: what a fresh start loses
 
 
 @dataclass(frozen=True)

@@ -88,15 +88,23 @@ def on_checkpoints(s: Sup, ev: CheckpointsInspected, now, cfg):
                 and ev.best_epoch is not None else None)
         acts.append(Log("checkpoint_fallback", "warning", {"resume_from": pick.resume_from, "epochs_lost": lost}))
     if pick.had_any and pick.resume_from is None:
-        if not cfg.checkpoint.allow_fresh_start:
+        ck, minutes = cfg.checkpoint, None if ev.trained_s is None else ev.trained_s / 60
+        epochs = "no epoch in the logs" if ev.last_epoch is None else f"epochs 0..{ev.last_epoch}"
+        if not ck.allow_fresh_start and (minutes is None or minutes > ck.fresh_start_max_minutes):
             acts += [MoveAside(name, why) for name, why in pick.bad]
+            trained = "an unknown amount of training" if minutes is None else f"{minutes:.1f} min of training"
             s, more = finish(s, State.FAILED, "gave_up", ExitCode.GAVE_UP,
                              "every checkpoint in the fold folder was unreadable and has been moved aside "
-                             "(*.corrupt-*); set [checkpoint].allow_fresh_start = true to start again from epoch 0, "
-                             "or put a good checkpoint back", "error")
+                             f"(*.corrupt-*); starting again at epoch 0 would lose {trained} ({epochs}), more "
+                             f"than checkpoint.fresh_start_max_minutes = {ck.fresh_start_max_minutes:g}. Put a good "
+                             "checkpoint back, or set [checkpoint].allow_fresh_start = true (or raise "
+                             "fresh_start_max_minutes) to start again from epoch 0", "error")
             return s, acts + more
-        acts.append(Log("fresh_start", "warning", {"why": "no readable checkpoint left; "
-                                                          "checkpoint.allow_fresh_start = true"}))
+        why = ("checkpoint.allow_fresh_start = true" if ck.allow_fresh_start else
+               f"it loses only {minutes:.1f} min of training ({epochs}), at most "
+               f"checkpoint.fresh_start_max_minutes = {ck.fresh_start_max_minutes:g}")
+        acts.append(Log("fresh_start", "warning", {"why": f"no readable checkpoint left; {why}",
+                                                   "lost_minutes": None if minutes is None else round(minutes, 1)}))
     s = dataclasses.replace(s, resume_from=pick.resume_from)
     # the moves travel with the Spawn: a file that cannot be moved aside means no trainer is started
     return s, acts + [Spawn(pick.resume_from, resume=pick.resume_from is not None and not s.validate_only,

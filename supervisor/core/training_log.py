@@ -136,6 +136,10 @@ def _json_float(v):
     return v
 
 
+def _seconds(t) -> bool:
+    return isinstance(t, (int, float)) and math.isfinite(t) and t > 0
+
+
 class History:
     """Epoch records of the current lineage, with nnU-Net's EMA.
 
@@ -150,6 +154,7 @@ class History:
         self._recount()
 
     def _recount(self) -> None:
+        self._seconds = sum(r.epoch_time for r in self.records.values() if _seconds(r.epoch_time))
         emas = [(r.ema, r.epoch) for r in self.records.values() if not math.isnan(r.ema)]
         self._best = max(v for v, _ in emas) if emas else None
         self._best_epoch = max((e for e, r in self.records.items() if r.new_best), default=None)
@@ -177,12 +182,18 @@ class History:
         rec.new_best = not math.isnan(rec.ema) and (best is None or rec.ema > best)
         self.records[rec.epoch] = rec
         self._last = rec.epoch
+        if _seconds(rec.epoch_time):
+            self._seconds += rec.epoch_time
         if rec.new_best:
             self._best, self._best_epoch = rec.ema, rec.epoch
         return rec
 
     def best_ema(self) -> float | None:
         return self._best
+
+    def trained_seconds(self) -> float | None:
+        """The epochs' times added up: what a fresh start would lose (None: no epoch known)."""
+        return self._seconds if self.records else None
 
     def best_epoch(self) -> int | None:
         """The last epoch that set a new best EMA (nnU-Net wrote checkpoint_best.pth after it)."""

@@ -180,7 +180,8 @@ class Executor:
         last = self.history.last()
         self.post(CheckpointsInspected(found=found, stale_temps=tuple(checkpoints.stale_temp_files(fold)),
                                        last_epoch=last.epoch if last else None,
-                                       best_epoch=self.history.best_epoch()))
+                                       best_epoch=self.history.best_epoch(),
+                                       trained_s=self.history.trained_seconds()))
 
     def _move_aside(self, act: A.MoveAside) -> bool:
         path = job.fold_dir(self.cfg) / act.file
