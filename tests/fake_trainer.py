@@ -27,6 +27,7 @@ Faults on cue, from the environment (each fires once per results folder, tracked
               (no group, no marker finds it; its pid in <fold>/daemon.pid), then train on
     enospc  - after the epoch's last log line, die writing checkpoint_best.pth with
               "OSError: [Errno 28] No space left on device" (a half-written file is left behind)
+  FAKE_VAL_HANG=1      - the final validation hangs (idle, silent) the first time it runs
   FAKE_OOM_ABOVE_BS=N  - OOM in the first epoch whenever the plans' batch size is above N
   FAKE_CUDA_FRACTION=f - a REAL CUDA allocation of f x batch size x the GPU's memory at start-up
                          (a real torch.OutOfMemoryError when it does not fit; GPU checks only)
@@ -154,6 +155,10 @@ def main():
         f"CUDA_VISIBLE_DEVICES: {os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}")
 
     def validate_and_exit():
+        log(f"export processes (nnUNet_def_n_proc): {os.environ.get('nnUNet_def_n_proc', 'default')}")
+        if os.environ.get("FAKE_VAL_HANG") and fire("val", "hang"):
+            while True:  # nnU-Net's export pool deadlocked: nothing runs, nothing is printed
+                time.sleep(1)
         os.makedirs(os.path.join(out, "validation"), exist_ok=True)
         with open(os.path.join(out, "validation", "summary.json"), "w") as fh:
             json.dump({"foreground_mean": {"Dice": 0.61}}, fh)

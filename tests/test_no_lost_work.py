@@ -252,3 +252,19 @@ def test_the_only_checkpoint_truncated_early_starts_fresh_and_says_what_it_lost(
     assert st["attempts"][-1]["resume_from"] is None and st["sup"]["outcome"] == "completed"
     assert "fresh_start" in out and "at most checkpoint.fresh_start_max_minutes = 30" in out
     assert len(list(job.fold.glob("checkpoint_best.pth.corrupt-*"))) == 1
+
+
+def test_a_hung_final_validation_is_rerun_with_val_and_fewer_export_processes(job):
+    """After "Training done." nnU-Net's export pool can deadlock: nothing prints, nothing runs. Idle past
+    hang.final_validation_minutes, it is stopped and the validation alone is rerun (--val, from
+    checkpoint_final.pth) with half nnU-Net's 8 export processes; the run then completes."""
+    cfg = job.config(env={"FAKE_EPOCHS": "3", "FAKE_EPOCH_S": "0.1", "FAKE_VAL_HANG": "1"},
+                     hang={"final_validation_minutes": 0.1})
+    rc, out = job.run(cfg, timeout=180)
+    assert rc == 0, out[-3000:]
+    st = job.state_json()
+    assert [a["reason"] for a in st["attempts"]] == ["hang", "completed"], st["attempts"]
+    last = st["attempts"][-1]
+    assert last["validate_only"] and "--val" in last["argv"] and "--c" not in last["argv"]
+    assert "validation_hang_detected" in out and "export processes (nnUNet_def_n_proc): 4" in out
+    assert (job.fold / "validation" / "summary.json").is_file() and st["sup"]["outcome"] == "completed"

@@ -174,6 +174,8 @@ class Hang:
                                      "attempt")
     idle_cpu_percent: float = key(10, non_negative, "below this CPU use (of one core) the process tree "
                                   "is idle")
+    final_validation_minutes: float = key(60, positive, "after \"Training done.\": idle this long is a hung final "
+                                          "validation, rerun with --val and half the export processes")
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,20 @@ def stop_time_left(s, now: float, cfg) -> float | None:
     return left + REAP_LIMIT_S + 30
 
 
+NNUNET_EXPORT_PROCS = 8  # nnunetv2.configuration.default_num_processes without nnUNet_def_n_proc
+
+
+def fewer_export_procs(current: int | None, cfg) -> int:
+    """nnUNet_def_n_proc for the --val rerun after a hung final validation: half of what hung (its
+    export pool is where nnU-Net's validation deadlocks), at least 1."""
+    if current is None:
+        try:
+            current = int(dict(cfg.environment).get("nnUNet_def_n_proc", NNUNET_EXPORT_PROCS))
+        except ValueError:
+            current = NNUNET_EXPORT_PROCS
+    return max(1, current // 2)
+
+
 def hang_limit(epoch_times: tuple[float, ...], epochs_this_attempt: int, cfg) -> float:
     """Seconds without an epoch after which an idle trainer counts as hung."""
     h = cfg.hang

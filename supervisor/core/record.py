@@ -93,6 +93,8 @@ class Sup:
     reap_overdue: bool = False             # the remnants outlived reap_deadline (logged once)
     taking_over: bool = False              # the attempt is another trainer, stopped at its safe point for us
     cool_deadline: float | None = None     # COOLING: without a complete reading until then, give up
+    export_procs: int | None = None        # nnUNet_def_n_proc for the final validation (halved after a hang)
+    rerun_validation: bool = False         # the final validation hung: the next attempt runs --val only
 
     def durably_differs(self, other: "Sup") -> bool:
         """True when a field other than the VOLATILE ones differs (state.json must be written)."""

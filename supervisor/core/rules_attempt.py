@@ -27,7 +27,7 @@ def on_start(s: Sup, ev: Start, now, cfg):
         s = Sup(state=s.state, attempt=s.attempt, restart_times=s.restart_times,
                 consecutive_failures=s.consecutive_failures, original_batch_size=s.original_batch_size,
                 n_proc_da=s.n_proc_da, oom_steps=s.oom_steps, paused_total=s.paused_total, restarts=s.restarts,
-                restart_reasons=s.restart_reasons)
+                restart_reasons=s.restart_reasons, export_procs=s.export_procs)
     acts = [StopLeftover(ev.leftover_pgid)] if ev.leftover_pgid else []
     workers = [x for x in (s.n_proc_da, ev.n_proc_da) if x is not None]
     s = dataclasses.replace(s, slurm_restarts=ev.slurm_restarts, batch_size=ev.batch_size,
@@ -167,10 +167,11 @@ def on_action_failed(s: Sup, ev: ActionFailed, now, cfg):
 
 
 def on_tick_backoff(s: Sup, ev, now, cfg):
-    """past restart_at -> the next attempt (--c)"""
+    """past restart_at -> the next attempt (--c; --val only after a hung final validation)"""
     if s.restart_at is None or now < s.restart_at:
         return s, []
-    return start_attempt(s, now, cfg, restart=True)
+    rerun = s.rerun_validation
+    return start_attempt(dataclasses.replace(s, rerun_validation=False), now, cfg, restart=True, validate_only=rerun)
 
 
 def on_exit(s: Sup, ev: ChildExited, now, cfg):

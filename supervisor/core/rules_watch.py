@@ -33,10 +33,20 @@ def on_epoch_tracked(s: Sup, ev: EpochDone, now, cfg):
 
 
 def on_activity(s: Sup, ev: Activity, now, cfg):
-    """hang rule -> stop at once (nothing is being written)"""
-    if not cfg.hang.enabled or s.final_phase or s.validate_only or s.last_progress is None:
+    """hang rule -> stop at once (nothing is being written); a hung final validation -> stop, rerun --val"""
+    if not cfg.hang.enabled or s.last_progress is None:
         return s, []
     quiet = now - s.last_progress
+    if s.final_phase or s.validate_only:
+        limit = cfg.hang.final_validation_minutes * 60
+        if not criteria.hung(quiet, limit, ev.cpu_share, ev.gpu_util, cfg):
+            return s, []
+        procs = criteria.fewer_export_procs(s.export_procs, cfg)
+        s = dataclasses.replace(s, export_procs=procs, rerun_validation=True)
+        s, acts = stop(s, Reason.HANG, now, cfg, f"the final validation made no progress for {quiet:.0f} s and its "
+                                                 "processes are idle")
+        return s, [Log("validation_hang_detected", "warning", {"quiet_s": round(quiet), "limit_s": round(limit),
+                                                               "rerun": "--val", "nnUNet_def_n_proc": procs}), *acts]
     limit = criteria.hang_limit(s.epoch_times, s.epochs_this_attempt, cfg)
     if not criteria.hung(quiet, limit, ev.cpu_share, ev.gpu_util, cfg):
         return s, []

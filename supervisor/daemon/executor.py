@@ -99,6 +99,8 @@ class Executor:
         overrides = {proc.ATTEMPT_ENV: proc.attempt_marker(self.cfg.paths.state_dir, n)}
         if self.sup.n_proc_da:
             overrides["nnUNet_n_proc_DA"] = str(self.sup.n_proc_da)
+        if self.sup.export_procs:  # lowered after a hung final validation
+            overrides["nnUNet_def_n_proc"] = str(self.sup.export_procs)
         log_path = self.cfg.paths.state_dir / "attempts" / f"attempt-{n:04d}.log"
         profile_path = log_path.with_suffix(".profile.jsonl")  # the launcher's per-epoch timings
         overrides["CARDIACSEG_PROFILE_FILE"] = str(profile_path)
