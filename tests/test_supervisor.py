@@ -246,3 +246,47 @@ def test_a_rewind_to_checkpoint_best_is_recorded_and_the_ema_follows_nnunets_lin
     ours = [e["ema"] for e in st["epochs"]]
     assert len(ours) == len(ck["logging"]["ema_fg_dice"]) == 6
     assert max(abs(a - b) for a, b in zip(ours, ck["logging"]["ema_fg_dice"])) < 1e-4
+
+
+def test_a_second_supervisor_opens_nothing_and_a_finished_one_leaves_no_handle(job, tmp_path):
+    """The lock comes first: a second supervisor on the same state directory exits 4 before it runs the
+    sensor command or binds the metrics port. A supervisor run in-process closes every descriptor it
+    opened (sockets, the epoll, the lock, the epoch log) by the time run() returns."""
+    import socket as _socket
+    from supervisor.config.loader import load
+    from supervisor.daemon.loop import Daemon
+    from supervisor.integrations.store import Lock
+
+    runs = tmp_path / "sensor-runs"
+    sensor = tmp_path / "sensor.sh"
+    sensor.write_text(f'#!/bin/sh\necho x >> "{runs}"\necho "0 50"\n')
+    sensor.chmod(0o755)
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = job.config(env={"FAKE_EPOCHS": "2", "FAKE_EPOCH_S": "0.05"},
+                     thermal={"enabled": True, "source": "command", "command": [str(sensor)], "poll_seconds": 3600},
+                     metrics={"listen": f"127.0.0.1:{port}"})
+    job.state.mkdir(parents=True)
+    holder = Lock(job.state)
+    holder.acquire()
+    try:
+        r = subprocess.run([sys.executable, "-m", "supervisor", "run", "--config", str(cfg)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        holder.release()
+    assert r.returncode == 4 and "already running" in r.stderr, r.stderr
+    assert not runs.exists()  # the sensor never ran: the lock was refused first
+
+    def fds():
+        return set(os.listdir("/proc/self/fd"))
+    before = fds()
+    try:
+        assert Daemon(load(cfg)).run() == 0
+    finally:
+        import ctypes
+        ctypes.CDLL(None).prctl(36, 0, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER off: pytest is no subreaper
+    leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in fds() - before if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, leaked
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the metrics port is free again
