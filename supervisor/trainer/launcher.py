@@ -14,9 +14,11 @@ nnUNetTrainer base class, so they hold for every trainer derived from it:
    An interrupt at an epoch boundary thus stops after that epoch's checkpoint.
 A requested stop ends with ONE line on stderr instead of nnU-Net's KeyboardInterrupt traceback
 (`cardiacseg-train-nnunet: stopped by SIGINT after epoch 4; last checkpoint: checkpoint_latest.pth`); the
-KeyboardInterrupt is then re-raised with the traceback printer silenced, so Python finalises (atexit:
-multiprocessing ends the workers) and ends the process by SIGINT as it always does for an uncaught
-KeyboardInterrupt: returncode -2 for the supervisor, exit status 130 in a shell. The augmentation workers (forked children of the
+exit handlers then run (atexit: multiprocessing ends the workers), the output is flushed, and the process
+ends by SIGINT with its default action, as Python ends for an uncaught KeyboardInterrupt: returncode -2
+for the supervisor, exit status 130 in a shell. It does not go through the interpreter's finalisation:
+C++ threads of torch's or a data library's still running there made it abort now and then ("terminate
+called without an active exception", returncode -6, a page of extension module names). The augmentation workers (forked children of the
 trainer, in its process group, so they receive the same SIGINT) ignore SIGINT: the trainer alone decides,
 and ends them when it exits (multiprocessing terminates its daemonic children); their own
 KeyboardInterrupt tracebacks, interleaved with the trainer's, are gone with it. SIGTERM still ends a
@@ -227,10 +229,29 @@ def run_until_stopped(fn) -> None:
         # "background workers are no longer alive"); that is not news after a requested stop
         threading.excepthook = lambda _args: None
         print(stop_message(_state["signal"], _state["epoch"], _state["checkpoint"]), file=sys.stderr, flush=True)
-        # re-raised, not sys.exit(130): Python then dies by SIGINT after finalising, the -2 that the
-        # supervisor has always recorded for a stopped trainer, and a shell still shows 130
         sys.excepthook = _silent_keyboard_interrupt
-        raise
+        if os.getpid() != _state["main_pid"]:
+            raise  # a process this one forked: its own exit, as before
+        die_by_sigint()
+
+
+def die_by_sigint() -> None:
+    """atexit's handlers, flushed output, then SIGINT's default action: -2, like an uncaught KeyboardInterrupt,
+    without the interpreter's finalisation (see the module docstring)."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):
+                pass
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        os.kill(os.getpid(), signal.SIGINT)
+        os._exit(128 + signal.SIGINT)  # not reached: the signal ends the process on the way out of kill()
 
 
 if __name__ == "__main__":
