@@ -16,7 +16,6 @@ so a new user fixes everything in one pass. What `run` would do is what `check` 
 """
 from __future__ import annotations
 
-import difflib
 import os
 import shutil
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 from supervisor.config import job
 from supervisor.core import criteria
 from supervisor.config.loader import Config
-from supervisor.integrations import probes
+from supervisor.integrations import probes, trainer_class
 from supervisor.integrations.plans import dataset_problems, plan_batch_size
 
 MIN_FREE_GB_WARN = 10.0
@@ -153,17 +152,7 @@ def _check_trainer(cfg: Config, info: dict | None, why: str, out: list[Finding])
     if info.get("trainer"):
         out.append(Finding("ok", f"trainer class {info['trainer']}"))
         return
-    if "searched" not in info:
-        out.append(Finding("fatal", f"training.trainer: {info.get('trainer_error')}"))
-        return
-    close = difflib.get_close_matches(name, info.get("known", []), n=3, cutoff=0.75)
-    out.append(Finding("fatal", f"training.trainer: no nnU-Net trainer class {name!r} in "
-                                + " or ".join(info["searched"])
-                                + ("" if len(info["searched"]) > 1 else
-                                   " (a trainer of your own: put its folder in [environment] nnUNet_extTrainer)")
-                                + (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "")
-                                + ("" if "not find" in (info.get("trainer_error") or "not find")
-                                   else f" ({info['trainer_error']})")))
+    out.append(Finding("fatal", trainer_class.not_found(name, info) or f"training.trainer: {info.get('trainer_error')}"))
 
 
 def cuda_mismatch(driver: int | None, built: str | None) -> Finding | None:

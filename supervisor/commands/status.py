@@ -98,7 +98,7 @@ def _bottleneck(data: dict, attempts: list[dict], cfg: Config) -> dict | None:
     from supervisor.integrations.profiling import ProfileFollower, make_profile
 
     n = attempts[-1].get("n") if attempts else None
-    path = cfg.paths.state_dir / "attempts" / f"attempt-{n if isinstance(n, int) else 1:04d}.profile.jsonl"
+    path = job.attempt_log(cfg, n if isinstance(n, int) else 1).with_suffix(".profile.jsonl")
     lines = ProfileFollower(path).poll() if path.is_file() else []
     if not lines:
         return None

@@ -54,6 +54,11 @@ def fold_dir(cfg: Config) -> Path:
             / f"fold_{cfg.training.fold}")
 
 
+def attempt_log(cfg: Config, n: int) -> Path:
+    """Attempt n's whole output (stdout and stderr, as the trainer wrote them)."""
+    return cfg.paths.state_dir / "attempts" / f"attempt-{n:04d}.log"
+
+
 def plans_file(cfg: Config) -> Path:
     return cfg.paths.preprocessed / dataset_name(cfg) / f"{cfg.training.plans}.json"
 

@@ -127,6 +127,7 @@ class ChildExited:
     """The attempt is over and its evidence collected (CollectExit's result)."""
     exit: Exit
     best_checkpoint_ok: bool = True       # checkpoint_best.pth exists and is a complete archive
+    log: str | None = None                # the attempt's log (its whole output), where there is one
 
 
 @dataclass(frozen=True)

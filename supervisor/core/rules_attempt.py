@@ -12,12 +12,14 @@ import signal
 from supervisor.core import criteria
 from supervisor.core.actions import (Adopt, AttemptEnded, CollectExit, KillRemnants, Log, MoveAside, QuerySlurmJob,
                                      RemoveStaleTemps, SetBatchSize, SetWorkers, SignalGroup, Spawn, StopLeftover)
-from supervisor.core.classify import RESTARTABLE, Exit, Reason, classify
+from supervisor.core.classify import RESTARTABLE, Exit, Reason, classify, final_error
 from supervisor.core.events import (ActionFailed, BatchSizeSet, CheckpointsInspected, ChildExited, Remnants, Start,
                                     TrainerExited)
 from supervisor.core.exit_codes import ExitCode
 from supervisor.core.record import ACTIVE, TERMINAL, State, Sup
 from supervisor.core.transition import finish, resumed, start_attempt, transition
+
+MAX_SAID = 400  # characters of the trainer's final error line in the run's last message
 
 
 def on_start(s: Sup, ev: Start, now, cfg):
@@ -197,8 +199,19 @@ def on_exit(s: Sup, ev: ChildExited, now, cfg):
                             suspect=s.resume_from if reason == Reason.CORRUPT_CHECKPOINT else None)
     ended = AttemptEnded(s.attempt, reason.value, x.returncode, expected=reason not in RESTARTABLE,
                          evidence=died_of.value)
-    s, acts = _after(s, reason, now, cfg)
+    s, acts = _after(s, reason, now, cfg, said=final_error_line(x.stderr_tail), log=ev.log)
     return s, [ended, *acts]
+
+
+def final_error_line(tail: str) -> str:
+    """The line a person needs from the trainer's last words: the final exception (classify.final_error),
+    else the last line it wrote; long lines cut (nnU-Net's come first in them)."""
+    err = final_error(tail)
+    lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    line = lines[0] if err != tail else lines[-1]
+    return line if len(line) <= MAX_SAID else line[:MAX_SAID - 3] + "..."
 
 
 def _taken_over(s: Sup, now, cfg):
@@ -211,8 +224,9 @@ def _taken_over(s: Sup, now, cfg):
     return s, [Log("take_over_done", "warning", {"then": "continuing with --c"}), *acts]
 
 
-def _after(s: Sup, reason: Reason, now, cfg):
-    """What follows an attempt that ended for `reason`."""
+def _after(s: Sup, reason: Reason, now, cfg, said: str = "", log: str | None = None):
+    """What follows an attempt that ended for `reason` (`said`: the trainer's final error line; `log`: the
+    attempt's log)."""
     if reason == Reason.DIVERGED:
         return finish(s, State.FAILED, "diverged", ExitCode.GAVE_UP,
                       f"training diverged: non-finite loss or pseudo Dice for {s.nonfinite_streak} epochs in a row. "
@@ -224,8 +238,8 @@ def _after(s: Sup, reason: Reason, now, cfg):
         return finish(s, State.DONE, reason.value, ExitCode.OK, f"attempt {s.attempt}: {reason.value}")
     if reason == Reason.CONFIG_ERROR:
         return finish(s, State.FAILED, "config_error", ExitCode.CONFIG,
-                      "the trainer reported a configuration error (its stderr is in the attempt's log); "
-                      "restarting cannot help", "error")
+                      "the trainer reported a configuration error" + (f": {said}" if said else "")
+                      + (f"; its whole output is in {log}" if log else "") + "; restarting cannot help", "error")
     if reason in (Reason.THERMAL_STOP, Reason.SENSOR_LOST):
         s, ch = transition(s, State.COOLING, reason, {"resume_below": cfg.thermal.resume_celsius, "temps": s.temps},
                            cool_deadline=now + cfg.thermal.max_pause_minutes * 60)

@@ -101,7 +101,7 @@ class Executor:
             overrides["nnUNet_n_proc_DA"] = str(self.sup.n_proc_da)
         if self.sup.export_procs:  # lowered after a hung final validation
             overrides["nnUNet_def_n_proc"] = str(self.sup.export_procs)
-        log_path = self.cfg.paths.state_dir / "attempts" / f"attempt-{n:04d}.log"
+        log_path = job.attempt_log(self.cfg, n)
         profile_path = log_path.with_suffix(".profile.jsonl")  # the launcher's per-epoch timings
         overrides["CARDIACSEG_PROFILE_FILE"] = str(profile_path)
         rec.update(argv=argv, log=str(log_path))
@@ -173,7 +173,8 @@ class Executor:
         best = fold / "checkpoint_best.pth"
         self.post(ChildExited(Exit(returncode=a.returncode, stderr_tail=evidence,
                                    final_checkpoint=(fold / "checkpoint_final.pth").is_file(), oom_kills_delta=delta),
-                              best_checkpoint_ok=best.is_file() and checkpoints.verify(best) is None))
+                              best_checkpoint_ok=best.is_file() and checkpoints.verify(best) is None,
+                              log=self.attempts[-1].get("log")))
 
     # ---- files ------------------------------------------------------------------------------------
     def _inspect_checkpoints(self, act: A.InspectCheckpoints) -> None:

@@ -26,7 +26,7 @@ import time
 from collections import deque
 
 from supervisor.config import job
-from supervisor.config.loader import Config
+from supervisor.config.loader import Config, ConfigError
 from supervisor.core import criteria
 from supervisor.core.events import (EpochDone, EpochStarted, Signalled, Start, Tick, TrainerExited, TrainingDone)
 from supervisor.core.policy import decide
@@ -35,7 +35,7 @@ from supervisor.core.status_line import summary_line
 from supervisor.core.training_log import EpochAssembler, History, parse_line, replay
 from supervisor.daemon.attempt import Attempt
 from supervisor.daemon.executor import Executor
-from supervisor.integrations import checkpoints, log_setup, other_trainers, proc, slurm, thermal
+from supervisor.integrations import checkpoints, log_setup, other_trainers, proc, slurm, thermal, trainer_class
 from supervisor.integrations.log_follower import LogFollower
 from supervisor.integrations.nvml import Nvml
 from supervisor.integrations.plans import startup_batch_size
@@ -154,6 +154,7 @@ class Daemon(Executor):
         decided = False
         try:
             bs = startup_batch_size(self.cfg)  # bad plans: exit 2 before anything is locked or started
+            self._check_trainer_class()
             leftover = self.prepare()
             self.nvml = Nvml.open()
             self.guard = thermal.ThermalGuard.open(self.cfg, self.nvml, self.log)
@@ -171,6 +172,16 @@ class Daemon(Executor):
         finally:
             self._teardown(decided)
         return self.finish_code
+
+    def _check_trainer_class(self) -> None:
+        """nnU-Net has no such -tr class: exit 2 now, with where it looked and the close matches, instead of
+        a trainer that imports torch only to say so (trainer_class.py). Before the first decision, so it
+        holds up nothing; any signal but our probe's own SIGCHLD ends the wait (the policy then decides
+        what the signal means)."""
+        problem = trainer_class.before_start(
+            self.cfg, self.log, cancelled=lambda: any(s != signal.SIGCHLD for s in self.sig_queue))
+        if problem is not None:
+            raise ConfigError(self.cfg.path, [problem])
 
     def _teardown(self, decided: bool) -> None:
         """Close what run() opened, newest first. A signal arriving now is still only recorded (a reload

@@ -16,27 +16,10 @@ import contextlib
 import io
 import json
 import os
-import re
 import sys
 
 from supervisor.integrations.probes import MARKER
-
-_CLASS = re.compile(r"^class\s+(\w+)\s*\(", re.M)
-
-
-def class_names(folders: list[str]) -> list[str]:
-    """Class names defined in the .py files under folders (a text scan: nothing is imported)."""
-    names: set[str] = set()
-    for top in folders:
-        for root, _dirs, files in os.walk(top):
-            for f in files:
-                if f.endswith(".py"):
-                    try:
-                        with open(os.path.join(root, f), encoding="utf-8", errors="replace") as fh:
-                            names.update(_CLASS.findall(fh.read()))
-                    except OSError:
-                        pass
-    return sorted(names)
+from supervisor.integrations.trainer_class import class_names
 
 
 def probe(trainer: str) -> dict:
