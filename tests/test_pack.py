@@ -44,7 +44,8 @@ def make_src(tmp_path: Path) -> Path:
         "3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres", "batch_size": 2}}}))
     for n in ("dataset.json", "dataset_fingerprint.json"):
         (pre / n).write_text("{}")
-    (pre / "splits_final.json").write_text(json.dumps([{"train": ["case_000"], "val": ["case_001"]}]))
+    (pre / "splits_final.json").write_text(json.dumps([{"train": ["case_000"], "val": ["case_001"]},
+                                                       {"train": ["case_001"], "val": ["case_000"]}]))
     for i in range(3):
         (pre / "nnUNetPlans_3d_fullres" / f"case_{i:03d}.b2nd").write_bytes(os.urandom(50_000 + i))
         (pre / "gt_segmentations" / f"case_{i:03d}.nii.gz").write_bytes(os.urandom(1000))
@@ -132,6 +133,18 @@ def test_pack_folds_streams_to_stdout_into_unpack_from_stdin(src, tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     assert (dst / "results" / DS / TR / "fold_1" / "checkpoint_latest.pth").read_bytes() == \
         (src / "results" / DS / TR / "fold_1" / "checkpoint_latest.pth").read_bytes()
+
+
+def test_pack_folds_all_is_every_fold_of_the_split_and_a_fold_it_lacks_is_refused(src, tmp_path):
+    r = cli("pack", DS, "3d_fullres", "0", "--folds", "all", "-o", tmp_path / "job.tar", "--quiet",
+            env=nnunet_env(src))
+    assert r.returncode == 0, r.stderr.decode()
+    assert "pack: fold 0:" in r.stderr.decode() and "pack: fold 1:" in r.stderr.decode()
+    r = cli("pack", DS, "3d_fullres", "0", "--folds", "0-2", "-o", tmp_path / "two.tar", env=nnunet_env(src))
+    split = src / "preprocessed" / DS / "splits_final.json"
+    assert r.returncode == 2 and r.stderr.decode().strip() == (
+        f"cardiacseg-train pack: --folds 0-2: fold 2 does not exist: {split} has 2 folds (0-1)")
+    assert not list(tmp_path.glob("two.tar*"))
 
 
 def test_pack_refuses_a_missing_split_and_writes_no_archive(src, tmp_path):

@@ -23,7 +23,7 @@ from supervisor.core.exit_codes import ExitCode, exit_code_help
 
 def _load(path: str):
     try:
-        return config_mod.load(path)
+        return queue_master.concrete(config_mod.load(path))
     except config_mod.ConfigError as e:
         print(f"cardiacseg-train: {e}", file=sys.stderr)
         sys.exit(ExitCode.CONFIG)
@@ -64,6 +64,7 @@ def _job_shape(args):
     spec = json.loads(os.environ[queue_master.ENV]) if os.environ.get(queue_master.ENV) else None
 
     def shape(cfg):
+        cfg = queue_master.concrete(cfg)  # a reload reads the file again
         if args.fold is not None:
             # one fold of one configuration: a [queue] in the same config must not run in every array task
             cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, fold=args.fold),
@@ -114,10 +115,11 @@ def cmd_slurm_script(args) -> int:
     folds = []
     if args.folds:
         from supervisor.config.folds import parse_folds
+        from supervisor.config.job import expand_folds
         try:
-            folds = parse_folds(args.folds)
+            folds = expand_folds(cfg, parse_folds(args.folds))  # `all`: every fold of splits_final.json
         except ValueError as e:
-            print(f"cardiacseg-train: --folds: {e}", file=sys.stderr)
+            print(f"cardiacseg-train: --folds {args.folds}: {e}", file=sys.stderr)
             return ExitCode.CONFIG
         if len(folds) > 1 and (sd := slurm.explicit_state_dir(cfg)):
             print(f"cardiacseg-train: [paths] state_dir = {sd!r} would be shared by the array's tasks (one job per "
@@ -337,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="#SBATCH --cpus-per-task; nnUNet_n_proc_DA follows it unless [environment] sets it")
     ss.add_argument("--mem", default=None, metavar="M", help="#SBATCH --mem, e.g. 64G")
     ss.add_argument("--folds", default=None, metavar="0,1,2",
-                    help="a job array with one task per fold (run --fold $SLURM_ARRAY_TASK_ID)")
+                    help="a job array with one task per fold (run --fold $SLURM_ARRAY_TASK_ID): 0,1,2, 0-4, "
+                         "or all (every fold of splits_final.json)")
     ss.set_defaults(fn=cmd_slurm_script)
     d = add("demo")
     d.add_argument("--dir", default="demo-run", help="working folder (default ./demo-run)")

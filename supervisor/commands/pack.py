@@ -42,7 +42,7 @@ from supervisor.commands import pack_manifest as mf
 from supervisor.commands.pack_stream import CAPTURE_BUDGET, PackError, Source, write
 from supervisor.integrations.checkpoints import verify
 from supervisor.config import folds as fold_lists
-from supervisor.config.job import CHECKPOINT_ORDER
+from supervisor.config.job import CHECKPOINT_ORDER, cross_validation
 
 
 WAIT_SECONDS = 120
@@ -280,6 +280,11 @@ def cli(args, cfg) -> int:
         else:
             spec = spec_from_env(args.job[0], args.job[1], folds or parse_folds(args.job[2]), args.trainer,
                                  args.plans, args.with_raw)
+        if folds:  # --folds: `all` is every fold of the split, and a fold it lacks is refused
+            try:
+                spec.folds = fold_lists.expand(folds, *cross_validation(spec.roots["preprocessed"] / spec.dataset))
+            except ValueError as e:
+                raise PackError(f"--folds {args.folds}: {e}") from None
         if args.output == "-" and sys.stdout.isatty():
             return err("refusing to write an archive to a terminal: use -o FILE, or pipe it (| ssh host ...)")
         report = pack_to(args.output, spec, args.wait_seconds, quiet=args.quiet)

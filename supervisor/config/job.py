@@ -8,12 +8,14 @@ No nnunetv2 import here: the supervisor stays small and starts in milliseconds.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import sys
 from pathlib import Path
 
+from supervisor.config.folds import expand
 from supervisor.config.loader import Config
 
 # nnU-Net's --c loads the first of these that exists (run_training.py: maybe_load_checkpoint)
@@ -61,6 +63,31 @@ def attempt_log(cfg: Config, n: int) -> Path:
 
 def plans_file(cfg: Config) -> Path:
     return cfg.paths.preprocessed / dataset_name(cfg) / f"{cfg.training.plans}.json"
+
+
+SPLITS_FILE = "splits_final.json"
+NNUNET_DEFAULT_FOLDS = 5  # what nnU-Net draws when the dataset has no splits_final.json yet
+
+
+def cross_validation(dataset_dir: Path) -> tuple[list[int], str]:
+    """The folds of a dataset's cross-validation (one per entry of nnUNet_preprocessed/<dataset>/
+    splits_final.json; nnU-Net's own 5 when it has not drawn the split yet), and where that came from."""
+    path = Path(dataset_dir) / SPLITS_FILE
+    default = list(range(NNUNET_DEFAULT_FOLDS))
+    try:
+        splits = json.loads(path.read_text())
+    except FileNotFoundError:
+        return default, f"{path} does not exist yet, and nnU-Net draws folds 0-{NNUNET_DEFAULT_FOLDS - 1}"
+    except (OSError, ValueError) as e:
+        return default, f"{path} is unreadable ({e}); nnU-Net's default is folds 0-{NNUNET_DEFAULT_FOLDS - 1}"
+    if not isinstance(splits, list) or not splits:
+        return default, f"{path} is not a list of splits; nnU-Net's default is folds 0-{NNUNET_DEFAULT_FOLDS - 1}"
+    return list(range(len(splits))), f"{path} has {len(splits)} folds (0-{len(splits) - 1})"
+
+
+def expand_folds(cfg: Config, folds: list) -> list[int]:
+    """A fold list (`--folds`, `[queue] folds`) made concrete for the config's dataset: folds.expand."""
+    return expand(folds, *cross_validation(plans_file(cfg).parent))
 
 
 def existing_checkpoints(cfg: Config) -> list[Path]:

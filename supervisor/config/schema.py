@@ -249,7 +249,7 @@ def _folds(v):
 @dataclass(frozen=True)
 class Queue:
     folds: tuple = key((), _folds, "folds to train, one job each (with every configuration below): a list, or "
-                       "SLURM's range syntax as a string (\"0-4\")", types=(list, str), reload=RESTART,
+                       "SLURM's range syntax as a string (\"0-4\"; \"all\": every fold of splits_final.json)", types=(list, str), reload=RESTART,
                        default_doc="`training.fold` alone",
                        convert=lambda v: tuple(parse_folds(v)) if isinstance(v, str) else tuple(v))
     configurations: tuple = key((), lambda v: names.name_list(v) or (None if len(set(v)) == len(v) else

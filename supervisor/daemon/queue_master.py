@@ -76,18 +76,16 @@ def problems(cfg) -> list[str]:
         confs = plans["configurations"]
     except (OSError, ValueError, KeyError, TypeError):
         confs = None  # check/run name the plans problem itself
-    splits = jobmod.plans_file(cfg).parent / "splits_final.json"
-    try:
-        n_splits = len(json.loads(splits.read_text()))
-    except (OSError, ValueError, TypeError):
-        n_splits = 5  # nnU-Net creates 5 folds when it draws the split
+    if cfg.queue.folds:
+        try:
+            jobmod.expand_folds(cfg, list(cfg.queue.folds))
+        except ValueError as e:
+            out.append(f"queue.folds: {e}")
     all_jobs = jobs(cfg)
     for j in all_jobs:
         if confs is not None and j.configuration not in confs:
             out.append(f"queue.configurations: {j.configuration!r} is not in {jobmod.plans_file(cfg)} "
                        f"(has: {', '.join(confs)})")
-        if j.fold != "all" and int(j.fold) >= n_splits:
-            out.append(f"queue.folds: fold {j.fold} does not exist ({splits.name}: {n_splits} folds)")
         if j.configuration == "3d_cascade_fullres":
             low = Job("3d_lowres", j.fold)
             on_disk = (jobmod.fold_dir(_with(cfg, low)) / "checkpoint_final.pth").is_file()
@@ -95,6 +93,28 @@ def problems(cfg) -> list[str]:
                 out.append(f"queue.configurations: 3d_cascade_fullres fold {j.fold} needs 3d_lowres fold {j.fold}: "
                            "add 3d_lowres to the queue or train it first")
     return sorted(set(out), key=out.index)
+
+
+def concrete(cfg):
+    """The queue as every command sees it: `all` in [queue] folds is every fold of splits_final.json, and a
+    queue of one job is that job (trained, and shown, as [training] naming it would be). A fold the split
+    lacks, or one given twice, is a ConfigError listing every problem of the queue at once."""
+    from supervisor.config.loader import ConfigError
+
+    q = cfg.queue
+    if q.folds:
+        try:
+            folds = tuple(jobmod.expand_folds(cfg, list(q.folds)))
+        except ValueError:
+            raise ConfigError(cfg.path, problems(cfg)) from None
+        cfg = cfg.replace(queue=dataclasses.replace(q, folds=folds))
+    if (q.folds or q.configurations or q.gpus) and not qp.is_queue(cfg):
+        env = dict(cfg.environment)
+        if q.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(q.gpus[0])
+        cfg = _with(cfg, jobs(cfg)[0]).replace(
+            environment=env, queue=dataclasses.replace(cfg.queue, folds=(), configurations=(), gpus=()))
+    return cfg
 
 
 def _sup(cfg, j: Job) -> dict:

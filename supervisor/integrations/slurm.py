@@ -246,6 +246,7 @@ def sbatch_script(cfg, *, command: list[str], partition=None, time=None, gpus=No
     if mem:
         lines.append(f"#SBATCH --mem={sbatch_word('--mem', mem)}")
     if len(folds) > 1 or (folds and folds != [t.fold]):
+        # sbatch takes numbers only: a caller expands `all` first (config/folds.expand)
         lines.append(f"#SBATCH --array={','.join(str(int(f)) for f in folds)}")
         out, fold_arg = "slurm-%A_%a.out", ' --fold "$SLURM_ARRAY_TASK_ID"'
     else:
