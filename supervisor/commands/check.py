@@ -274,11 +274,13 @@ def run_checks(cfg: Config) -> list[Finding]:
 
 
 def _check_others(cfg: Config, out: list[Finding]) -> None:
+    from supervisor.core.rules_attempt import other_trainers_advice
     from supervisor.integrations import other_trainers
     found = other_trainers.find(cfg)
     if found:
         out.append(Finding("fatal", f"another trainer is already training this fold ({other_trainers.describe(found)}): "
-                                    "`run` refuses to start a second one; stop it, or use `run --take-over`"))
+                                    "`run` refuses to start a second one; "
+                                    + other_trainers_advice(other_trainers.as_event(found))))
 
 
 def render(findings: list[Finding]) -> str:

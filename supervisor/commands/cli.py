@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "says; it is still kept in <state_dir>/attempts/attempt-NNNN.log")
     r.add_argument("--take-over", action="store_true",
                    help="another trainer (e.g. a hand-started nnUNetv2_train ... --c) trains this fold: stop it "
-                        "at its next safe point, then continue with --c (without it, run refuses: exit 2)")
+                        "at its next safe point, then continue with --c (without it, run refuses: exit 2); never "
+                        "one that another supervisor runs")
     r.add_argument("--fold", type=_fold_value, default=None,
                    help="train this fold instead of [training] fold (a job array's task: "
                         "--fold $SLURM_ARRAY_TASK_ID)")

@@ -19,7 +19,7 @@ import math
 import statistics
 import time
 
-from supervisor.core import diagnose
+from supervisor.core import criteria, diagnose
 from supervisor.config import job
 from supervisor.integrations import other_trainers
 from supervisor.integrations import slurm
@@ -162,9 +162,13 @@ def gather(cfg: Config) -> dict:
     n_restarts, restart_reasons = restart_count(sup)
     finished = sup.get("state") in ("done", "failed") or _try((job.fold_dir(cfg) / "checkpoint_final.pth").is_file,
                                                                False)
-    blocker = None if finished else target_blocker(recs, cfg.target.min_class_dice)
-    eta_target = None if finished or blocker else eta_to_target(recs, cfg.target.ema_dice, epoch_s)
-    eta_end = None if finished or epoch_s is None or remaining < 0 else remaining * epoch_s
+    reached = not finished and criteria.target_met(last, cfg)  # the policy's own rule: `run` stops there
+    if reached and not sup and _try((job.fold_dir(cfg) / "checkpoint_best.pth").is_file, False):  # e.g. unpacked
+        problem = problem or (f"the target is already met at epoch {last.epoch} (EMA {last.ema:.4f}): `run` will "
+                              "end at once (target_reached)")
+    blocker = None if finished or reached else target_blocker(recs, cfg.target.min_class_dice)
+    eta_target = None if finished or blocker or reached else eta_to_target(recs, cfg.target.ema_dice, epoch_s)
+    eta_end = None if finished or reached or epoch_s is None or remaining < 0 else remaining * epoch_s
     plot_path = cfg.paths.state_dir / "progress.png"
     bn = _try(lambda: _bottleneck(data, attempts, cfg))
     return {
@@ -185,6 +189,7 @@ def gather(cfg: Config) -> dict:
         "eta_target_s": eta_target,
         "eta_last_epoch_s": eta_end,
         "target_blocked_by": blocker,
+        "target_reached_at": last.epoch if reached else None,
         "finished": finished,
         "batch_size": bs,
         "original_batch_size": sup.get("original_batch_size") or bs,
@@ -203,7 +208,8 @@ def gather(cfg: Config) -> dict:
         "fold_dir": str(job.fold_dir(cfg)),
         "state_dir": str(cfg.paths.state_dir),
         "plot": str(plot_path) if _try(plot_path.is_file, False) else None,
-        "other_trainers": [{"pid": o.pid, "command": o.command} for o in _try(lambda: other_trainers.find(cfg), [])],
+        "other_trainers": [{"pid": o.pid, "command": o.command, "supervisor": o.supervisor or None}
+                           for o in _try(lambda: other_trainers.find(cfg), [])],
         "bottleneck": bn["kind"] if bn else None,
         "data_wait_fraction": (bn.get("figures") or {}).get("data_wait_fraction") if bn else None,
         "bottleneck_detail": bn,
@@ -255,6 +261,8 @@ def _eta_target(i: dict) -> str:
         return "no target set"
     if i.get("finished"):
         return "-  (finished)"
+    if i.get("target_reached_at") is not None:
+        return f"reached at epoch {i['target_reached_at']}"
     return i.get("target_blocked_by") or _dur(i["eta_target_s"])
 
 
@@ -287,7 +295,8 @@ def render(i: dict) -> str:
     if i["message"]:
         lines.append(f"message:      {i['message']}")
     for o in i.get("other_trainers") or []:
-        lines.append(f"WARNING:      another trainer trains this fold: pid {o['pid']}: {o['command']}")
+        lines.append(f"WARNING:      another trainer trains this fold: pid {o['pid']}: {o['command']}"
+                     + (f" (supervised by {o['supervisor']})" if o.get("supervisor") else ""))
     if i.get("slurm"):
         lines.append(_slurm_line(i["slurm"]))
     if i.get("plot"):
@@ -301,7 +310,8 @@ def render(i: dict) -> str:
         "class Dice:   " + (" / ".join(_f4(d) for d in i["dice_per_class"]) or "-"),
         f"epoch time:   last {_d(i['last_epoch_time_s'], ' s')}, median {_d(i['median_epoch_time_s'], ' s')}",
         f"ETA target:   {_eta_target(i)}",
-        f"ETA end:      {'-  (finished)' if i.get('finished') else _dur(i['eta_last_epoch_s'])}",
+        "ETA end:      " + ("-  (finished)" if i.get("finished") else "-  (stops at the target)"
+                            if i.get("target_reached_at") is not None else _dur(i["eta_last_epoch_s"])),
         f"batch size:   {i['batch_size'] if i['batch_size'] is not None else 'unknown'}"
         f"  (original {_d(i['original_batch_size'])}, minimum {i['min_batch_size']})",
         f"DA workers:   {i['n_proc_da'] or 'default'}",

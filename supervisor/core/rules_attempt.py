@@ -60,16 +60,29 @@ def on_start(s: Sup, ev: Start, now, cfg):
     return s, acts + more
 
 
+def other_trainers_advice(others: tuple) -> str:
+    """What to do about other trainers on the fold (`run` refusing, `check`, `status`): `--take-over` only for
+    a trainer no other supervisor runs; a supervised one would be restarted by its supervisor (a fight)."""
+    owners = sorted({o[2] for o in others if len(o) > 2 and o[2]})
+    if owners:
+        return (f"it is supervised by another cardiacseg-train ({'; '.join(owners)}): stop that supervisor "
+                "(Ctrl-C, `systemctl stop` for a service, or SIGTERM to its pid) and start this one again, or "
+                "let that one finish. `--take-over` is refused: that supervisor would restart what this one "
+                "stops, and the two would fight over the fold")
+    return "stop it, or use `run --take-over` to stop it at its next safe point and continue with --c"
+
+
 def _other_trainer(s: Sup, ev: Start, now, cfg, acts):
     """Another trainer runs on this fold: refuse (exit 2), or adopt it and stop it at its next safe point
-    through the ordinary STOP_PENDING path; our own attempt then continues with --c."""
-    pids = tuple(pid for pid, _cmd in ev.others)
-    named = "; ".join(f"pid {pid}: {cmd}" for pid, cmd in ev.others)
-    if not ev.take_over:
+    through the ordinary STOP_PENDING path; our own attempt then continues with --c. One that another
+    supervisor runs is always refused: that supervisor would restart it."""
+    pids = tuple(o[0] for o in ev.others)
+    named = "; ".join(f"pid {o[0]}: {o[1]}" for o in ev.others)
+    supervised = any(len(o) > 2 and o[2] for o in ev.others)
+    if not ev.take_over or supervised:
         s, more = finish(s, State.FAILED, "config_error", ExitCode.CONFIG,
                          f"another trainer is already training this fold ({named}): refusing to start a second "
-                         "one on the same checkpoints; stop it, or use `run --take-over` to stop it at its next "
-                         "safe point and continue with --c", "error")
+                         f"one on the same checkpoints; {other_trainers_advice(ev.others)}", "error")
         return s, acts + more
     wait = cfg.stop.checkpoint_wait_seconds
     # its checkpoint writes are unknown to us: wait for its next "Epoch N" / "Training done." line
@@ -181,7 +194,7 @@ def on_exit(s: Sup, ev: ChildExited, now, cfg):
     if s.state == State.PAUSED:
         s = resumed(s, now)
     if s.taking_over:
-        return _taken_over(s, now, cfg)
+        return _taken_over(s, ev, now, cfg)
     # Only a stop we asked for (SIGINT sent before the exit) explains the exit; a death while waiting for the
     # safe point is judged on its own evidence (e.g. ENOSPC writing checkpoint_best.pth is not a target).
     ours = s.state == State.STOPPING and (s.exit_after_stop or not s.exited)
@@ -214,14 +227,30 @@ def final_error_line(tail: str) -> str:
     return line if len(line) <= MAX_SAID else line[:MAX_SAID - 3] + "..."
 
 
-def _taken_over(s: Sup, now, cfg):
+def _taken_over(s: Sup, ev: ChildExited, now, cfg):
+    # the adopted trainer's attempt ends like any other: one attempt_ended line, saying how it went
+    ended = AttemptEnded(s.attempt, Reason.STOPPED.value, ev.exit.returncode, expected=True,
+                         evidence=_how_it_ended(s, ev, cfg))
     s = dataclasses.replace(s, taking_over=False, stop_reason=None, exited=False, reap_deadline=None,
                             gpu_deadline=None, writing=False)
     if s.stop_asked:  # the operator asked to stop meanwhile: stop, do not start our own
         s, acts = finish(s, State.DONE, "stopped", ExitCode.OK, "the other trainer was stopped; stopped on request")
-        return s, [Log("take_over_done", "warning", {"then": "stopped"}), *acts]
+        return s, [ended, Log("take_over_done", "warning", {"then": "stopped"}), *acts]
     s, acts = start_attempt(s, now, cfg, restart=False, cause="take_over")
-    return s, [Log("take_over_done", "warning", {"then": "continuing with --c"}), *acts]
+    return s, [ended, Log("take_over_done", "warning", {"then": "continuing with --c"}), *acts]
+
+
+def _how_it_ended(s: Sup, ev: ChildExited, cfg) -> str:
+    """How the trainer we took over ended, for the log: it is not our child, so its exit status is unknown;
+    what we sent it, and when it went, tell."""
+    if s.killed:
+        return (f"it ignored SIGINT for stop.timeout_seconds = {cfg.stop.timeout_seconds:g} s (started with nohup "
+                "or by a script? those ignore SIGINT): killed with SIGKILL; the checkpoint --c loads is verified "
+                "first, as at every start")
+    if s.state == State.STOPPING and (s.exit_after_stop or not s.exited):
+        return "it stopped on SIGINT at its safe point (after its checkpoint writes)"
+    said = final_error_line(ev.exit.stderr_tail)
+    return "it ended by itself before its safe point" + (f": {said}" if said else "")
 
 
 def _after(s: Sup, reason: Reason, now, cfg, said: str = "", log: str | None = None):

@@ -141,7 +141,7 @@ class Daemon(Executor):
                      last_epoch=self.history.last(), batch_size=batch_size,
                      n_proc_da=job.configured_workers(self.cfg), leftover_pgid=leftover,
                      slurm_restarts=slurm.restart_count(),
-                     others=tuple((o.pid, o.command) for o in other_trainers.find(self.cfg)),
+                     others=other_trainers.as_event(other_trainers.find(self.cfg)),
                      take_over=self.take_over)
 
     # ---- main loop -----------------------------------------------------------------------------

@@ -7,8 +7,10 @@ How it works
   by name or number, as nnU-Net accepts it), with the same trainer and plans (`-tr`, `-p`, defaults as
   nnU-Net's). Where its environment is readable, its nnUNet_results must be ours. Processes started by a
   supervisor of THIS state directory carry the attempt marker (proc.ATTEMPT_ENV) and are not "others":
-  they are our own leftovers, which the daemon stops itself. Forked workers of a trainer share its argv:
-  only the topmost matching process of a tree is reported.
+  they are our own leftovers, which the daemon stops itself. A marker of ANOTHER state directory whose
+  lock is held names the supervisor running that trainer (`Other.supervisor`): taking over from it would
+  start a fight, so the policy refuses. Forked workers of a trainer share its argv: only the topmost
+  matching process of a tree is reported.
 - Whether such a trainer is refused or taken over is the policy's decision (Start.others): `run
   --take-over` adopts it as the current attempt and stops it at its next safe point through the one
   STOP_PENDING path, then continues with --c.
@@ -24,6 +26,7 @@ import psutil
 
 from supervisor.config import job
 from supervisor.integrations import proc
+from supervisor.integrations.store import Lock
 
 PROGRAMS = re.compile(r"(?:^|/)(?:nnUNetv2_train|cardiacseg-train-nnunet|run_training(?:\.py)?)$")
 
@@ -32,6 +35,15 @@ PROGRAMS = re.compile(r"(?:^|/)(?:nnUNetv2_train|cardiacseg-train-nnunet|run_tra
 class Other:
     pid: int
     command: str
+    supervisor: str = ""  # "pid N, state directory D": the live supervisor that started it, if any
+
+
+def _supervisor(marker: str) -> str:
+    """The live supervisor whose attempt marker this is ("" for none: a hand-started trainer, or one whose
+    supervisor is gone)."""
+    state_dir = marker.rpartition("#")[0]
+    holder = Lock.holder(Path(state_dir)) if state_dir else None
+    return f"{holder}, state directory {state_dir}" if holder else ""
 
 
 def _matches(argv: list[str], cfg, dataset: str) -> bool:
@@ -72,12 +84,13 @@ def find(cfg) -> list[Other]:
                 env = p.environ()
             except (psutil.AccessDenied, OSError):
                 env = {}
-            if ours is not None and env.get(proc.ATTEMPT_ENV, "").startswith(ours):
+            marker = env.get(proc.ATTEMPT_ENV, "")
+            if ours is not None and marker.startswith(ours):
                 continue
             theirs = env.get("nnUNet_results")
             if theirs and str(Path(theirs).resolve()) != results:
                 continue
-            hits[p.pid] = Other(p.pid, " ".join(argv))
+            hits[p.pid] = Other(p.pid, " ".join(argv), _supervisor(marker))
         except psutil.Error:
             continue
     # forked augmentation workers share the trainer's argv: report the top of each tree only
@@ -93,3 +106,8 @@ def find(cfg) -> list[Other]:
 
 def describe(found: list[Other]) -> str:
     return "; ".join(f"pid {o.pid}: {o.command}" for o in found)
+
+
+def as_event(found: list[Other]) -> tuple:
+    """Start.others: ((pid, command, supervisor), ...), what the policy decides on."""
+    return tuple((o.pid, o.command, o.supervisor) for o in found)
