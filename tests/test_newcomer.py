@@ -159,3 +159,34 @@ def test_the_demo_trainer_seeds_its_augmentation_workers(monkeypatch):
     t.demo_seed = 7
     assert t.get_dataloaders() == ([7, 8, 9], [7])
     assert tm.NonDetMultiThreadedAugmenter is recorder  # restored
+
+
+def test_without_config_the_commands_use_the_documented_default_places(job):
+    cfg = job.config()
+    r = subprocess.run([sys.executable, "-m", "supervisor", "status"], cwd=job.root, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "state:" in r.stdout, r.stderr
+    assert r.stderr.strip() == f"cardiacseg-train: no --config given: using {cfg}"
+    if os.path.exists(cli.DEFAULT_CONFIGS[1]):
+        pytest.skip(f"{cli.DEFAULT_CONFIGS[1]} exists here: the no-config case needs a machine without it")
+    empty = job.root / "elsewhere"
+    empty.mkdir()
+    for command in ("status", "check", "run", "plot", "slurm-script"):
+        r = subprocess.run([sys.executable, "-m", "supervisor", command], cwd=empty, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (command, r.stderr)
+        assert "no --config given, and neither ./config.toml nor /etc/cardiacseg-train/config.toml exists" \
+            in r.stderr, (command, r.stderr)
+
+
+def test_the_demo_ends_with_commands_that_work_as_printed(job, monkeypatch):
+    from supervisor.commands.demo import next_steps
+    cfg = job.config()
+    monkeypatch.chdir(job.root)
+    lines = next_steps(cfg).splitlines()
+    status = next(ln.split("#")[0].split() for ln in lines if " status --config " in ln)
+    assert status[-2:] == ["--config", "config.toml"]  # relative to where the person stands
+    assert os.path.isfile(status[0]) and os.access(status[0], os.X_OK), status[0]  # the venv's, by its path
+    r = subprocess.run(status, cwd=job.root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "state:" in r.stdout, r.stderr
+    assert any(" check --config " in ln for ln in lines) and any(" plot --config " in ln for ln in lines)

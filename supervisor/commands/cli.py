@@ -21,9 +21,26 @@ from supervisor.integrations import log_setup
 from supervisor.core.exit_codes import ExitCode, exit_code_help
 
 
-def _load(path: str):
+# Where `run`, `status`, `check`, `plot` and `slurm-script` look without --config, in this order: the
+# current folder (a project's own config), then the service's (what `install-unit` writes).
+DEFAULT_CONFIGS = ("config.toml", "/etc/cardiacseg-train/config.toml")
+
+
+def default_config() -> str:
+    """The first of DEFAULT_CONFIGS that exists (said on stderr, so the reader knows which file it is); exit 2
+    naming both places when there is none."""
+    for path in DEFAULT_CONFIGS:
+        if os.path.isfile(path):
+            print(f"cardiacseg-train: no --config given: using {os.path.abspath(path)}", file=sys.stderr)
+            return path
+    print(f"cardiacseg-train: no --config given, and neither ./{DEFAULT_CONFIGS[0]} nor {DEFAULT_CONFIGS[1]} "
+          "exists: give --config FILE (`config.toml` in the repository is the documented example)", file=sys.stderr)
+    sys.exit(ExitCode.CONFIG)
+
+
+def _load(path: str | None):
     try:
-        return queue_master.concrete(config_mod.load(path))
+        return queue_master.concrete(config_mod.load(path if path is not None else default_config()))
     except config_mod.ConfigError as e:
         print(f"cardiacseg-train: {e}", file=sys.stderr)
         sys.exit(ExitCode.CONFIG)
@@ -208,7 +225,9 @@ def version() -> str:
         return __version__
 
 
-CONFIG_HELP = "the job's config.toml (see config.toml in the repository for every key)"
+CONFIG_HELP = ("the job's config.toml (config.toml in the repository documents every key); default: "
+               f"./{DEFAULT_CONFIGS[0]}, else {DEFAULT_CONFIGS[1]}")
+OPTIONAL_CONFIG_HELP = "the job's config.toml (config.toml in the repository documents every key)"
 
 SUBCOMMANDS = {  # name: (one-line help, description for `name --help`)
     "run": ("supervise training in the foreground (what systemd starts)",
@@ -274,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     r = add("run")
-    r.add_argument("--config", required=True, help=CONFIG_HELP)
+    r.add_argument("--config", default=None, help=CONFIG_HELP)
     r.add_argument("--quiet-trainer", action="store_true",
                    help="do not echo the trainer's own output (src=trainer lines), whatever [logging] level "
                         "says; it is still kept in <state_dir>/attempts/attempt-NNNN.log")
@@ -287,11 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--fold $SLURM_ARRAY_TASK_ID)")
     r.set_defaults(fn=cmd_run)
     s = add("status")
-    s.add_argument("--config", required=True, help=CONFIG_HELP)
+    s.add_argument("--config", default=None, help=CONFIG_HELP)
     s.add_argument("--json", action="store_true", help="machine-readable output (one JSON object)")
     s.set_defaults(fn=cmd_status)
     c = add("check")
-    c.add_argument("--config", required=True, help=CONFIG_HELP)
+    c.add_argument("--config", default=None, help=CONFIG_HELP)
     c.set_defaults(fn=cmd_check)
     i = add("install-unit")
     i.add_argument("--root", default="/", help="install below this root (default /)")
@@ -302,14 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--root", default="/", help="the root the units were installed below (default /)")
     u.set_defaults(fn=cmd_uninstall)
     pl = add("plot")
-    pl.add_argument("--config", required=True, help=CONFIG_HELP)
+    pl.add_argument("--config", default=None, help=CONFIG_HELP)
     pl.add_argument("-o", "--output", default=None, help="PNG to write (default <state_dir>/progress.png)")
     pl.set_defaults(fn=cmd_plot)
     pk = add("pack")
     pk.add_argument("job", nargs="*", metavar="DATASET CONFIGURATION FOLD",
                     help="without --config: the job as nnUNetv2_train takes it (folders from nnUNet_raw, "
                          "nnUNet_preprocessed, nnUNet_results)")
-    pk.add_argument("--config", default=None, help=CONFIG_HELP)
+    pk.add_argument("--config", default=None, help=OPTIONAL_CONFIG_HELP)
     pk.add_argument("-o", "--output", required=True, help="archive to write; - streams to stdout")
     pk.add_argument("-tr", dest="trainer", default="nnUNetTrainer", help="trainer class (without --config)")
     pk.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (without --config)")
@@ -321,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.set_defaults(fn=cmd_pack)
     up = add("unpack")
     up.add_argument("file", metavar="FILE", help="the archive; - reads stdin")
-    up.add_argument("--config", default=None, help=CONFIG_HELP + "; its [paths] are the destination")
+    up.add_argument("--config", default=None, help=OPTIONAL_CONFIG_HELP + "; its [paths] are the destination")
     up.add_argument("--to-raw", default=None, help="nnUNet_raw folder (default: the config's, else $nnUNet_raw)")
     up.add_argument("--to-preprocessed", default=None, help="nnUNet_preprocessed folder")
     up.add_argument("--to-results", default=None, help="nnUNet_results folder")
@@ -331,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--quiet", action="store_true", help="no progress line, even on a terminal")
     up.set_defaults(fn=cmd_unpack)
     ss = add("slurm-script")
-    ss.add_argument("--config", required=True, help=CONFIG_HELP)
+    ss.add_argument("--config", default=None, help=CONFIG_HELP)
     ss.add_argument("--partition", default=None, help="#SBATCH --partition (default: the cluster's)")
     ss.add_argument("--time", default=None, metavar="HH:MM:SS", help="#SBATCH --time, the job's time limit")
     ss.add_argument("--gpus", type=int, default=None, metavar="N",

@@ -21,6 +21,8 @@ from pathlib import Path
 DEMO_ID = 900
 DEMO_NAME = f"Dataset{DEMO_ID:03d}_DemoCardiac"
 DEMO_TARGET = 0.42
+DEMO_EPOCHS = 10  # nnUNetTrainerDemo's num_epochs (CARDIACSEG_DEMO_EPOCHS)
+DEMO_ITERS = 6    # its training iterations per epoch (CARDIACSEG_DEMO_ITERS, the trainer's default)
 
 
 def _bin(name: str) -> str:
@@ -78,7 +80,7 @@ def preprocess(root: Path) -> Path:
 
 def demo_config(root: Path, *, trainer="nnUNetTrainerDemo", command="cardiacseg-train-nnunet",
                 target: float | None = DEMO_TARGET,
-                crash_at: int | None = 2, epochs: int = 10, state_dir: str = "state",
+                crash_at: int | None = 2, epochs: int = DEMO_EPOCHS, state_dir: str = "state",
                 extra_env: dict | None = None, restart: dict | None = None) -> Path:
     from supervisor.trainer.demo_trainers import DIR
 
@@ -118,10 +120,32 @@ def main(args) -> int:
     print("[demo] 2/4 nnUNetv2_plan_and_preprocess (about 30-60 s on 2 cores)", flush=True)
     preprocess(root)
     cfg = demo_config(root, crash_at=None if args.no_crash else 2)
-    print(f"[demo] 3/4 supervising nnUNetv2_train on the CPU: crash injected at epoch 2, "
+    print(f"[demo] 3/4 supervising nnUNetv2_train on the CPU: trainer nnUNetTrainerDemo ({DEMO_EPOCHS} epochs of "
+          f"{DEMO_ITERS} training and 2 validation iterations, 1 augmentation worker), crash injected at epoch 2, "
           f"target EMA Dice {DEMO_TARGET} (config: {cfg})", flush=True)
     cmd = [sys.executable, "-m", "supervisor"]
     rc = subprocess.call([*cmd, "run", "--config", str(cfg)])
     print(f"[demo] supervisor exited with {rc} after {time.monotonic() - t0:.0f} s; 4/4 status:", flush=True)
     subprocess.call([*cmd, "status", "--config", str(cfg)])
+    print(next_steps(cfg), flush=True)
     return rc
+
+
+def next_steps(cfg: Path) -> str:
+    """The exact commands to go on with: `make demo` installs into a venv, which is not on PATH."""
+    exe, conf = _here(_bin("cardiacseg-train")), _here(str(cfg))
+    steps = [(f"{exe} status --config {conf}", "where it stands (works while `run` runs, too)"),
+             (f"{exe} check --config {conf}", "everything `run` would trip over"),
+             (f"{exe} plot --config {conf} -o {_here(str(cfg.parent / 'progress.png'))}", "the progress picture"),
+             (f"{exe} run --config {conf}", "again: it says the target is already reached"),
+             (f"rm -rf {_here(str(cfg.parent))}", "to start over")]
+    width = max(len(c) for c, _ in steps)
+    return "\n".join([f"[demo] next (the command is in the venv, not on PATH unless you "
+                      f"`source {_here(str(Path(exe).parent))}/activate`):"]
+                     + [f"  {c:<{width}}  # {why}" for c, why in steps])
+
+
+def _here(path: str) -> str:
+    """`path` relative to the current folder when it is below it (what a person types), else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
