@@ -95,7 +95,7 @@ chown munge:munge "$S/munge" && chmod 0755 "$S/munge"
 [[ -f /etc/munge/munge.key ]] || { say "no /etc/munge/munge.key (munge package incomplete)"; exit 3; }
 
 cat >"$S/slurm.conf" <<EOF
-ClusterName=ci
+ClusterName=ci$ctld_port
 SlurmctldHost=$host
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port

@@ -554,3 +554,29 @@ def test_a_checkpoint_that_cannot_be_moved_aside_starts_no_trainer(job, monkeypa
         assert d.sup.state == State.FAILED and d.finish_code == ExitCode.CONFIG
     finally:
         d.lock.release()
+
+
+@pytest.mark.parametrize("reason,state", [(Reason.THERMAL_STOP, "cooling"), (Reason.HANG, "backoff")])
+def test_no_saved_state_ends_an_attempt_without_its_reason(job, monkeypatch, reason, state):
+    """Every state.json the daemon writes that shows the run past an attempt (cooling, backoff, ...) also
+    shows why that attempt ended: AttemptEnded is carried out before the move, and the file is written once
+    the pump is empty (a reader never sees "cooling" beside an attempt whose reason is unset)."""
+    from supervisor.config.loader import load
+    from supervisor.daemon.loop import Daemon
+    from supervisor.integrations.store import StateStore
+
+    saved = []
+    real = StateStore.save
+    monkeypatch.setattr(StateStore, "save", lambda self, data: (saved.append(json.loads(json.dumps(data))),
+                                                                 real(self, data)))
+    d = Daemon(load(job.config(thermal={"enabled": False})))
+    d.prepare()
+    d.sup = Sup(state=State.STOPPING, attempt=1, stop_reason=reason, last_progress=0.0, stop_deadline=1e9)
+    d.attempts = [{"n": 1, "reason": None, "ended_at": None}]
+    d.post(ChildExited(Exit(-signal.SIGINT, "KeyboardInterrupt")))
+    d.pump()
+    d.lock.release()
+    assert saved and saved[-1]["sup"]["state"] == state
+    for data in saved:
+        if data["sup"]["state"] not in ("running", "stop_pending", "stopping", "paused"):
+            assert data["attempts"][-1]["reason"] == reason.value, data["attempts"]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.daemon.trainer_output import TrainerOutput
+from supervisor.core.training_log import MAX_LINE_BYTES
+from supervisor.daemon.trainer_output import TRUNCATED, TrainerOutput
 from supervisor.integrations.store import (Lock, StateSaveError, StateStore, UnsafePathError, atomic_write,
                               open_append_nofollow, safe_mkdir)
 
@@ -177,7 +178,8 @@ def test_full_disk_stops_the_attempt_log_once_and_keeps_forwarding(tmp_path):
         w = Warnings()
         out = TrainerOutput(d / "attempt-0001.log", warn=w, reserve_bytes=0)
         long_line = b"x" * (512 * 1024) + b"\n"
-        assert out.feed("stdout", long_line) == [("stdout", "x" * 512 * 1024)]
+        # forwarded cut at MAX_LINE_BYTES (the attempt log would have it all, had the disk room)
+        assert out.feed("stdout", long_line) == [("stdout", "x" * MAX_LINE_BYTES + TRUNCATED.decode())]
         assert out.feed("stderr", b"Traceback (most recent call last):\n  f()\nOSError: boom\n") == [
             ("stderr", "Traceback (most recent call last):\n  f()\nOSError: boom")]
         assert [e for e, _ in w] == ["attempt_log_stopped"]  # said once

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 import time
 
 import pytest
@@ -337,5 +338,35 @@ def test_a_built_wheel_ships_the_units_the_example_config_and_the_launcher(tmp_p
     assert z.read("supervisor/data/config.example.toml") == (REPO / "config.toml").read_bytes()
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(whl).read(entry).decode()
-    assert "cardiacseg-train = supervisor.commands.cli:main" in text
+    assert "cardiacseg-train = supervisor.__main__:entry" in text
     assert "cardiacseg-train-nnunet = supervisor.trainer.launcher:main" in text
+
+
+def test_a_signal_while_run_is_still_importing_is_recorded_not_fatal(job):
+    """SIGHUP, then SIGUSR1, in the first milliseconds of `cardiacseg-train run` (before its imports are
+    done): recorded and handled by the loop once it runs (a reload; SIGUSR1 outside SLURM is ignored),
+    never the default action that would end the process. The installed command is used, as systemd does."""
+    exe = Path(sys.executable).parent / "cardiacseg-train"
+    if not exe.exists():
+        pytest.skip("the cardiacseg-train command is not installed next to this interpreter")
+    cfg = job.config(env={"FAKE_EPOCHS": "3", "FAKE_EPOCH_S": "0.1"})
+    p = subprocess.Popen([str(exe), "run", "--config", str(cfg)], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+
+    def still_importing():
+        """The recorder is installed (SigCgt shows HUP and USR1 caught) while the imports are still going
+        on (psutil's C module, which the supervisor's modules import, is not loaded yet): without the
+        recorder, HUP is caught only once the daemon runs, and this moment never comes."""
+        try:
+            caught = int(next(ln for ln in open(f"/proc/{p.pid}/status") if ln.startswith("SigCgt")).split()[1], 16)
+            maps = open(f"/proc/{p.pid}/maps").read()
+        except (OSError, StopIteration):
+            return False
+        return (caught & (1 << (signal.SIGHUP - 1)) and caught & (1 << (signal.SIGUSR1 - 1))
+                and "_psutil_linux" not in maps)
+    wait_for(still_importing, timeout=30, interval=0.0005, what="the recorder installed, the imports going on")
+    p.send_signal(signal.SIGHUP)
+    p.send_signal(signal.SIGUSR1)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-3000:]
+    assert "reloaded" in out and "signal_ignored signal=SIGUSR1" in out, out[-3000:]

@@ -33,6 +33,7 @@ from supervisor.core.policy import decide
 from supervisor.core.record import Sup
 from supervisor.core.status_line import summary_line
 from supervisor.core.training_log import EpochAssembler, History, parse_line, replay
+from supervisor.daemon import early_signals
 from supervisor.daemon.attempt import Attempt
 from supervisor.daemon.executor import Executor
 from supervisor.integrations import checkpoints, log_setup, other_trainers, proc, slurm, thermal, trainer_class
@@ -129,6 +130,7 @@ class Daemon(Executor):
         signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
         self._old_handlers = {s: signal.signal(s, lambda signum, _frame: self.sig_queue.append(signum))
                               for s in HANDLED_SIGNALS}
+        self.sig_queue.extend(early_signals.take())  # arrived while `run` was starting
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wakeup")
 
     def _start_event(self, leftover, batch_size) -> Start:

@@ -35,6 +35,7 @@ from supervisor.config import job as jobmod
 from supervisor.core import queue_policy as qp
 from supervisor.core.actions import Log
 from supervisor.core.queue_policy import Job, jobs
+from supervisor.daemon import early_signals
 import psutil
 
 from supervisor.integrations import proc, slurm
@@ -170,6 +171,7 @@ class QueueRunner:
         signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
             signal.signal(s, lambda n, _f: self.sigs.append(n))
+        self.sigs.extend(early_signals.take())  # arrived while `run` was starting
         sel.register(r, selectors.EVENT_READ)
         self.log.info("queue_started", jobs=[j.key for j in self.all], slots=list(self.q.slots))
         running = {j.key: found for j in self.all if (found := still_running(self.cfg, j)) is not None}
