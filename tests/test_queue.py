@@ -36,6 +36,8 @@ def test_three_folds_on_two_gpus_one_crashing_once(job):
                      queue={"folds": [0, 1, 2], "gpus": ["0", "1"]})
     rc, out = job.run(cfg, timeout=180)
     assert rc == 0, out[-4000:]
+    # the master's last line says the whole queue is over, and how
+    assert "queue_finished summary='3/3 jobs done'" in out.strip().splitlines()[-1], out[-2000:]
     q = json.loads((job.state / "queue.json").read_text())
     assert [j["status"] for j in q["jobs"]] == ["done", "done", "done"]
     devices = {}
@@ -47,7 +49,7 @@ def test_three_folds_on_two_gpus_one_crashing_once(job):
         devices[f] = set(re.findall(r"CUDA_VISIBLE_DEVICES: (\S+)", log))
     assert devices[0] == {"0"} and devices[1] == {"1"}  # two slots at once, each on its own GPU
     text = status(cfg)
-    assert "3/3 jobs done" in text and re.search(r"3d_fullres\s+1\s+done", text), text
+    assert text.startswith("queue:        all 3 jobs done\n") and re.search(r"3d_fullres\s+1\s+done", text), text
     js = json.loads(status(cfg, "--json"))
     assert [(x["configuration"], x["fold"], x["queue_status"]) for x in js["jobs"]] == [
         ("3d_fullres", 0, "done"), ("3d_fullres", 1, "done"), ("3d_fullres", 2, "done")]
@@ -188,5 +190,7 @@ def test_find_best_configuration_is_a_polled_child_a_stop_ends(job, tmp_path):
             p.kill()
     assert p.returncode == 0, out[-3000:]
     assert "find_best_configuration_stopped" in out and "-f 0 1" in started.read_text()
+    assert "queue_jobs_finished summary='2/2 jobs done'" in out and "then=nnUNetv2_find_best_configuration" in out
+    assert "queue_finished summary='2/2 jobs done'" in out.strip().splitlines()[-1], out[-2000:]
     fb = json.loads((job.state / "queue.json").read_text())["find_best_configuration"]
     assert fb["exit_code"] == -15

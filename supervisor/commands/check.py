@@ -58,6 +58,9 @@ def existing_ancestor(path: Path) -> Path:
 
 def _check_dirs(cfg: Config, out: list[Finding]) -> None:
     for key, p in (("paths.preprocessed", cfg.paths.preprocessed), ("paths.results", cfg.paths.results)):
+        if key == "paths.results" and not p.exists():  # nnU-Net makes it (whether it may: _check_writable)
+            out.append(Finding("ok", f"{key}: {p} does not exist yet: nnU-Net creates it at the first start"))
+            continue
         out.append(Finding("ok", f"{key}: {p}") if p.is_dir() else Finding("fatal", f"{key}: {p} is not a directory"))
     if cfg.paths.raw is not None and not cfg.paths.raw.is_dir():
         out.append(Finding("warning", f"paths.raw: {cfg.paths.raw} is not a directory (only needed for planning)"))
@@ -84,7 +87,7 @@ def _check_writable(cfg: Config, out: list[Finding]) -> None:
                                             "or set [oom] enabled = false)"))
     fd = job.fold_dir(cfg)
     base = existing_ancestor(fd)
-    if cfg.paths.results.is_dir() and not writable(base):
+    if base.is_dir() and not writable(base):
         what = "the fold folder" if base == fd else f"{base}, where the fold folder {fd} will be created,"
         out.append(Finding("fatal", f"paths.results: {what} is not writable by {whom} (checkpoints and logs go there)"))
     sd = existing_ancestor(cfg.paths.state_dir)
@@ -249,28 +252,49 @@ class _Quiet:
         return lambda *a, **k: None
 
 
-def run_checks(cfg: Config) -> list[Finding]:
+def run_checks(cfg: Config, quick: bool = False, say=lambda text: None) -> list[Finding]:
+    """Every finding. A queue's per-job findings (what `--c` resumes from, another trainer on the fold, the
+    checkpoint's load) come for each of its jobs, labelled. `quick`: no child process imports torch (the
+    trainer class is found by a scan of nnU-Net's files; torch's CUDA build and the checkpoint's load are
+    not tested). `say` is told before each step that takes a while."""
+    from supervisor.daemon import queue_master
     out: list[Finding] = []
     env = job.build_env(cfg)
+    jobs = queue_master.job_configs(cfg)
     _check_dirs(cfg, out)
     _check_dataset(cfg, out)
     _check_writable(cfg, out)
-    _check_results(cfg, out)
+    _per_job(jobs, out, _check_results)
     _check_command(cfg, env, out)
-    info, why = run_probe(cfg, env)
-    _check_trainer(cfg, info, why, out)
-    _check_cuda(cfg, info, out)
+    if quick:
+        out.append(Finding(*trainer_class.scan(cfg.training.trainer, env)))
+        out.append(Finding("ok", "--quick: torch's CUDA build and the resume checkpoint's load were not tested"))
+    else:
+        say("looking the trainer class up as nnU-Net does, and reading torch's CUDA build (a child process "
+            "imports torch: 10-80 s; --quick skips it)")
+        info, why = run_probe(cfg, env)
+        _check_trainer(cfg, info, why, out)
+        _check_cuda(cfg, info, out)
     _check_thermal(cfg, out)
-    _check_others(cfg, out)
-    from supervisor.daemon import queue_master
+    _per_job(jobs, out, _check_others)
     out += [Finding("fatal", p) for p in queue_master.problems(cfg)]
     from supervisor.integrations import metrics
     from supervisor.integrations import notify
     from supervisor.commands import pack
     from supervisor.integrations import profiling
+    if not quick and any(job.resume_checkpoint(c) for _label, c in jobs):
+        say("loading the checkpoint `--c` will resume from, as nnU-Net will (a child process imports torch)")
+    resume = [] if quick else pack.check_findings(cfg, [c for _label, c in jobs])
     out += [Finding(level, text) for level, text in notify.check_findings(cfg) + metrics.check_findings(cfg)
-            + pack.check_findings(cfg) + profiling.check_findings(cfg)]
+            + resume + profiling.check_findings(cfg)]
     return out
+
+
+def _per_job(jobs: list, out: list[Finding], check) -> None:
+    for label, jcfg in jobs:
+        found: list[Finding] = []
+        check(jcfg, found)
+        out += [Finding(f.level, label + f.what) for f in found]
 
 
 def _check_others(cfg: Config, out: list[Finding]) -> None:

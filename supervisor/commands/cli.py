@@ -172,7 +172,8 @@ def cmd_check(args) -> int:
     from supervisor.commands.check import render, run_checks
 
     cfg = _load(args.config)
-    problems = run_checks(cfg)
+    problems = run_checks(cfg, quick=args.quick, say=lambda text: print(f"check: {text} ...", file=sys.stderr,
+                                                                        flush=True))
     print(render(problems))
     return ExitCode.CONFIG if any(p.fatal for p in problems) else 0
 
@@ -311,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_status)
     c = add("check")
     c.add_argument("--config", default=None, help=CONFIG_HELP)
+    c.add_argument("--quick", action="store_true",
+                   help="seconds instead of a minute: no child process imports torch (the trainer class is "
+                        "found by a scan of nnU-Net's files; torch's CUDA build and the resume checkpoint's "
+                        "load are not tested)")
     c.set_defaults(fn=cmd_check)
     i = add("install-unit")
     i.add_argument("--root", default="/", help="install below this root (default /)")

@@ -257,10 +257,30 @@ def pack_to(dest: str, spec: Spec, wait_seconds: float = WAIT_SECONDS, quiet: bo
     return {**report, "folds": folds}
 
 
-def check_findings(cfg) -> list[tuple[str, str]]:
-    """For `check`: (level, text) about what `--c` resumes from here, loaded with this torch/numpy."""
-    from supervisor.commands.unpack import resume_findings
-    return resume_findings(cfg)
+def check_findings(cfg, job_cfgs: list | None = None) -> list[tuple[str, str]]:
+    """For `check`: (level, text) about the configured fold's resume checkpoint (each of a queue's jobs',
+    `job_cfgs`, in one probe) loaded here with this torch/numpy, compared with the manifest unpack left
+    beside the fold folders (if any)."""
+    from supervisor.commands.unpack import SAVED_MANIFEST, findings, run_probe
+    from supervisor.config import job
+
+    job_cfgs, out, checkpoints, source = job_cfgs or [cfg], [], [], None
+    several = len({c.training.configuration for c in job_cfgs}) > 1  # then "fold 1 (3d_lowres)"
+    for c in job_cfgs:
+        fold = f"{c.training.fold} ({c.training.configuration})" if several else c.training.fold
+        ck = job.resume_checkpoint(c)
+        if ck is None:
+            out.append(("ok", mf.describe_resume(fold, None, None)))
+            continue
+        checkpoints.append([fold, str(ck)])
+        try:
+            source = source or json.loads((ck.parent.parent / SAVED_MANIFEST).read_text()).get("source")
+        except (OSError, ValueError, AttributeError):
+            pass
+    if not checkpoints:
+        return out
+    info, why = run_probe(cfg.training.trainer, checkpoints, job.build_env(cfg))
+    return out + findings(info, why, source, cfg.training.trainer, cfg.training.device)
 
 
 def cli(args, cfg) -> int:

@@ -381,8 +381,8 @@ def gather_queue(cfg: Config) -> dict:
 
 
 def render_queue(i: dict) -> str:
-    lines = [f"queue:        {i['done']}/{i['total']} jobs done, {i['state']}"
-             + (f"  ({i['supervisor']})" if i["running"] else "")]
+    head = f"all {i['total']} jobs done" if i["state"] == "done" else f"{i['state']}, {i['done']}/{i['total']} jobs done"
+    lines = [f"queue:        {head}" + (f"  ({i['supervisor']})" if i["running"] else "")]
     if i["eta_queue_s"]:
         lines.append(f"queue ETA:    {_dur(i['eta_queue_s'])}")
     lines.append(f"{'configuration':<20} {'fold':<5} {'state':<13} {'epoch':>5} {'EMA':>6} {'target':>6} "

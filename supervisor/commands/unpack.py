@@ -23,7 +23,7 @@ How it works
   moved aside: a copy that fails (a full disk) removes the copies and the folders made for them, and
   nothing is placed or moved aside. Then placing is renames only.
 - `--dry-run` streams and verifies the same way (the same checks, the lock only probed) without writing.
-- Afterwards (and in `check`, via pack.check_findings) resume_probe.py loads each fold's resume checkpoint
+- Afterwards (and in `check`, pack.check_findings) resume_probe.py loads each fold's resume checkpoint
   with the installed torch/numpy in a subprocess with a timeout; `findings` turns its answer and the
   manifest's source versions into (level, text) pairs with the fix for each known incompatibility.
 """
@@ -309,23 +309,6 @@ def fold_checkpoints(results: Path, doc: dict) -> list:
         if ck is not None:
             out.append([f["fold"], str(ck)])
     return out
-
-
-def resume_findings(cfg) -> list[tuple[str, str]]:
-    """What `check` reports: the configured fold's resume checkpoint loaded here, compared with the
-    manifest unpack left beside the fold folders (if any)."""
-    from supervisor.config import job
-
-    ck = job.resume_checkpoint(cfg)
-    if ck is None:
-        return [("ok", mf.describe_resume(cfg.training.fold, None, None))]
-    source = None
-    try:
-        source = json.loads((ck.parent.parent / SAVED_MANIFEST).read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        pass
-    info, why = run_probe(cfg.training.trainer, [[cfg.training.fold, str(ck)]], job.build_env(cfg))
-    return findings(info, why, source, cfg.training.trainer, cfg.training.device)
 
 
 SAVED_MANIFEST = "cardiacseg-unpacked-manifest.json"  # beside the fold folders: what `check` compares with

@@ -182,11 +182,19 @@ def _maybe_finish(q: Queue, cfg, now: float) -> tuple[Queue, list]:
         return q, []
     st = set(q.status.values())
     code = ExitCode.CONFIG if "config_error" in st else ExitCode.GAVE_UP if st & {"gave_up", "failed"} else ExitCode.OK
-    log = Log("queue_finished", fields={"jobs": dict(q.status), "exit_code": int(code)})
+    fields = {"summary": summary(q.status), "jobs": dict(q.status), "exit_code": int(code)}
     if q.state == QState.RUNNING and cfg.queue.find_best_configuration and "done" in st:
         return dataclasses.replace(q, state=QState.FINISHING, final_code=int(code),
-                                   find_best_deadline=now + FIND_BEST_LIMIT_S), [log, RunFindBest()]
-    return dataclasses.replace(q, state=QState.DONE), [log, QFinish(int(code))]
+                                   find_best_deadline=now + FIND_BEST_LIMIT_S), [
+            Log("queue_jobs_finished", fields={**fields, "then": "nnUNetv2_find_best_configuration"}), RunFindBest()]
+    return dataclasses.replace(q, state=QState.DONE), [Log("queue_finished", fields=fields), QFinish(int(code))]
+
+
+def summary(status: dict) -> str:
+    """How the queue's jobs ended, in a few words: "2/2 jobs done", "1/2 jobs done; 3d_fullres/1 gave_up"."""
+    done = [k for k, v in status.items() if v == "done"]
+    rest = "; ".join(f"{k} {v}" for k, v in status.items() if v != "done")
+    return f"{len(done)}/{len(status)} jobs done" + (f"; {rest}" if rest else "")
 
 
 def on_start(q: Queue, ev: QStart, now, cfg):
@@ -295,9 +303,12 @@ def on_tick_finishing(q: Queue, ev: QTick, now, cfg):
 
 def on_find_best_exited(q: Queue, ev: FindBestExited, now, cfg):
     """the queue's exit status as decided when the jobs ended (find_best_configuration is an extra)"""
+    code = q.final_code if q.final_code is not None else int(ExitCode.OK)
     return dataclasses.replace(q, state=QState.DONE), [
         Log("find_best_configuration_finished", "info" if ev.code == 0 else "error", {"exit_code": ev.code}),
-        QFinish(q.final_code if q.final_code is not None else int(ExitCode.OK))]
+        Log("queue_finished", fields={"summary": summary(q.status), "jobs": dict(q.status), "exit_code": code,
+                                      "find_best_configuration_exit_code": ev.code}),
+        QFinish(code)]
 
 
 @dataclass(frozen=True)

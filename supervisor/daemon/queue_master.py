@@ -64,6 +64,13 @@ def _with(cfg, j: Job):
     return cfg.replace(training=dataclasses.replace(cfg.training, configuration=j.configuration, fold=j.fold))
 
 
+def job_configs(cfg) -> list[tuple[str, object]]:
+    """(label, the job's config) for each job of a queue ("3d_fullres fold 1: "); [("", cfg)] for one job."""
+    if not qp.is_queue(cfg):
+        return [("", cfg)]
+    return [(f"{j.configuration} fold {j.fold}: ", _with(cfg, j)) for j in jobs(cfg)]
+
+
 def problems(cfg) -> list[str]:
     out = []
     gpus = [str(g) for g in cfg.queue.gpus]

@@ -65,6 +65,16 @@ def not_found(name: str, info: dict) -> str | None:
             + ("" if "not find" in (info.get("trainer_error") or "not find") else f" ({info['trainer_error']})"))
 
 
+def scan(name: str, env: dict) -> tuple[str, str]:
+    """`check --quick`: (level, text) from the scan alone, nothing imported."""
+    folders = search_folders(env)
+    known = class_names([f for f in folders if os.path.isdir(f)])
+    if name in known:
+        return "ok", f"trainer class {name} is defined in nnU-Net's trainer folders (--quick: found by a scan)"
+    return "warning", (not_found(name, {"trainer": None, "searched": folders, "known": known})
+                       + " (--quick: a scan of the files; `run` asks nnU-Net itself before it starts)")
+
+
 def before_start(cfg, log, cancelled=None) -> str | None:
     """For `run`, before its first decision: the problem (a ConfigError's line) when nnU-Net has no such
     trainer class, else None. Logs what it does when it has to ask nnU-Net (that takes seconds)."""
