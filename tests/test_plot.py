@@ -93,3 +93,48 @@ def test_main_from_state_json(tmp_path, capsys):
     out = tmp_path / "p.png"
     assert plot.main(cfg, out) == 0 and out.stat().st_size > 20_000
     assert str(out) in capsys.readouterr().out
+
+
+def test_classes_are_named_a_class_at_zero_shows_and_labels_stay_inside(tmp_path):
+    """dataset.json's names in the legend; a class stuck at 0.0 above the x axis; the stop label (at the
+    last epoch) and the legend inside the picture, on a short run like the demo's."""
+    demo = {"job": {"dataset": "Dataset900_DemoCardiac", "configuration": "3d_fullres", "fold": 0},
+            "sup": {"state": "done", "outcome": "target_reached"}, "settings": {"ema_dice": 0.42},
+            "class_names": ["LV", "MYO", "RV"],
+            "attempts": [{"n": 1, "epoch_start": 0, "epoch_reached": 1, "reason": "crash"},
+                         {"n": 2, "epoch_start": 2, "epoch_reached": 5, "reason": "target_reached"}],
+            "epochs": [{"epoch": i, "dice": [0.3 + 0.1 * i, 0.2 + 0.1 * i, 0.0], "ema": 0.1 + 0.06 * i,
+                        "epoch_time": 9.0} for i in range(6)]}
+    for snap in (demo, example_snapshot()):
+        fig, ms = figure(snap)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        top = fig.axes[0]
+        if snap is demo:
+            assert [t.get_text() for t in top.get_legend().get_texts()][:3] == ["LV", "MYO", "RV"]
+            rv = next(ln for ln in top.get_lines() if ln.get_label() == "RV")
+            # drawn above the axis: in pixels, strictly inside the axes' box
+            y_px = top.transData.transform((2, rv.get_ydata()[2]))[1]
+            assert top.bbox.y0 < y_px < top.bbox.y1
+        for t in top.texts + [top.get_legend()]:
+            box = t.get_window_extent(renderer)
+            assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, (t, box, fig.bbox)
+        stop = next(t for t in top.texts if t.get_gid() == "label-stop")
+        assert stop.get_window_extent(renderer).x1 <= top.bbox.x1  # inside the plot, left of its line
+
+
+def test_main_names_the_classes_from_dataset_json(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path)
+    from supervisor.config import job
+    ds = job.plans_file(cfg).parent
+    ds.mkdir(parents=True, exist_ok=True)
+    (ds / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "RV": 3, "LV": 1, "MYO": 2}}))
+    assert job.class_names(cfg) == ["LV", "MYO", "RV"]  # in label order, as nnU-Net's pseudo Dice
+    drawn = {}
+    monkeypatch.setattr(plot, "render", lambda snap, out: drawn.update(snap) or [])
+    snap = example_snapshot()
+    snap.update(version=1, job=job.job_identity(cfg))
+    (cfg.paths.state_dir / "state.json").write_text(json.dumps(snap))
+    assert plot.main(cfg, tmp_path / "p.png") == 0 and drawn["class_names"] == ["LV", "MYO", "RV"]
+    (ds / "dataset.json").write_text("not json")
+    assert job.class_names(cfg) is None  # then "class 1", "class 2", ...

@@ -90,6 +90,21 @@ def expand_folds(cfg: Config, folds: list) -> list[int]:
     return expand(folds, *cross_validation(plans_file(cfg).parent))
 
 
+def class_names(cfg: Config) -> list[str] | None:
+    """The foreground classes in the order of nnU-Net's pseudo Dice, as the dataset's dataset.json names them
+    (`labels`: name -> value, or -> a list of values for a region); None when it cannot be read."""
+    try:
+        labels = json.loads((plans_file(cfg).parent / "dataset.json").read_text()).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(labels, dict):
+        return None
+    fg = [(k, v) for k, v in labels.items() if k != "background" and v != 0]
+    if all(isinstance(v, int) and not isinstance(v, bool) for _k, v in fg):
+        fg.sort(key=lambda kv: kv[1])  # nnU-Net's foreground labels, in label order
+    return [str(k) for k, _v in fg]
+
+
 def existing_checkpoints(cfg: Config) -> list[Path]:
     d = fold_dir(cfg)
     return [d / n for n in CHECKPOINT_ORDER if (d / n).is_file()]

@@ -8,7 +8,9 @@ How it works
   and the final stop (the outcome, or a stop request).
 - `render(snap, out_path)` draws two panels with matplotlib's object API and the Agg canvas (no pyplot,
   so it is safe in a background thread and needs no display): Dice on top (EMA thick, one thin line per
-  class, the target dashed), epoch time below; the markers on both. matplotlib is imported only here,
+  class named as dataset.json names it, the target dashed; the y axis starts just below 0, so a class
+  stuck at 0.0 shows), epoch time below; the markers on both, a label in the plot's right third to the
+  left of its line. matplotlib is imported only here,
   lazily: the daemon imports it only when the first picture is drawn, in a worker thread (sinks.py).
   The PNG is written to a temp file and renamed, so a reader never sees half a picture.
 - `main(cfg, out)` is `cardiacseg-train plot`: state.json (plus the recorded marks), or, without state,
@@ -78,31 +80,37 @@ def figure(snap: dict, width_in: float = 11.0):
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     n_cls = max((len(e.get("dice") or []) for e in epochs), default=0)
+    names = [str(n) for n in snap.get("class_names") or []]
     for c in range(n_cls):
         ys = [_f((e.get("dice") or [None] * n_cls)[c]) if c < len(e.get("dice") or []) else None for e in epochs]
-        top.plot(xs, [math.nan if y is None else y for y in ys], lw=0.9, alpha=0.7, label=f"class {c + 1}")
+        top.plot(xs, [math.nan if y is None else y for y in ys], lw=0.9, alpha=0.7,
+                 label=names[c] if c < len(names) else f"class {c + 1}")
     top.plot(xs, [_f(e.get("ema")) if _f(e.get("ema")) is not None else math.nan for e in epochs],
              lw=2.4, color="black", label="EMA pseudo Dice")
     target = _f(settings.get("ema_dice"))
     if target is not None:
         top.axhline(target, ls="--", lw=1.2, color="tab:green", label=f"target {target:g}")
-    top.set_ylim(0, 1.02)
+    top.set_ylim(-0.04, 1.02)  # a class stuck at 0.0 is a line above the x axis, not hidden on it
     top.set_ylabel("pseudo Dice")
     top.grid(alpha=0.3)
-    top.legend(loc="lower right", fontsize=8, ncol=2)
+    top.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)  # beside the plot: it covers no line
     bottom.plot(xs, [_f(e.get("epoch_time")) or math.nan for e in epochs], ".-", lw=1, color="tab:blue")
     bottom.set_ylabel("epoch time (s)")
     bottom.set_xlabel("epoch")
     bottom.grid(alpha=0.3)
     ms = markers(snap)
+    lo, hi = min(xs + [m["epoch"] for m in ms], default=0), max(xs + [m["epoch"] for m in ms], default=1)
     for i, m in enumerate(ms):
         colour = COLOURS.get(m["kind"], "grey")
         style = ":" if m["kind"] == "thermal_pause" else "-"
         top.axvline(m["epoch"], color=colour, ls=style, lw=1.2, alpha=0.8, gid=f"marker-{m['kind']}")
         bottom.axvline(m["epoch"], color=colour, ls=style, lw=1.0, alpha=0.6)
-        # alternate heights so neighbouring labels do not overlap
-        top.text(m["epoch"], 0.98 - 0.09 * (i % 4), " " + m["label"], rotation=0, fontsize=8, color=colour,
-                 va="top", ha="left", transform=top.get_xaxis_transform(), gid=f"label-{m['kind']}",
+        # alternate heights so neighbouring labels do not overlap; in the right third of the plot a label
+        # goes to the left of its line, so it never runs past the plot's right edge
+        right = hi > lo and (m["epoch"] - lo) / (hi - lo) > 2 / 3
+        top.text(m["epoch"], 0.98 - 0.09 * (i % 4), m["label"] + " " if right else " " + m["label"], rotation=0,
+                 fontsize=8, color=colour, va="top", ha="right" if right else "left",
+                 transform=top.get_xaxis_transform(), gid=f"label-{m['kind']}",
                  bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "alpha": 0.8, "linewidth": 0})
     title = f"{jb.get('dataset', '?')} {jb.get('configuration', '')} fold {jb.get('fold', '?')}"
     state = sup.get("outcome") or sup.get("state")
@@ -165,6 +173,7 @@ def main(cfg, out_path=None) -> int:
         return 1
     snap.setdefault("settings", {"ema_dice": cfg.target.ema_dice})
     snap["marks"] = load_marks(cfg.paths.state_dir)
+    snap["class_names"] = job.class_names(cfg)
     try:
         render(snap, out)
     except OSError as e:

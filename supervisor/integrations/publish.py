@@ -29,6 +29,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from supervisor.config import job
 from supervisor.integrations import notify, proc
 from supervisor.integrations import plot
 
@@ -218,7 +219,8 @@ class Sinks:
         fd, src = tempfile.mkstemp(prefix=".plot-snapshot.", suffix=".json", dir=state_dir)
         try:
             with os.fdopen(fd, "w") as fh:
-                json.dump({**snap, "epochs_dir": str(state_dir)}, fh, default=str)
+                json.dump({**snap, "epochs_dir": str(state_dir), "class_names": job.class_names(self.cfg)}, fh,
+                          default=str)
             r = proc.run([sys.executable, "-m", "supervisor.integrations.plot", "--snapshot", src, str(self.plot_path)],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          timeout=PLOT_TIMEOUT_S)
