@@ -318,6 +318,32 @@ def test_static_findings_workers_and_filesystems(tmp_path):
     assert got["type"] == "nfs4" and got["mount"] == f"{tmp_path}/net share"
 
 
+def test_a_virtual_machines_disk_is_not_called_spinning(tmp_path):
+    """virtio-blk says rotational = 1 whatever the host's storage is: no "spinning disk" warning there; a
+    real disk's rotational = 1 still warns."""
+    import os
+    data = tmp_path / "pre"
+    data.mkdir()
+    dev = os.stat(data).st_dev
+    info = tmp_path / "mountinfo"
+    info.write_text(f"22 1 {os.major(dev)}:{os.minor(dev)} / {tmp_path} rw - ext4 /dev/x rw\n")
+    for where, virtual in (("devices/pci0000:00/0000:00:02.0/virtio1/block/vda", True),
+                           ("devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda", False)):
+        sysfs = tmp_path / f"sys-{virtual}"
+        disk = sysfs / where
+        (disk / "queue").mkdir(parents=True)
+        (disk / "queue" / "rotational").write_text("1\n")
+        (sysfs / "dev" / "block").mkdir(parents=True)
+        (sysfs / "dev" / "block" / f"{os.major(dev)}:{os.minor(dev)}").symlink_to(disk)
+        got = storage_of(data, mountinfo=str(info), sysfs=str(sysfs))
+        assert (got["virtual"], got["rotational"]) == ((True, None) if virtual else (False, True))
+        level, text = diagnose.static_findings(1, 16, "cuda", got)[1]
+        if virtual:
+            assert level == "ok" and text.endswith("is on ext4 (" + str(tmp_path) + "), a virtual machine's disk")
+        else:
+            assert level == "warning" and "a spinning disk" in text
+
+
 def test_check_findings_for_a_config(job):
     from supervisor.config import loader as config_mod
     cfg = config_mod.load(job.config(env={"nnUNet_n_proc_DA": "64"}))

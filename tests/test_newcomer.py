@@ -89,6 +89,8 @@ STOP_SCRIPT = textwrap.dedent("""
     from supervisor.trainer import launcher
     launcher.install_signal_handlers()
     launcher.atomic_torch_save({{"current_epoch": 3}}, os.path.join({fold!r}, "checkpoint_latest.pth"))
+    # a new best: nnU-Net writes checkpoint_best after checkpoint_latest, but --c loads latest
+    launcher.atomic_torch_save({{"current_epoch": 3}}, os.path.join({fold!r}, "checkpoint_best.pth"))
 
     def spin():
         while True:
@@ -121,7 +123,7 @@ def test_a_requested_stop_ends_with_one_line_and_dies_by_sigint(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == -signal.SIGINT  # after Python's finalisation: a shell shows 130
     assert err == ("cardiacseg-train-nnunet: stopped by SIGINT after epoch 2; "
-                   "last checkpoint: checkpoint_latest.pth\n"), err
+                   "--c resumes from checkpoint_latest.pth\n"), err
     try:
         os.kill(worker, 0)
         with open(f"/proc/{worker}/stat") as fh:
@@ -134,7 +136,17 @@ def test_stop_message_without_an_epoch():
     from supervisor.trainer.launcher import stop_message
     assert stop_message(signal.SIGTERM, None, None) == (
         "cardiacseg-train-nnunet: stopped by SIGTERM before the first epoch of this run finished; "
-        "last checkpoint: none written by this run")
+        "no checkpoint written by this run")
+
+
+def test_stop_message_names_what_c_loads_not_the_last_file_written(tmp_path):
+    """After a new best, checkpoint_best.pth is the last file written, but --c loads checkpoint_latest.pth."""
+    from supervisor.trainer.launcher import stop_message
+    (tmp_path / "checkpoint_latest.pth").write_bytes(b"x")
+    (tmp_path / "checkpoint_best.pth").write_bytes(b"x")
+    assert stop_message(signal.SIGINT, 5, str(tmp_path)).endswith("; --c resumes from checkpoint_latest.pth")
+    (tmp_path / "checkpoint_latest.pth").unlink()
+    assert stop_message(signal.SIGINT, 5, str(tmp_path)).endswith("; --c resumes from checkpoint_best.pth")
 
 
 @pytest.mark.nnunet

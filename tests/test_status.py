@@ -135,3 +135,15 @@ def test_status_and_plot_by_a_user_who_cannot_read_the_state_directory():
             cwd=REPO, capture_output=True, text=True, timeout=120).stdout
     finally:
         shutil.rmtree(root)
+
+
+def test_an_attempt_stopped_by_sigint_reads_died_by_sigint(job):
+    """state.json keeps Popen's -2; a person reads "died by SIGINT" (a shell would say 130), not "exit -2"."""
+    from supervisor.core.exit_codes import process_exit
+    rc, out = job.run(job.config(target={"ema_dice": 0.3}, env={"FAKE_EPOCHS": "100"}))
+    assert rc == 0 and job.state_json()["attempts"][-1]["exit_code"] == -2, out[-2000:]
+    r = subprocess.run([sys.executable, "-m", "supervisor", "status", "--config", str(job.root / "config.toml")],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "target_reached  died by SIGINT" in r.stdout and "exit -2" not in r.stdout, r.stdout
+    assert (process_exit(0), process_exit(1), process_exit(-9), process_exit(-99)) == (
+        "exit 0", "exit 1", "died by SIGKILL", "died by signal 99")

@@ -20,9 +20,9 @@ import statistics
 import time
 
 from supervisor.core import criteria, diagnose
+from supervisor.core.exit_codes import process_exit
 from supervisor.config import job
-from supervisor.integrations import other_trainers
-from supervisor.integrations import slurm
+from supervisor.integrations import other_trainers, slurm
 from supervisor.config.loader import Config
 from supervisor.core.training_log import EpochRecord, History, replay
 from supervisor.integrations.log_follower import LogFollower
@@ -340,7 +340,7 @@ def render(i: dict) -> str:
         lines.append("attempts:")
         for a in i["history"][-10:]:
             lines.append(f"  #{_d(a['n'])}: {_ts(a['started_at'])} -> {_ts(a['ended_at'])}  {_epochs(a)}"
-                         f"{a['reason'] or 'running'}" + ("" if a["exit_code"] is None else f"  exit {a['exit_code']}"))
+                         f"{a['reason'] or 'running'}" + ("" if a["exit_code"] is None else f"  {process_exit(a['exit_code'])}"))
     lines.append(f"fold folder:  {i['fold_dir']}")
     return "\n".join(lines)
 

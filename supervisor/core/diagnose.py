@@ -250,7 +250,7 @@ NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lust
 
 def static_findings(workers: int, cores: int, device: str, fs: dict | None) -> list[tuple[str, str]]:
     """Pure: nnUNet_n_proc_DA against the cores, and the filesystem of the preprocessed data.
-    fs: {"path", "mount", "type", "rotational" (True/False/None)} or None when unknown."""
+    fs: {"path", "mount", "type", "rotational" (True/False/None), "virtual"} or None when unknown."""
     out = []
     spare = cores - (1 if device != "cpu" else max(1, cores // 2))  # a CPU run's steps need cores too
     if workers == 0:
@@ -272,6 +272,6 @@ def static_findings(workers: int, cores: int, device: str, fs: dict | None) -> l
         out.append(("warning", f"preprocessed data: {where}, a spinning disk: random reads of many cases "
                                "are slow; a local SSD is faster"))
     else:
-        out.append(("ok", f"preprocessed data: {where}"
-                          + (", an SSD" if fs.get("rotational") is False else "")))
+        out.append(("ok", f"preprocessed data: {where}" + (", an SSD" if fs.get("rotational") is False else
+                                                          ", a virtual machine's disk" if fs.get("virtual") else "")))
     return out

@@ -7,6 +7,7 @@ all come from `ExitCode`.
 from __future__ import annotations
 
 import enum
+import signal
 
 
 class ExitCode(enum.IntEnum):
@@ -35,6 +36,17 @@ def exit_code_table() -> str:
     rows = ["| code | `run` means | systemd |", "| --- | --- | --- |"]
     rows += [f"| {int(c)} | {c.meaning} | {c.systemd} |" for c in ExitCode]
     return "\n".join(rows)
+
+
+def process_exit(code: int) -> str:
+    """A child's exit status as a person reads it: "exit 1", or "died by SIGINT" where Python's Popen says
+    -2 (a shell says 130: 128 + the signal's number)."""
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        return f"died by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"died by signal {-code}"
 
 
 def exit_code_help() -> str:

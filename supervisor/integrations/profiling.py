@@ -212,8 +212,14 @@ def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
+# Where a block device's sysfs path shows a virtual machine's disk: its `rotational` is the hypervisor's
+# default (virtio-blk says 1), not what the host's storage is.
+VIRTUAL_DISK = ("/virtio", "/xen", "/vmbus", "/vbd-")
+
+
 def storage_of(path, mountinfo: str = "/proc/self/mountinfo", sysfs: str = "/sys") -> dict | None:
-    """{"path", "mount", "type", "rotational"} for the filesystem holding path; None when unknown."""
+    """{"path", "mount", "type", "rotational", "virtual"} for the filesystem holding path; None when unknown.
+    rotational: True/False from the block device's queue/rotational, None when unknown or a virtual disk."""
     try:
         real = os.path.realpath(path)
         dev = os.stat(real).st_dev
@@ -232,15 +238,15 @@ def storage_of(path, mountinfo: str = "/proc/self/mountinfo", sysfs: str = "/sys
             best = (mount, fstype)
     if best is None:
         return None
-    rot = None
-    for cand in (f"{sysfs}/dev/block/{os.major(dev)}:{os.minor(dev)}/queue/rotational",
-                 f"{sysfs}/dev/block/{os.major(dev)}:{os.minor(dev)}/../queue/rotational"):
+    rot, block = None, f"{sysfs}/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    virtual = any(v in os.path.realpath(block) for v in VIRTUAL_DISK)
+    for cand in (f"{block}/queue/rotational", f"{block}/../queue/rotational"):
         try:
-            rot = Path(cand).read_text().strip() == "1"
+            rot = None if virtual else Path(cand).read_text().strip() == "1"
             break
         except OSError:
             continue
-    return {"path": str(path), "mount": best[0], "type": best[1], "rotational": rot}
+    return {"path": str(path), "mount": best[0], "type": best[1], "rotational": rot, "virtual": virtual}
 
 
 def check_findings(cfg) -> list[tuple[str, str]]:

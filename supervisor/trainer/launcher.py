@@ -13,7 +13,9 @@ nnUNetTrainer base class, so they hold for every trainer derived from it:
    while a checkpoint is being written, when the interrupt is raised right after the write completes.
    An interrupt at an epoch boundary thus stops after that epoch's checkpoint.
 A requested stop ends with ONE line on stderr instead of nnU-Net's KeyboardInterrupt traceback
-(`cardiacseg-train-nnunet: stopped by SIGINT after epoch 4; last checkpoint: checkpoint_latest.pth`); the
+(`cardiacseg-train-nnunet: stopped by SIGINT after epoch 4; --c resumes from checkpoint_latest.pth`: the
+file nnU-Net's `--c` loads, final, else latest, else best, not the last one written, which after a new
+best is checkpoint_best.pth); the
 exit handlers then run (atexit: multiprocessing ends the workers), the output is flushed, and the process
 ends by SIGINT with its default action, as Python ends for an uncaught KeyboardInterrupt: returncode -2
 for the supervisor, exit status 130 in a shell. It does not go through the interpreter's finalisation:
@@ -37,11 +39,11 @@ import signal
 import sys
 import threading
 
-from supervisor.config.job import checkpoint_temp_name
+from supervisor.config.job import CHECKPOINT_ORDER, checkpoint_temp_name
 from supervisor.trainer import epoch_timer
 
 _state = {"saving": 0, "pending": None, "main_pid": os.getpid(), "signal": None, "epoch": None,
-          "checkpoint": None}
+          "folder": None}  # folder: where this run wrote a checkpoint
 
 
 def _handler(signum, _frame):
@@ -56,12 +58,14 @@ def _handler(signum, _frame):
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
-def stop_message(signum: int | None, epoch: int | None, checkpoint: str | None) -> str:
-    """The one line a requested stop ends with."""
+def stop_message(signum: int | None, epoch: int | None, folder: str | None) -> str:
+    """The one line a requested stop ends with: what `--c` will load from the fold `folder` this run wrote
+    checkpoints to (nnU-Net's order: final, latest, best)."""
     by = signal.Signals(signum).name if signum else "KeyboardInterrupt"
     when = f"after epoch {epoch}" if epoch is not None else "before the first epoch of this run finished"
-    ck = checkpoint or "none written by this run"
-    return f"cardiacseg-train-nnunet: stopped by {by} {when}; last checkpoint: {ck}"
+    ck = next((n for n in CHECKPOINT_ORDER if folder and os.path.isfile(os.path.join(folder, n))), None)
+    return f"cardiacseg-train-nnunet: stopped by {by} {when}; " + (
+        f"--c resumes from {ck}" if ck else "no checkpoint written by this run")
 
 
 def quiet_producer(*args, **kwargs):
@@ -88,7 +92,7 @@ def atomic_torch_save(obj, filename: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, filename)
-        _state["checkpoint"] = os.path.basename(filename)
+        _state["folder"] = folder
         if isinstance(obj, dict) and isinstance(obj.get("current_epoch"), int):
             # nnU-Net stores the NEXT epoch; an interrupt right after this write precedes on_epoch_end's end
             _state["epoch"] = max(_state["epoch"] if _state["epoch"] is not None else -1, obj["current_epoch"] - 1)
@@ -228,7 +232,7 @@ def run_until_stopped(fn) -> None:
         # the data loader's result threads die of the stop (their workers are gone: ConnectionResetError,
         # "background workers are no longer alive"); that is not news after a requested stop
         threading.excepthook = lambda _args: None
-        print(stop_message(_state["signal"], _state["epoch"], _state["checkpoint"]), file=sys.stderr, flush=True)
+        print(stop_message(_state["signal"], _state["epoch"], _state["folder"]), file=sys.stderr, flush=True)
         sys.excepthook = _silent_keyboard_interrupt
         if os.getpid() != _state["main_pid"]:
             raise  # a process this one forked: its own exit, as before
