@@ -235,11 +235,15 @@ def _last_epoch(path: Path) -> int:
 
 
 def bench_long_run(root: Path, epochs: int = 10000, window: int = 500, epoch_s: float = 0.01) -> dict:
-    """The supervisor's CPU per epoch over the first and the last `window` of `epochs` fast epochs."""
+    """The supervisor's CPU per epoch over the first and the last `window` of `epochs` fast epochs. The fake
+    trainer's dice is constant (FAKE_DICE_STEP 0): its EMA stops improving after a few hundred epochs, so
+    it stops writing checkpoint_best.pth (whose logging lists grow with the run, as nnU-Net's do) and its own
+    epoch time stays flat; the loop's timer ticks per epoch follow the trainer's epoch time, so the wall
+    time per epoch of each window is reported beside the CPU."""
     import psutil
     job = fresh(root, "long-run")
     cfg = job.config(env={"FAKE_EPOCHS": str(epochs), "FAKE_EPOCH_S": str(epoch_s), "FAKE_SAVE_EVERY": "1000000",
-                          "FAKE_DICE_STEP": "0.00001"},
+                          "FAKE_DICE_STEP": "0"},
                      training={"expected_epochs": epochs}, target={"ema_dice": 0.99999})
     p = job.start(cfg)
     marks = {}
@@ -253,21 +257,23 @@ def bench_long_run(root: Path, epochs: int = 10000, window: int = 500, epoch_s: 
             e = _last_epoch(el)
             if c_start is None and e >= 0:
                 c = sp.cpu_times()
-                c_start = (e, c.user + c.system)
+                c_start = (e, c.user + c.system, time.monotonic())
             while want and e >= want[0]:
                 c = sp.cpu_times()
-                marks[want.pop(0)] = (e, c.user + c.system)
+                marks[want.pop(0)] = (e, c.user + c.system, time.monotonic())
             time.sleep(0.02)
         hwm = int(next(ln for ln in Path(f"/proc/{p.pid}/status").read_text().splitlines()
                        if ln.startswith("VmHWM")).split()[1])
     finally:
         p.send_signal(signal.SIGTERM)
         p.communicate(timeout=120)
-    (e0, c0), (e1, c1) = c_start, marks[window]
-    (e2, c2), (e3, c3) = marks[epochs - window], marks[epochs - 1]
+    (e0, c0, w0), (e1, c1, w1) = c_start, marks[window]
+    (e2, c2, w2), (e3, c3, w3) = marks[epochs - window], marks[epochs - 1]
     early, late = (c1 - c0) / max(1, e1 - e0), (c3 - c2) / max(1, e3 - e2)
     return {"epochs": epochs, "window": window, "early_ms_per_epoch": early * 1000, "late_ms_per_epoch": late * 1000,
-            "late_over_early": late / early if early else None, "peak_rss_mib": hwm / 1024}
+            "late_over_early": late / early if early else None, "peak_rss_mib": hwm / 1024,
+            "early_wall_ms_per_epoch": (w1 - w0) / max(1, e1 - e0) * 1000,
+            "late_wall_ms_per_epoch": (w3 - w2) / max(1, e3 - e2) * 1000}
 
 
 # ---- 5b/6. real nnU-Net on the CPU ------------------------------------------------------------------------
@@ -395,7 +401,8 @@ def render(r: dict) -> str:
             ("supervisor peak RSS", lambda: f"{r['overhead']['peak_rss_mib']:.1f} MiB", "<= 50 MiB (the brief's budget)"),
             ("supervisor CPU per epoch, first / last 500 of 10,000",
              lambda: f"{r['long_run']['early_ms_per_epoch']:.2f} / {r['long_run']['late_ms_per_epoch']:.2f} ms "
-                     f"(x{r['long_run']['late_over_early']:.2f}; peak RSS {r['long_run']['peak_rss_mib']:.1f} MiB)",
+                     f"(x{r['long_run']['late_over_early']:.2f}; epochs of {r['long_run']['early_wall_ms_per_epoch']:.0f} / "
+                     f"{r['long_run']['late_wall_ms_per_epoch']:.0f} ms; peak RSS {r['long_run']['peak_rss_mib']:.1f} MiB)",
              "flat: x <= 1.2")]
     rows = []
     for label, value, goal in spec:
