@@ -18,10 +18,10 @@ How it works
   one per ~20 bytes (a file entry: ~190 bytes, 9 values), so more than one per MIN_BYTES_PER_VALUE is
   refused (`check_density`). Without it 32 MB of `{},{},...` become 10 million dicts (~850 MB); with it
   parsing costs at most ~8 times the manifest's size (measured), and such a bomb is refused at its first MiB.
-- `read_checkpoint(file)` reads a torch checkpoint's data.pkl without torch: an Unpickler whose
-  globals are inert stubs, except numpy's scalar/dtype (decoded with struct, so the epoch and the EMA
-  come out as numbers) and `_codecs.encode` (a pure function). It also tells whether the pickle names
-  `numpy._core` (written under numpy 2: numpy 1 cannot load it).
+- `read_checkpoint(file)` reads a torch checkpoint's data.pkl without torch, with the project's one inert
+  unpickler (integrations/checkpoints.InertUnpickler: numpy scalars come out as numbers, so the epoch and
+  the EMA can be read). It also tells whether the pickle names `numpy._core` (written under numpy 2: numpy 1
+  cannot load it).
 """
 from __future__ import annotations
 
@@ -32,13 +32,12 @@ import os
 import pickle
 import platform
 import re
-import struct
 import sys
 import time
 import zipfile
 from importlib import metadata
 
-from supervisor.integrations.checkpoints import Stub
+from supervisor.integrations.checkpoints import InertUnpickler
 
 FORMAT = "cardiacseg-pack/1"
 MANIFEST = "MANIFEST.json"
@@ -165,53 +164,6 @@ def parse(data: bytes) -> dict:
 
 
 # ---- a checkpoint's epoch and EMA without torch ------------------------------------------------------
-_STRUCT = {"f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h", "i1": "b", "u8": "Q",
-           "u4": "I", "u2": "H", "u1": "B", "b1": "?"}
-
-
-class _Inert(Stub):
-    """Any class or function the pickle names (checkpoints.Stub's inertness), remembering its arguments."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __call__(self, *args, **kwargs):
-        return _Inert(*args)
-
-
-class _Dtype(_Inert):
-    pass
-
-
-def _scalar(dtype, data=b"", *rest):
-    code = dtype.args[0] if isinstance(dtype, _Dtype) and dtype.args else None
-    fmt = _STRUCT.get(str(code)[-2:]) if code else None
-    if fmt and isinstance(data, (bytes, bytearray)) and len(data) == struct.calcsize(fmt):
-        return struct.unpack("<" + fmt, data)[0]
-    return _Inert(dtype, data)
-
-
-class _Reader(pickle.Unpickler):
-    def __init__(self, fh):
-        super().__init__(fh)
-        self.modules: set[str] = set()
-
-    def find_class(self, module, name):
-        self.modules.add(str(module))
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
-            return _scalar
-        if module == "numpy" and name == "dtype":
-            return _Dtype
-        if module == "_codecs" and name == "encode":
-            return lambda s, enc="utf-8": str(s).encode(enc)
-        if module == "torch" and name == "device":
-            return lambda *a: ":".join(str(x) for x in a)
-        return _Inert
-
-    def persistent_load(self, pid):
-        return None
-
-
 def _num(v):
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
@@ -224,7 +176,7 @@ def read_checkpoint(fileobj) -> dict:
             pkls = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
             if not pkls:
                 raise ValueError("no data.pkl (not a torch checkpoint)")
-            reader = _Reader(io.BytesIO(z.read(pkls[0])))
+            reader = InertUnpickler(io.BytesIO(z.read(pkls[0])))
             doc = reader.load()
     except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError, KeyError) as e:
         raise ValueError(str(e)) from None

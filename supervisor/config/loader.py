@@ -69,15 +69,20 @@ def _check_environment(body, problems: list[str]) -> dict[str, str]:
 SLURM_STATE_PREFIX = "slurm-"  # state/slurm-<job>[_<task>]: made here, found again by integrations/slurm.py
 
 
+def slurm_job_spec(env: Mapping[str, str]) -> str | None:
+    """The job's id as SLURM's commands take it (`scontrol requeue`): ARRAYJOBID_TASKID for an array task,
+    else SLURM_JOB_ID; None outside a job. Stable across requeues."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
+
+
 def slurm_state_dir(env: Mapping[str, str]) -> str | None:
     """Inside a SLURM job: `state/slurm-<ARRAY_JOB_ID or JOB_ID>[_<TASK_ID>]` (stable across requeues,
     one per array task); None outside. The state lies beside the config, on the shared filesystem."""
     if not env.get("SLURM_JOB_ID"):
         return None
-    name = env.get("SLURM_ARRAY_JOB_ID") or env["SLURM_JOB_ID"]
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        name += f"_{env['SLURM_ARRAY_TASK_ID']}"
-    name = "".join(c for c in name if c.isalnum() or c in "_-") or "job"
+    name = "".join(c for c in slurm_job_spec(env) if c.isalnum() or c in "_-") or "job"
     return f"state/{SLURM_STATE_PREFIX}{name}"
 
 

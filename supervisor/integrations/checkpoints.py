@@ -6,9 +6,8 @@ directory (a truncated file fails here, exactly where torch.load fails with "Pyt
 finding central directory"), and requires a data.pkl entry. An intact directory is not enough: torch.save
 writes the directory in its writer's `__exit__`, so a save interrupted by SIGINT (or a crash) leaves a
 valid zip that lacks the storages not yet written, and torch.load then fails with "PytorchStreamReader
-failed locating file data/101". So `verify` walks data.pkl with `_StorageCollector`, an Unpickler that
-never imports or calls anything real (every global is an inert stub; nothing in the pickle can run code)
-and records each persistent id ('storage', type, key, location, numel) torch writes for a tensor's
+failed locating file data/101". So `verify` walks data.pkl with `InertUnpickler` (the project's one inert unpickler,
+also used by pack to read a checkpoint's epoch and EMA), which never imports or calls anything real, and records each persistent id ('storage', type, key, location, numel) torch writes for a tensor's
 storage; each `<name>/data/<key>` must exist with at least numel x element size bytes (the size where the
 storage type is known). It CRC-checks every entry (testzip) first, which catches flipped or zeroed bytes:
 what fails after that is the verifier's limit, not damage, and never moves a checkpoint aside.
@@ -22,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -41,16 +41,19 @@ MAX_PICKLE_BYTES = 256 << 20  # nnU-Net's data.pkl is well under 1 MiB (tensors 
 
 
 class Stub:
-    """Stands for any class or function a pickle names: accepts every call and every state."""
+    """Stands for any class or function a pickle names: accepts every call and every state, and remembers
+    the arguments it was made with (a numpy dtype's code is read from them)."""
+
+    qualname = ""
 
     def __new__(cls, *args, **kwargs):
         return object.__new__(cls)
 
     def __init__(self, *args, **kwargs):
-        pass
+        self.args = args
 
     def __call__(self, *args, **kwargs):
-        return Stub()
+        return Stub(*args)
 
     def __setstate__(self, state):
         pass
@@ -65,16 +68,48 @@ class Stub:
         pass
 
 
-class _StorageCollector(pickle.Unpickler):
-    """Loads a torch data.pkl inertly, collecting (storage class name, key, numel) per storage."""
+class _Dtype(Stub):
+    qualname = "numpy.dtype"
+
+
+# numpy's dtype codes (the last two characters of '<f8', 'f4', ...) -> struct formats, for numpy scalars
+_STRUCT = {"f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h", "i1": "b", "u8": "Q",
+           "u4": "I", "u2": "H", "u1": "B", "b1": "?"}
+
+
+def _scalar(dtype, data=b"", *rest):
+    """numpy.core.multiarray.scalar(dtype, bytes) without numpy: the number, or a Stub when not plain."""
+    code = dtype.args[0] if isinstance(dtype, _Dtype) and dtype.args else None
+    fmt = _STRUCT.get(str(code)[-2:]) if code else None
+    if fmt and isinstance(data, (bytes, bytearray)) and len(data) == struct.calcsize(fmt):
+        return struct.unpack("<" + fmt, data)[0]
+    return Stub(dtype, data)
+
+
+class InertUnpickler(pickle.Unpickler):
+    """The project's one way to read a torch checkpoint's data.pkl without torch: it never imports or calls
+    anything real (every global is an inert Stub class; nothing in the pickle can run code). Plain values
+    come out as they are, numpy scalars as Python numbers (so an epoch or an EMA can be read), tensors as
+    stubs. What it saw is kept: `modules` (the modules the pickle names: numpy._core means pickled under
+    numpy 2) and `storages` ((storage class name, key, numel) per persistent id torch wrote for a tensor)."""
 
     def __init__(self, fh):
         super().__init__(fh)
+        self.modules: set[str] = set()
         self.storages: list[tuple[str, str, object]] = []
         self._stubs: dict[tuple[str, str], type] = {}
 
     def find_class(self, module, name):
         key = (str(module), str(name))
+        self.modules.add(key[0])
+        if key[0] in ("numpy.core.multiarray", "numpy._core.multiarray") and key[1] == "scalar":
+            return _scalar
+        if key == ("numpy", "dtype"):
+            return _Dtype
+        if key == ("_codecs", "encode"):
+            return lambda s, enc="utf-8": str(s).encode(enc)
+        if key == ("torch", "device"):
+            return lambda *a: ":".join(str(x) for x in a)
         if key not in self._stubs:
             self._stubs[key] = type("Stub", (Stub,), {"qualname": f"{key[0]}.{key[1]}"})
         return self._stubs[key]
@@ -90,7 +125,7 @@ def _missing_storage(z: zipfile.ZipFile, pkl: str) -> str | None:
     """What data.pkl (whose bytes passed the CRC check) refers to that the archive lacks, or None. A pickle
     stream that is malformed (cut short, not a pickle) is damage any unpickler refuses; any other error is
     the inert unpickler's own limit and raises: the caller does not judge the file then."""
-    collector = _StorageCollector(z.open(pkl))
+    collector = InertUnpickler(z.open(pkl))
     try:
         collector.load()
     except (pickle.UnpicklingError, EOFError) as e:

@@ -12,6 +12,7 @@ import re
 import subprocess
 
 from supervisor.config.loader import SLURM_STATE_PREFIX
+from supervisor.config.loader import slurm_job_spec
 from supervisor.config.names import control_chars
 
 REQUEUE_TIMEOUT_S = 30
@@ -23,10 +24,7 @@ def in_job(env=None) -> bool:
 
 def job_spec(env=None) -> str | None:
     """The id `scontrol requeue` needs: ARRAYJOBID_TASKID for an array task, else the job id."""
-    env = os.environ if env is None else env
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID") or None
+    return slurm_job_spec(os.environ if env is None else env)
 
 
 def restart_count(env=None) -> int | None:
