@@ -25,6 +25,10 @@ Faults on cue, from the environment (each fires once per results folder, tracked
     nan     - report nan losses and dice from then on
     daemon  - start a daemon that double-forks, calls setsid and execs `sleep` with an EMPTY environment
               (no group, no marker finds it; its pid in <fold>/daemon.pid), then train on
+    compile - real nnU-Net's torch.compile failure (no C++ compiler), exit 1: EVERY time the epoch is reached
+              while nnUNet_compile is on (unset counts as on, as in nnU-Net 2.4+)
+    workers - real nnU-Net's "One or more background workers are no longer alive" and nothing else, exit 1:
+              EVERY time the epoch is reached while nnUNet_n_proc_DA is above 1 (unset: nnU-Net's 12)
     enospc  - after the epoch's last log line, die writing checkpoint_best.pth with
               "OSError: [Errno 28] No space left on device" (a half-written file is left behind)
   FAKE_VAL_HANG=1      - the final validation hangs (idle, silent) the first time it runs
@@ -243,6 +247,14 @@ def main():
                 time.sleep(save_s / 10)
 
 
+    def real_failure(fixture):
+        """Write what real nnU-Net wrote to stderr when it died so (a fixture captured on this machine)."""
+        time.sleep(epoch_s / 2)
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", fixture)) as fh:
+            sys.stderr.write(fh.read())
+        sys.stderr.flush()
+        return 1
+
     def oom_traceback():
         sys.stderr.write(
             "Traceback (most recent call last):\n"
@@ -263,6 +275,10 @@ def main():
         if oom_above is not None and bs is not None and bs > int(oom_above):
             oom_traceback()
             sys.exit(1)
+        if kind == "compile" and os.environ.get("nnUNet_compile", "t").lower() in ("true", "1", "t"):
+            sys.exit(real_failure("real_nnunet_compile_no_cxx.txt"))  # every time compile is on, as in life
+        if kind == "workers" and int(os.environ.get("nnUNet_n_proc_DA") or 12) > 1:
+            sys.exit(real_failure("real_nnunet_workers_died.txt"))  # every time with more than one worker
         if kind and fire(epoch, kind):
             time.sleep(epoch_s / 2)
             if kind == "crash":

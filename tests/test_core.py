@@ -13,7 +13,7 @@ import structlog
 from conftest import wait_for
 from supervisor.core.classify import Exit, Reason
 from supervisor.core.actions import Finish, SetBatchSize, SignalGroup, StateChanged
-from supervisor.core.events import (EVENTS, ActionFailed, Activity, BatchSizeSet, CheckpointsInspected, ChildExited,
+from supervisor.core.events import (EVENTS, GpuFaults, ActionFailed, Activity, BatchSizeSet, CheckpointsInspected, ChildExited,
                                     DiskSpace, EpochDone, EpochProfiled, EpochStarted, Readings, Reconfigured,
                                     Remnants, Requeued, Signalled, SlurmJobState, Start, Tick, TrainerExited,
                                     TrainingDone)
@@ -32,7 +32,8 @@ SAMPLES = {Start: Start(), Reconfigured: Reconfigured(), EpochStarted: EpochStar
            BatchSizeSet: BatchSizeSet(4, 3), ActionFailed: ActionFailed("x", "y"), TrainerExited: TrainerExited(1),
            Remnants: Remnants(), ChildExited: ChildExited(Exit(1, "RuntimeError")), Signalled: Signalled(),
            SlurmJobState: SlurmJobState("RUNNING"), Tick: Tick(), Requeued: Requeued("requeued"),
-           EpochProfiled: EpochProfiled(EpochProfile(epoch=3, epoch_s=10.0))}
+           EpochProfiled: EpochProfiled(EpochProfile(epoch=3, epoch_s=10.0)),
+           GpuFaults: GpuFaults((("0", "uncorrectable ECC errors: 2 since the run began"),))}
 
 
 def test_every_state_event_pair_is_a_rule_or_explicitly_ignored():

@@ -74,6 +74,14 @@ def restart_count(sup: dict) -> tuple[int, dict]:
     return (n if isinstance(n, int) else 0), dict(reasons)
 
 
+def _compile(setting: str, turned_off: bool) -> str:
+    """torch.compile as the next attempt gets it: the config's setting and the policy's remedy."""
+    if setting == "auto" and turned_off:
+        return 'off: turned off after a torch.compile failure (training.compile = "on" compiles again)'
+    return {"auto": "nnU-Net's default (on for CUDA since 2.4)", "on": "on (training.compile)",
+            "off": "off (training.compile)"}[setting]
+
+
 def _thermal(cfg: Config) -> dict | None:
     if not cfg.thermal.enabled:
         return None
@@ -195,6 +203,8 @@ def gather(cfg: Config) -> dict:
         "original_batch_size": sup.get("original_batch_size") or bs,
         "min_batch_size": cfg.oom.min_batch_size,
         "n_proc_da": sup.get("n_proc_da"),
+        "compile": _compile(cfg.training.compile, sup.get("compile_off") is True),
+        "gpu_faults": sup.get("gpu_faults") if isinstance(sup.get("gpu_faults"), dict) else {},
         "changes": data.get("changes", []),
         "restart_at": sup.get("restart_at"),
         "restarts": n_restarts,
@@ -315,6 +325,8 @@ def render(i: dict) -> str:
         f"batch size:   {i['batch_size'] if i['batch_size'] is not None else 'unknown'}"
         f"  (original {_d(i['original_batch_size'])}, minimum {i['min_batch_size']})",
         f"DA workers:   {i['n_proc_da'] or 'default'}",
+        f"compile:      {i['compile']}",
+        *(f"GPU {g}:        UNHEALTHY: {what}" for g, what in sorted(i["gpu_faults"].items())),
         *_bottleneck_lines(i.get("bottleneck_detail")),
         f"restarts:     {i['restarts']}" + (f"  ({', '.join(f'{r} {n}' for r, n in i['restart_reasons'].items())})"
                                            if i["restart_reasons"] else ""),

@@ -172,6 +172,8 @@ def build_env(cfg: Config, base: dict[str, str] | None = None, overrides: dict[s
     # a CUDA index mean the GPU the thermal guard watches. [environment] can still override it.
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env.update(cfg.environment)
+    if cfg.training.compile != "auto":
+        env["nnUNet_compile"] = "t" if cfg.training.compile == "on" else "f"
     if "nnUNet_n_proc_DA" not in env and (cpus := slurm_cpus(env)) is not None:
         # nnU-Net would start 12 workers whatever the allocation; with fewer CPUs they die (nnU-Net #2863)
         env["nnUNet_n_proc_DA"] = str(cpus)

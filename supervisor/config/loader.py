@@ -152,6 +152,10 @@ def parse(raw: dict, path: Path, env: Mapping[str, str] | None = None) -> Config
     if th.pause_celsius >= th.stop_celsius:
         problems.append(f"thermal.pause_celsius: expected lower than thermal.stop_celsius ({th.stop_celsius}), "
                         f"got {th.pause_celsius}")
+    if sections["training"].compile != "auto" and "nnUNet_compile" in environment:
+        problems.append(f'training.compile: "{sections["training"].compile}" and environment.nnUNet_compile '
+                        "both say whether to compile: keep one (training.compile also lets the supervisor "
+                        "turn it off after a compile failure)")
     if th.source == "command" and not th.command:
         problems.append('thermal.command: required when thermal.source = "command" (an argv list)')
     if problems:

@@ -118,6 +118,10 @@ class Training:
     plans: str = key("nnUNetPlans", names.name, "`-p`", types=str, reload=RESTART)
     device: str = key("cuda", one_of("cuda", "cpu", "mps"), "`cuda`, `cpu` or `mps`", types=str,
                       reload=NEXT_ATTEMPT)
+    compile: str = key("auto", one_of("auto", "on", "off"), "torch.compile in the trainer: `auto` (nnU-Net's "
+                       "default; turned off for this job after a compile failure, shown in status), `on` "
+                       "(nnUNet_compile=t, never turned off), `off` (nnUNet_compile=f)", types=str,
+                       reload=NEXT_ATTEMPT)
     num_gpus: int = key(1, at_least_one, "> 1 adds `-num_gpus N`", types=int, reload=NEXT_ATTEMPT)
     extra_args: tuple = key((), str_list, "appended to the generated arguments", types=list,
                             reload=NEXT_ATTEMPT)
@@ -304,8 +308,9 @@ def loopback_listen(v):
 
 
 NOTIFY_EVENTS = ("target_reached", "completed", "gave_up", "cuda_oom", "thermal_stop", "hang", "diverged",
-                 "config_error", "bottleneck", "disk_full", "crash", "thermal_pause", "started", "epoch", "preempted")
-NOTIFY_DEFAULT_EVENTS = NOTIFY_EVENTS[:10]
+                 "config_error", "bottleneck", "disk_full", "gpu_unhealthy", "compile_error", "workers_died",
+                 "crash", "thermal_pause", "started", "epoch", "preempted")
+NOTIFY_DEFAULT_EVENTS = NOTIFY_EVENTS[:13]
 
 
 def notify_events(v):

@@ -120,6 +120,13 @@ class SetWorkers:
 
 
 @dataclass(frozen=True)
+class SetCompile:
+    """Record that torch.compile is off from now on (nnUNet_compile=f in every later attempt's environment)
+    and why: the change a person sees in the history and `status`, and reverts with training.compile."""
+    why: str
+
+
+@dataclass(frozen=True)
 class Reload:
     """Re-read config.toml; reports Reconfigured (a bad file is logged and changes nothing)."""
 

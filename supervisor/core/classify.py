@@ -20,7 +20,10 @@ exception", "Fatal Python error: Aborted"). With no block at all the whole tail 
 (argparse errors, "cannot execute").
 
 The order of SIGNATURES matters: configuration errors first (restarting cannot help), then a full disk
-(its errors can mention a checkpoint write), OOM kinds, then a checkpoint that cannot be read.
+(its errors can mention a checkpoint write), OOM kinds, torch.compile's own failures, then a checkpoint
+that cannot be read. A trainer whose main thread died of nothing but "One or more background workers are
+no longer alive" (`workers_died`: a worker was killed, typically for RAM or a full /dev/shm, and left no
+error of its own) is WORKERS_DIED, or HOST_OOM when the cgroup counted an OOM kill.
 """
 from __future__ import annotations
 
@@ -49,10 +52,13 @@ class Reason(str, enum.Enum):
     GPU_LOST = "gpu_lost"              # NVML: the GPU fell off the bus: we stopped it
     PREEMPTED = "preempted"            # SLURM: time limit near or preemption; stopped at a safe point, requeued
     DISK_FULL = "disk_full"            # ENOSPC/EDQUOT, typically torch.save under nnUNet_results
+    COMPILE_ERROR = "compile_error"    # torch.compile (dynamo, inductor, Triton, no C compiler): restart without it
+    WORKERS_DIED = "workers_died"      # only "background workers are no longer alive": RAM or /dev/shm, usually
+    GPU_FAULT = "gpu_fault"            # NVML: uncorrectable ECC, pending page retirement, Xid: we stopped it
 
 
 RESTARTABLE = frozenset({Reason.CRASH, Reason.CUDA_OOM, Reason.HOST_OOM, Reason.CORRUPT_CHECKPOINT,
-                         Reason.HANG, Reason.GPU_LOST})
+                         Reason.HANG, Reason.GPU_LOST, Reason.COMPILE_ERROR, Reason.WORKERS_DIED})
 # (reason, pattern) in priority order, matched against the final error of the stderr tail (`final_error`).
 SIGNATURES: list[tuple[Reason, re.Pattern]] = [
     (Reason.CONFIG_ERROR, re.compile(p)) for p in (
@@ -89,6 +95,16 @@ SIGNATURES: list[tuple[Reason, re.Pattern]] = [
         r"cuDNN error: CUDNN_STATUS_INTERNAL_ERROR",  # commonly OOM on handle creation
         r"CUDA error: out of memory",
         r"MPS backend out of memory",
+    )
+] + [
+    # torch.compile (on by default since nnU-Net 2.4): after the OOM kinds, since inductor's autotuning
+    # can run out of GPU memory too, and a smaller batch is the remedy for that
+    (Reason.COMPILE_ERROR, re.compile(p)) for p in (
+        r"torch\._(?:dynamo|inductor)\.exc\.\w+",   # BackendCompilerFailed, InductorError, Unsupported, ...
+        r"\b(?:BackendCompilerFailed|InvalidCxxCompiler|CppCompileError)\b",
+        r"\btriton\.(?:compiler|runtime)\.errors\.\w+",  # CompilationError, OutOfResources
+        r"Failed to find C compiler",                   # Triton builds its launcher with the system's cc
+        r"Python\.h: No such file or directory",        # ... and needs the Python headers for it
     )
 ] + [
     (Reason.HOST_OOM, re.compile(p)) for p in (
@@ -167,6 +183,27 @@ def _exception_line(lines: list[str], tb: int) -> int | None:
     return None
 
 
+def workers_died(text: str) -> bool:
+    """The main thread died of "One or more background workers are no longer alive" and nothing in the tail
+    says why: no other error block (a worker that raised prints its own traceback first: that is the
+    evidence then), only the workers' death and its consequences in other threads (connection resets)."""
+    lines = text.splitlines()
+    died = False
+    for i, line in enumerate(lines):
+        if _FATAL.match(line[:MAX_EVIDENCE_LINE]):
+            return False
+        if not line.startswith(_TB) or (i > 0 and ("Exception in thread" in lines[i - 1]
+                                                   or lines[i - 1].startswith("Exception ignored in"))):
+            continue
+        j = _exception_line(lines, i)
+        if j is None:
+            continue
+        if not _CONSEQUENCE.search(lines[j][:MAX_EVIDENCE_LINE]):
+            return False  # an error of its own (the main thread's or a worker's)
+        died = True
+    return died
+
+
 @dataclass(frozen=True)
 class Exit:
     """What the supervisor knows about one ended attempt."""
@@ -195,6 +232,10 @@ def classify(x: Exit) -> Reason:
     found = match_signature(final_error(x.stderr_tail))
     if found is not None:
         return found
+    if workers_died(x.stderr_tail):
+        # a worker killed by the kernel's OOM killer is host RAM; without that evidence, /dev/shm or RAM
+        # too, most often, but a restart may do (the policy lowers the workers when it repeats)
+        return Reason.HOST_OOM if x.oom_kills_delta else Reason.WORKERS_DIED
     if x.returncode == -signal.SIGKILL and not x.we_killed:
         # The kernel OOM killer sends SIGKILL. When cgroup accounting says no OOM kill happened,
         # somebody else killed it: a crash, restartable all the same.

@@ -70,6 +70,14 @@ class Readings:
 
 
 @dataclass(frozen=True)
+class GpuFaults:
+    """GPU hardware errors NVML reported since the run began: ((NVML index, what), ...). Only new ones
+    are reported (uncorrectable ECC errors counted since, a page retirement or row remap pending or
+    failed, a hardware Xid event)."""
+    faults: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class DiskSpace:
     """Free space of the folder checkpoints go to, and the checkpoints there (MeasureDisk's result)."""
     free_bytes: int
@@ -156,6 +164,7 @@ class Tick:
     """Time passed (deadlines are checked against the monotonic `now` of every decision)."""
 
 
-EVENTS = (Start, Reconfigured, EpochStarted, EpochDone, TrainingDone, Activity, Readings, DiskSpace, EpochProfiled,
+EVENTS = (Start, Reconfigured, EpochStarted, EpochDone, TrainingDone, Activity, Readings, GpuFaults, DiskSpace,
+          EpochProfiled,
           CheckpointsInspected, BatchSizeSet, ActionFailed, TrainerExited, Remnants, ChildExited, Signalled,
           SlurmJobState, Requeued, Tick)

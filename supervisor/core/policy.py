@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from supervisor.core import rules_attempt as a
+from supervisor.core import rules_remedy as rm
 from supervisor.core import rules_stop as st
 from supervisor.core import rules_watch as w
 from supervisor.core.actions import StateChanged
 from supervisor.core.events import (EVENTS, ActionFailed, Activity, BatchSizeSet, CheckpointsInspected, ChildExited,
+                                    GpuFaults,
                                     DiskSpace, EpochDone, EpochProfiled, EpochStarted, Readings, Reconfigured,
                                     Remnants, Requeued, Signalled, SlurmJobState, Start, Tick, TrainerExited,
                                     TrainingDone)
@@ -114,6 +116,7 @@ rule(ACTIVE, (EpochProfiled,), w.on_profiled)
 rule((S.RUNNING, S.PAUSED, S.STOP_PENDING, S.COOLING), (Readings,), w.on_readings,
      to=(S.PAUSED, S.RUNNING, S.STOP_PENDING, S.STOPPING, S.FAILED))
 rule((S.STOPPING, S.IDLE, S.BACKOFF, S.NO_SPACE, S.REQUEUING), (Readings,), w.on_temps_only)
+rule(LIVE, (GpuFaults,), rm.on_gpu_faults, to=(S.STOP_PENDING, S.STOPPING, S.FAILED))
 rule((S.NO_SPACE,), (DiskSpace,), w.on_disk_space, to=(S.RUNNING,))
 rule((S.NO_SPACE,), (Tick,), w.on_tick_no_space, to=(S.FAILED,))
 

@@ -35,7 +35,7 @@ TERMINAL = frozenset({State.DONE, State.FAILED})
 ACTIVE = frozenset({State.RUNNING, State.PAUSED, State.STOP_PENDING, State.STOPPING})
 DEADLINES = ("safe_deadline", "stop_deadline", "restart_at", "paused_at", "last_progress", "disk_deadline",
              "next_disk_check", "reap_deadline", "gpu_deadline", "kill_deadline", "cool_deadline")
-DICTS = ("temps", "restart_reasons")
+DICTS = ("temps", "restart_reasons", "gpu_faults")
 # Fields that change every few seconds and matter only to the running process: a change of these alone is
 # not worth a state.json write (the next durable change carries them along).
 VOLATILE = frozenset({"last_progress", "writing", "final_phase", "temps", "failed_reads", "next_disk_check",
@@ -95,6 +95,10 @@ class Sup:
     cool_deadline: float | None = None     # COOLING: without a complete reading until then, give up
     export_procs: int | None = None        # nnUNet_def_n_proc for the final validation (halved after a hang)
     rerun_validation: bool = False         # the final validation hung: the next attempt runs --val only
+    compile_off: bool = False              # torch.compile failed: later attempts get nnUNet_compile=f
+    workers_died: int = 0                  # attempts ended by dead augmentation workers since the last lowering
+    diverged_from: int | None = None       # the first epoch of the non-finite streak (diverged)
+    gpu_faults: dict = field(default_factory=dict)  # NVML index -> hardware errors it reported (unhealthy)
 
     def durably_differs(self, other: "Sup") -> bool:
         """True when a field other than the VOLATILE ones differs (state.json must be written)."""
@@ -104,7 +108,7 @@ class Sup:
     def to_json(self, now: float, wall: float) -> dict:
         # shallow (asdict deep-copies every value; this runs after every epoch): only dicts are copied
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d.update(temps=dict(self.temps), restart_reasons=dict(self.restart_reasons),
+        d.update(temps=dict(self.temps), restart_reasons=dict(self.restart_reasons), gpu_faults=dict(self.gpu_faults),
                  bottleneck=dict(self.bottleneck) if self.bottleneck else None)
         d["state"] = self.state.value
         for k in ("last_reason", "stop_reason"):
@@ -113,6 +117,8 @@ class Sup:
             d[k] = None if d[k] is None else d[k] - now + wall
         d["restart_times"] = [t - now + wall for t in self.restart_times]
         d["epoch_times"] = list(self.epoch_times)
+        # derived, for the queue and other readers of state.json (from_json ignores it)
+        d["unhealthy_gpus"] = sorted(int(g) for g in self.gpu_faults if str(g).isdigit())
         return d
 
     @classmethod
@@ -142,6 +148,8 @@ class Sup:
                     raise ValueError(f"sup.{k}: expected an object")
                 if k == "restart_reasons" and not all(isinstance(n, int) and n >= 0 for n in v.values()):
                     raise ValueError(f"sup.{k}: expected counts")
+                if k == "gpu_faults" and not all(isinstance(t, str) for t in v.values()):
+                    raise ValueError(f"sup.{k}: expected GPU -> text")
             elif isinstance(default, bool):
                 if not isinstance(v, bool):
                     raise ValueError(f"sup.{k}: expected true/false, got {v!r}")

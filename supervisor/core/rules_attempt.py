@@ -10,8 +10,9 @@ import dataclasses
 import signal
 
 from supervisor.core import criteria
+from supervisor.core import rules_remedy as remedies
 from supervisor.core.actions import (Adopt, AttemptEnded, CollectExit, KillRemnants, Log, MoveAside, QuerySlurmJob,
-                                     RemoveStaleTemps, SetBatchSize, SetWorkers, SignalGroup, Spawn, StopLeftover)
+                                     RemoveStaleTemps, SetBatchSize, SignalGroup, Spawn, StopLeftover)
 from supervisor.core.classify import RESTARTABLE, Exit, Reason, classify, final_error
 from supervisor.core.events import (ActionFailed, BatchSizeSet, CheckpointsInspected, ChildExited, Remnants, Start,
                                     TrainerExited)
@@ -29,7 +30,8 @@ def on_start(s: Sup, ev: Start, now, cfg):
         s = Sup(state=s.state, attempt=s.attempt, restart_times=s.restart_times,
                 consecutive_failures=s.consecutive_failures, original_batch_size=s.original_batch_size,
                 n_proc_da=s.n_proc_da, oom_steps=s.oom_steps, paused_total=s.paused_total, restarts=s.restarts,
-                restart_reasons=s.restart_reasons, export_procs=s.export_procs)
+                restart_reasons=s.restart_reasons, export_procs=s.export_procs,
+                compile_off=s.compile_off, workers_died=s.workers_died)
     acts = [StopLeftover(ev.leftover_pgid)] if ev.leftover_pgid else []
     workers = [x for x in (s.n_proc_da, ev.n_proc_da) if x is not None]
     s = dataclasses.replace(s, slurm_restarts=ev.slurm_restarts, batch_size=ev.batch_size,
@@ -257,10 +259,7 @@ def _after(s: Sup, reason: Reason, now, cfg, said: str = "", log: str | None = N
     """What follows an attempt that ended for `reason` (`said`: the trainer's final error line; `log`: the
     attempt's log)."""
     if reason == Reason.DIVERGED:
-        return finish(s, State.FAILED, "diverged", ExitCode.GAVE_UP,
-                      f"training diverged: non-finite loss or pseudo Dice for {s.nonfinite_streak} epochs in a row. "
-                      "Not restarted into the same divergence: check the data and the learning rate, move the "
-                      "bad checkpoints aside, then start again.", "error")
+        return finish(s, State.FAILED, "diverged", ExitCode.GAVE_UP, remedies.diverged_message(s), "error")
     if reason == Reason.PREEMPTED:
         return _on_preempted(s, cfg)
     if reason in (Reason.COMPLETED, Reason.TARGET_REACHED, Reason.STOPPED, Reason.PLATEAU):
@@ -269,6 +268,11 @@ def _after(s: Sup, reason: Reason, now, cfg, said: str = "", log: str | None = N
         return finish(s, State.FAILED, "config_error", ExitCode.CONFIG,
                       "the trainer reported a configuration error" + (f": {said}" if said else "")
                       + (f"; its whole output is in {log}" if log else "") + "; restarting cannot help", "error")
+    found = remedies.remedy(s, reason, now, cfg, said)
+    if found is not None:
+        s, acts = found
+        if acts is not None:
+            return s, acts
     if reason in (Reason.THERMAL_STOP, Reason.SENSOR_LOST):
         s, ch = transition(s, State.COOLING, reason, {"resume_below": cfg.thermal.resume_celsius, "temps": s.temps},
                            cool_deadline=now + cfg.thermal.max_pause_minutes * 60)
@@ -281,21 +285,13 @@ def _after(s: Sup, reason: Reason, now, cfg, said: str = "", log: str | None = N
                                                   "checkpoints": "kept"})]
     if reason == Reason.CUDA_OOM and cfg.oom.enabled and s.batch_size is not None:
         return _on_cuda_oom(s, now, cfg)
-    if reason == Reason.HOST_OOM and s.n_proc_da is not None and s.n_proc_da > 1:
-        old, new = s.n_proc_da, max(1, s.n_proc_da // 2)
-        delay = cfg.restart.backoff_seconds
-        s, ch = transition(s, State.BACKOFF, reason, {"delay_s": delay, "counted": False, "workers": [old, new],
-                                                      "restart": s.restarts + 1},
-                           n_proc_da=new, restart_counts=False, restart_at=now + delay)
-        return s, [ch, SetWorkers(old, new),
-                   Log("workers_reduced", "warning", {"variable": "nnUNet_n_proc_DA", "old": old, "new": new}),
-                   Log("restart_scheduled", "warning", {"reason": reason.value, "delay_s": delay, "counted": False})]
     recent = criteria.restarts_in_window(s.restart_times, now, cfg)
     if len(recent) >= cfg.restart.max_restarts:
         s = dataclasses.replace(s, restart_times=recent)
         return finish(s, State.FAILED, "gave_up", ExitCode.GAVE_UP,
                       f"{len(recent)} restarts within {cfg.restart.window_minutes:g} min "
-                      f"(restart.max_restarts = {cfg.restart.max_restarts}); last reason: {reason.value}", "error")
+                      f"(restart.max_restarts = {cfg.restart.max_restarts}); last reason: {reason.value}"
+                      + (f". {remedies.ADVICE[reason]}" if reason in remedies.ADVICE else ""), "error")
     failures = 1 if s.progress else s.consecutive_failures + 1
     delay = criteria.backoff_delay(failures, cfg)
     s, ch = transition(s, State.BACKOFF, reason, {"delay_s": round(delay, 1), "restart": s.restarts + 1,

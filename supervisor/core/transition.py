@@ -88,5 +88,6 @@ def track_epoch(s: Sup, rec) -> Sup:
     return dataclasses.replace(
         s, progress=True, writing=True, epochs_this_attempt=s.epochs_this_attempt + 1,
         nonfinite_streak=s.nonfinite_streak + 1 if criteria.nonfinite(rec) else 0,
+        diverged_from=(s.diverged_from if s.nonfinite_streak else rec.epoch) if criteria.nonfinite(rec) else None,
         since_best=0 if rec.new_best else s.since_best + 1,
         epoch_times=(s.epoch_times + ((rec.epoch_time,) if rec.epoch_time else ()))[-20:])

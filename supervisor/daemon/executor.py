@@ -99,6 +99,8 @@ class Executor:
         overrides = {proc.ATTEMPT_ENV: proc.attempt_marker(self.cfg.paths.state_dir, n)}
         if self.sup.n_proc_da:
             overrides["nnUNet_n_proc_DA"] = str(self.sup.n_proc_da)
+        if self.sup.compile_off and self.cfg.training.compile == "auto":  # turned off after a compile failure
+            overrides["nnUNet_compile"] = "f"
         if self.sup.export_procs:  # lowered after a hung final validation
             overrides["nnUNet_def_n_proc"] = str(self.sup.export_procs)
         log_path = job.attempt_log(self.cfg, n)
@@ -220,6 +222,9 @@ class Executor:
     def _set_workers(self, act: A.SetWorkers) -> None:
         self._record_change("nnUNet_n_proc_DA", act.old, act.new)
 
+    def _set_compile(self, act: A.SetCompile) -> None:
+        self._record_change("nnUNet_compile", "t", "f", why=act.why, revert='training.compile = "on"')
+
     def _measure_disk(self, act: A.MeasureDisk) -> None:
         fold = job.fold_dir(self.cfg)
         folder = next((p for p in (fold, *fold.parents) if p.exists()), fold)
@@ -329,6 +334,6 @@ HANDLERS = {
     A.Adopt: Executor._adopt, A.CollectExit: Executor._collect_exit,
     A.InspectCheckpoints: Executor._inspect_checkpoints, A.MoveAside: Executor._move_aside,
     A.RemoveStaleTemps: Executor._remove_stale_temps, A.SetBatchSize: Executor._set_batch_size,
-    A.SetWorkers: Executor._set_workers, A.MeasureDisk: Executor._measure_disk, A.Reload: Executor._reload,
+    A.SetWorkers: Executor._set_workers, A.SetCompile: Executor._set_compile, A.MeasureDisk: Executor._measure_disk, A.Reload: Executor._reload,
     A.QuerySlurmJob: Executor._query_slurm, A.Requeue: Executor._requeue,
 }

@@ -22,6 +22,7 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import time
 from collections import deque
 
@@ -36,7 +37,8 @@ from supervisor.core.training_log import EpochAssembler, History, parse_line, re
 from supervisor.daemon import early_signals
 from supervisor.daemon.attempt import Attempt
 from supervisor.daemon.executor import Executor
-from supervisor.integrations import checkpoints, log_setup, other_trainers, proc, slurm, thermal, trainer_class
+from supervisor.integrations import (cascade, checkpoints, environment, gpu_health, log_setup, other_trainers,
+                                    proc, slurm, thermal, trainer_class)
 from supervisor.integrations.log_follower import LogFollower
 from supervisor.integrations.nvml import Nvml
 from supervisor.integrations.plans import startup_batch_size
@@ -75,6 +77,7 @@ class Daemon(Executor):
         self.notify = Notifier()
         self.next_extend = 0.0
         self.guard: thermal.ThermalGuard | None = None
+        self.health: gpu_health.GpuHealth | None = None
         self.save_failed = False
         self._epoch_cache: dict[int, tuple] = {}
         self.epoch_log = EpochLog(cfg.paths.state_dir)
@@ -157,9 +160,13 @@ class Daemon(Executor):
         try:
             bs = startup_batch_size(self.cfg)  # bad plans: exit 2 before anything is locked or started
             self._check_trainer_class()
+            self._check_environment()
             leftover = self.prepare()
             self.nvml = Nvml.open()
             self.guard = thermal.ThermalGuard.open(self.cfg, self.nvml, self.log)
+            self.health = gpu_health.open_for(self.cfg, self.nvml)
+            if self.health is not None and (notes := self.health.notes()):
+                self.log.warning("gpu_health_at_start", gpus=notes)
             self.sinks = Sinks.open(self.cfg, self.log)
             proc.become_subreaper()
             self.log.info("supervisor_started", pid=os.getpid(), config=str(self.cfg.path),
@@ -185,12 +192,26 @@ class Daemon(Executor):
         if problem is not None:
             raise ConfigError(self.cfg.path, [problem])
 
+    def _check_environment(self) -> None:
+        """Known-bad versions in the trainer's environment (core/known_bad.py: a second, nothing imported) and
+        a cascade stage without the previous stage's prediction of every case (core/cascade.py): exit 2 now,
+        naming the fix, instead of a trainer that fails (or runs 4x slower) after minutes of start-up."""
+        cancelled = lambda: any(s != signal.SIGCHLD for s in self.sig_queue)  # noqa: E731
+        problems = environment.before_start(self.cfg, self.log, cancelled=cancelled)
+        if problems:
+            raise ConfigError(f"the trainer's environment ({sys.executable})", problems)
+        problems = cascade.before_start(self.cfg)
+        if problems:
+            raise ConfigError(self.cfg.path, problems)
+
     def _teardown(self, decided: bool) -> None:
         """Close what run() opened, newest first. A signal arriving now is still only recorded (a reload
         during teardown is ignored); the wake-up socket is detached from the signal machinery before it
         is closed, so no handler ever writes to a closed (or reused) descriptor."""
         if self.guard is not None:
             self.guard.close()
+        if self.health is not None:
+            self.health.close()
         if decided:  # state.json and the last message only when the first decision was made
             self.notify.stopping(self._summary())
             self.save()
@@ -224,8 +245,10 @@ class Daemon(Executor):
                 self.post(Signalled(signal.Signals(s).name, in_slurm=slurm.in_job()))
         self._watch_child()
         self._poll_log()
-        if self.guard is not None and (ev := self.guard.poll(self.mono(), self.cfg.paths.state_dir)):
-            self.post(ev)
+        for ev in (self.guard and self.guard.poll(self.mono(), self.cfg.paths.state_dir),
+                   self.health and self.health.poll(self.mono())):
+            if ev:
+                self.post(ev)
         self.post(Tick())
         self.pump()
         if self.notify.enabled:  # systemd's STATUS=: only under systemd is it worth a line per turn
@@ -297,6 +320,7 @@ class Daemon(Executor):
             if ev[0] == "epoch" and self.child is not None and not self.attempts[-1].get("epoch_seen"):
                 # where the trainer really started: a resume from checkpoint_best rewinds
                 self.attempts[-1].update(epoch_start=ev[1], epoch_seen=True)
+                self.save()  # at once: a queue's master waits for a first epoch (past data loading) in state.json
             if ev[0] == "epoch":
                 self.post(EpochStarted(ev[1]))
             elif ev[0] == "done":

@@ -14,7 +14,9 @@ import time
 from datetime import datetime, timezone
 
 _INTO_DONE = {"completed": "completed", "target_reached": "target_reached", "preempted": "preempted"}
-_INTO_FAILED = {"gave_up": "gave_up", "config_error": "config_error", "diverged": "diverged"}
+_INTO_FAILED = {"gave_up": "gave_up", "config_error": "config_error", "diverged": "diverged",
+                "gpu_unhealthy": "gpu_unhealthy"}
+_BACKOFF_KINDS = ("hang", "cuda_oom", "compile_error", "workers_died")
 
 
 def notice_for(item) -> tuple[str, dict] | None:
@@ -28,7 +30,7 @@ def notice_for(item) -> tuple[str, dict] | None:
             # a new run that finds the fold already finished is not news (it was told when it finished)
             kind = None if item.old == "idle" else _INTO_DONE.get(item.cause)
         elif item.new == "backoff":
-            kind = item.cause if item.cause in ("hang", "cuda_oom") else "crash"
+            kind = item.cause if item.cause in _BACKOFF_KINDS else "crash"
         else:
             kind = {"paused": "thermal_pause", "cooling": "thermal_stop", "no_space": "disk_full"}.get(item.new)
         return (kind, f) if kind else None
@@ -68,6 +70,12 @@ def _text(kind: str, f: dict, b: dict) -> str:
         "thermal_stop": f"stopped at a safe point for heat ({f.get('cause')}, GPUs {f.get('temps')}); restarts with "
                         f"--c once every GPU is at or below {f.get('resume_below')} C",
         "thermal_pause": f"GPU too hot {f.get('temps')}: training paused above {f.get('above')} C",
+        "gpu_unhealthy": f"GPU hardware errors: stopped, not restarted on it: {f.get('message')}",
+        "compile_error": f"torch.compile failed in attempt {f.get('attempt')} ({f.get('error')}): {restart} and "
+                         "nnUNet_compile=f for the rest of this job (training.compile = \"on\" compiles again)",
+        "workers_died": f"attempt {f.get('attempt')} ended: its augmentation workers died (host RAM or /dev/shm); "
+                        + restart + (f", nnUNet_n_proc_DA {f['workers'][0]} -> {f['workers'][1]}" if f.get("workers")
+                                     else "; fewer workers if it happens again"),
         "hang": f"attempt {f.get('attempt')} made no progress with an idle trainer and was stopped; {restart}",
         "crash": f"attempt {f.get('attempt')} ended ({f.get('cause')}); {restart}"
                  + (f", nnUNet_n_proc_DA {f['workers'][0]} -> {f['workers'][1]}" if f.get("workers") else ""),

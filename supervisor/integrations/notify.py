@@ -2,9 +2,9 @@
 
 How it works
 - notices.py: `notice_for(item)` maps what the policy decided to a notification kind and its fields: a StateChanged
-  (into FAILED: gave_up / config_error / diverged; into DONE: completed / target_reached / preempted;
-  into BACKOFF: crash / hang / cuda_oom, with the restart it scheduled; into PAUSED: thermal_pause; into
-  COOLING: thermal_stop; into NO_SPACE: disk_full), a Diagnosed verdict (bottleneck), a Spawn that
+  (into FAILED: gave_up / config_error / diverged / gpu_unhealthy; into DONE: completed / target_reached /
+  preempted; into BACKOFF: crash / hang / cuda_oom / compile_error / workers_died, with the restart it
+  scheduled; into PAUSED: thermal_pause; into COOLING: thermal_stop; into NO_SPACE: disk_full), a Diagnosed verdict (bottleneck), a Spawn that
   started the first attempt of this process (started), and every `epoch_every`-th EpochDone (epoch).
   Log event names play no part. `Notifier.publish` keeps only the kinds listed in `notify.events`.
 - notices.py: `body(kind, fields, snap)` builds the JSON the webhook receives (event, message, dataset, configuration,

@@ -22,11 +22,21 @@ small shared machine a burning worker slows the CPU train step as much as itself
 depend on the machine's load. Its augmenter keeps one batch ready instead of nnU-Net's six, so a short
 epoch cannot live off a stock made at start-up.
 
+nnUNetTrainerDemoCompile: compiles its network with torch.compile whenever nnUNet_compile allows it (stock
+nnU-Net never compiles on a CPU), so a broken compiler tool chain (CXX=/nonexistent/g++) fails as it does on a
+GPU machine without a working C++ compiler: torch._inductor.exc.InductorError in the first train step.
+
+nnUNetTrainerDemoWorkerDeath: while nnUNet_n_proc_DA is above 1, an augmentation worker is killed with
+SIGKILL at its CARDIACSEG_DEMO_WORKER_DIES_AFTER-th batch (default 3), as the kernel's OOM killer takes one
+when host RAM or /dev/shm runs out: nnU-Net's main process then ends with "One or more background workers
+are no longer alive".
+
 nnUNetTrainerDemoOOM: raises torch.OutOfMemoryError from its train step while the plan's batch size
 is above 1, like a real CUDA OOM (for the OOM step-down tests).
 """
 import os
 import random
+import signal
 import time
 
 import numpy as np
@@ -115,3 +125,31 @@ class nnUNetTrainerDemoSlowData(nnUNetTrainerDemo):
     def get_training_transforms(*args, **kwargs):
         inner = nnUNetTrainerDemo.get_training_transforms(*args, **kwargs)
         return SlowTransforms(inner, float(os.environ.get("CARDIACSEG_DEMO_SLOW_DATA_S", "5")))
+
+
+class nnUNetTrainerDemoCompile(nnUNetTrainerDemo):
+    def _do_i_compile(self):
+        return os.environ.get("nnUNet_compile", "true").lower() in ("true", "1", "t")
+
+
+class DyingTransforms(SlowTransforms):
+    """nnU-Net's training transforms; the worker process kills itself with SIGKILL at its `after`-th batch."""
+
+    def __init__(self, inner, after: int):
+        super().__init__(inner, 0.0)
+        self.after, self.calls = after, 0
+
+    def __call__(self, **data):
+        self.calls += 1
+        if self.calls >= self.after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner(**data)
+
+
+class nnUNetTrainerDemoWorkerDeath(nnUNetTrainerDemo):
+    @staticmethod
+    def get_training_transforms(*args, **kwargs):
+        inner = nnUNetTrainerDemo.get_training_transforms(*args, **kwargs)
+        if int(os.environ.get("nnUNet_n_proc_DA", "1")) <= 1:
+            return inner
+        return DyingTransforms(inner, int(os.environ.get("CARDIACSEG_DEMO_WORKER_DIES_AFTER", "3")))
