@@ -158,6 +158,9 @@ def build_argv(cfg: Config, resume: bool) -> list[str]:
     return argv
 
 
+COMPILE_CACHE = "compile-cache"  # <state_dir>/compile-cache/{inductor,triton}: torch.compile's kernels
+
+
 def build_env(cfg: Config, base: dict[str, str] | None = None, overrides: dict[str, str] | None = None
               ) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
@@ -174,6 +177,14 @@ def build_env(cfg: Config, base: dict[str, str] | None = None, overrides: dict[s
     env.update(cfg.environment)
     if cfg.training.compile != "auto":
         env["nnUNet_compile"] = "t" if cfg.training.compile == "on" else "f"
+    # torch.compile's caches in the state directory: a restart (crash, OOM, heat, requeue) loads the kernels it
+    # compiled before instead of compiling for minutes again. The default, /tmp/torchinductor_<user>, is empty
+    # at every start of a service with PrivateTmp=yes. The environment or [environment] may name others.
+    cache = cfg.paths.state_dir / COMPILE_CACHE
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+    env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+    env.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    env.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     if "nnUNet_n_proc_DA" not in env and (cpus := slurm_cpus(env)) is not None:
         # nnU-Net would start 12 workers whatever the allocation; with fewer CPUs they die (nnU-Net #2863)
         env["nnUNet_n_proc_DA"] = str(cpus)

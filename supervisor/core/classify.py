@@ -55,6 +55,7 @@ class Reason(str, enum.Enum):
     COMPILE_ERROR = "compile_error"    # torch.compile (dynamo, inductor, Triton, no C compiler): restart without it
     WORKERS_DIED = "workers_died"      # only "background workers are no longer alive": RAM or /dev/shm, usually
     GPU_FAULT = "gpu_fault"            # NVML: uncorrectable ECC, pending page retirement, Xid: we stopped it
+    TUNING = "tuning"                  # we stopped it to try (or take back) more augmentation workers
 
 
 RESTARTABLE = frozenset({Reason.CRASH, Reason.CUDA_OOM, Reason.HOST_OOM, Reason.CORRUPT_CHECKPOINT,

@@ -47,6 +47,7 @@ class Thresholds:
 
 
 THRESHOLDS = Thresholds()  # fixed: measured on nnU-Net's loops, not a config section
+RAM_RESERVE_MIB = 1024.0  # RAM left free when more workers are suggested
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class EpochProfile:
     cpu_machine: float | None = None     # cores busy machine-wide (ours and everybody else's)
     val_data_wait_s: float | None = None
     samples: int = 0                     # machine samples behind the means
+    mem_available_mib: float | None = None  # the machine's available RAM at the epoch's end
+    worker_rss_mib: float | None = None  # the largest resident size of one augmentation worker
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -172,6 +175,16 @@ def _data_verdict(p: EpochProfile, th: Thresholds, figs: dict) -> Verdict:
         cap = n + int(free / max(per_worker or 1.0, 0.5))
         if cores:
             cap = min(cap, cores - max(1, math.ceil(p.cpu_trainer or 1.0)))
+        if p.mem_available_mib is not None and p.worker_rss_mib:
+            # each added training worker brings half a validation worker along (nnU-Net starts n/2 of
+            # those), each a copy of its size; 1 GiB stays free for the trainer and the page cache
+            cap = min(cap, n + int(max(0.0, p.mem_available_mib - RAM_RESERVE_MIB) / (1.5 * p.worker_rss_mib)))
+            figs["ram_cap_workers"] = cap
+        if cap <= n:
+            return Verdict("data_loading", figs, "more RAM, or fewer other processes", None,
+                           f"{head}; {used}: more workers would help but the RAM for them is not free "
+                           f"({_c(p.mem_available_mib)} MiB available, {_c(p.worker_rss_mib)} MiB a worker)"
+                           f"{cpu_note}")
         k = max(n + 1, min(needed, cap))
         new_train = max(step, train * n / k) if n else max(step, wait / k)
         gain = max(0.0, (train - new_train) / epoch)

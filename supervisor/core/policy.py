@@ -112,7 +112,7 @@ rule((S.RUNNING, S.PAUSED, S.STOPPING), (EpochStarted,), w.on_epoch_started)
 rule((S.RUNNING, S.PAUSED, S.STOPPING), (TrainingDone,), w.on_training_done)
 rule((S.PAUSED, S.STOP_PENDING, S.STOPPING), (EpochDone,), w.on_epoch_tracked)
 rule((S.RUNNING,), (Activity,), w.on_activity, to=(S.STOPPING,))
-rule(ACTIVE, (EpochProfiled,), w.on_profiled)
+rule(ACTIVE, (EpochProfiled,), w.on_profiled, to=(S.STOP_PENDING, S.STOPPING))
 rule((S.RUNNING, S.PAUSED, S.STOP_PENDING, S.COOLING), (Readings,), w.on_readings,
      to=(S.PAUSED, S.RUNNING, S.STOP_PENDING, S.STOPPING, S.FAILED))
 rule((S.STOPPING, S.IDLE, S.BACKOFF, S.NO_SPACE, S.REQUEUING), (Readings,), w.on_temps_only)

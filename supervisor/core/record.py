@@ -99,6 +99,7 @@ class Sup:
     workers_died: int = 0                  # attempts ended by dead augmentation workers since the last lowering
     diverged_from: int | None = None       # the first epoch of the non-finite streak (diverged)
     gpu_faults: dict = field(default_factory=dict)  # NVML index -> hardware errors it reported (unhealthy)
+    tuning: dict | None = None             # the worker trial (rules_tune): phase, from, to, before_s, after_s
 
     def durably_differs(self, other: "Sup") -> bool:
         """True when a field other than the VOLATILE ones differs (state.json must be written)."""
@@ -109,7 +110,8 @@ class Sup:
         # shallow (asdict deep-copies every value; this runs after every epoch): only dicts are copied
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d.update(temps=dict(self.temps), restart_reasons=dict(self.restart_reasons), gpu_faults=dict(self.gpu_faults),
-                 bottleneck=dict(self.bottleneck) if self.bottleneck else None)
+                 bottleneck=dict(self.bottleneck) if self.bottleneck else None,
+                 tuning=dict(self.tuning) if self.tuning else None)
         d["state"] = self.state.value
         for k in ("last_reason", "stop_reason"):
             d[k] = getattr(self, k).value if getattr(self, k) else None
@@ -143,8 +145,8 @@ class Sup:
                 if not isinstance(v, list) or not all(_num(x) for x in v):
                     raise ValueError(f"sup.{k}: expected a list of numbers")
                 v = tuple(x - wall + now for x in v) if k == "restart_times" else tuple(v)
-            elif k in (*DICTS, "bottleneck"):
-                if not isinstance(v, dict) and not (k == "bottleneck" and v is None):
+            elif k in (*DICTS, "bottleneck", "tuning"):
+                if not isinstance(v, dict) and not (k in ("bottleneck", "tuning") and v is None):
                     raise ValueError(f"sup.{k}: expected an object")
                 if k == "restart_reasons" and not all(isinstance(n, int) and n >= 0 for n in v.values()):
                     raise ValueError(f"sup.{k}: expected counts")

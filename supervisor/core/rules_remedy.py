@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 
+from supervisor.core import rules_tune
 from supervisor.core.actions import Log, SetCompile, SetWorkers, SignalGroup
 from supervisor.core.classify import Reason
 from supervisor.core.events import GpuFaults
@@ -53,6 +54,8 @@ def remedy(s: Sup, reason: Reason, now, cfg, said: str):
     (done, diverged, a configuration error, preempted) are out of the way."""
     if s.gpu_faults:
         return unhealthy(s)  # whatever ended the attempt, it is not restarted on a GPU with hardware errors
+    if reason == Reason.TUNING:
+        return rules_tune.restart(s, now, cfg)
     if reason == Reason.COMPILE_ERROR and cfg.training.compile == "auto" and not s.compile_off:
         return _compile_off(s, now, cfg, said)
     if reason == Reason.HOST_OOM and (s.n_proc_da or 1) > 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 
-from supervisor.core import criteria
+from supervisor.core import criteria, rules_tune
 from supervisor.core.actions import Log, Reload, Requeue, SignalGroup
 from supervisor.core.classify import Reason
 from supervisor.core.events import EpochDone, Reconfigured, Requeued, Signalled, SlurmJobState, TrainingDone
@@ -33,7 +33,7 @@ def on_reconfigured(s: Sup, ev: Reconfigured, now, cfg):
 
 
 def on_epoch_done(s: Sup, ev: EpochDone, now, cfg):
-    """divergence / plateau / target -> stop at the safe point"""
+    """divergence / plateau / target -> stop at the safe point; a worker trial judged (rules_tune)"""
     s, rec, wait = track_epoch(s, ev.record), ev.record, cfg.stop.checkpoint_wait_seconds
     if cfg.target.max_nonfinite_epochs and s.nonfinite_streak >= cfg.target.max_nonfinite_epochs:
         s, acts = request_stop(s, Reason.DIVERGED, now, cfg,
@@ -47,7 +47,8 @@ def on_epoch_done(s: Sup, ev: EpochDone, now, cfg):
         s, acts = request_stop(s, Reason.TARGET_REACHED, now, cfg, "target reached", wait)
         return s, [Log("target_reached", fields={"epoch": rec.epoch, "ema": r4(rec.ema),
                                                  "target": cfg.target.ema_dice}), *acts]
-    return s, []
+    judged = rules_tune.judge(s, now, cfg)
+    return judged if judged is not None else (s, [])
 
 
 def on_safe_point(s: Sup, ev, now, cfg):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 
-from supervisor.core import criteria, diagnose
+from supervisor.core import criteria, diagnose, rules_tune
 from supervisor.core.actions import Diagnosed, Log, MeasureDisk, SignalGroup
 from supervisor.core.classify import Reason
 from supervisor.core.events import Activity, DiskSpace, EpochDone, Readings
@@ -132,9 +132,15 @@ def on_tick_no_space(s: Sup, ev, now, cfg):
 
 
 def on_profiled(s: Sup, ev, now, cfg):
-    """name the epoch's bottleneck; tell once when it changes to other than gpu_bound"""
+    """name the epoch's bottleneck; tell once when it changes to other than gpu_bound; data loading the limit
+    -> try more workers once (rules_tune)"""
     v = diagnose.verdict(ev.profile, cfg)
     prev = (s.bottleneck or {}).get("kind")
     acts = ([Log("bottleneck", "warning", diagnose.log_fields(v)), Diagnosed(diagnose.log_fields(v))]
             if diagnose.changed(prev, v) else [])
-    return dataclasses.replace(s, bottleneck=v.to_json()), acts
+    s = dataclasses.replace(s, bottleneck=v.to_json())
+    trial = rules_tune.maybe_trial(s, v, now, cfg)
+    if trial is not None:
+        s, more = trial
+        return s, acts + more
+    return s, acts

@@ -30,7 +30,8 @@ def notice_for(item) -> tuple[str, dict] | None:
             # a new run that finds the fold already finished is not news (it was told when it finished)
             kind = None if item.old == "idle" else _INTO_DONE.get(item.cause)
         elif item.new == "backoff":
-            kind = item.cause if item.cause in _BACKOFF_KINDS else "crash"
+            # a worker trial's restart is the supervisor's own doing: not news (its result is in status)
+            kind = None if item.cause == "tuning" else item.cause if item.cause in _BACKOFF_KINDS else "crash"
         else:
             kind = {"paused": "thermal_pause", "cooling": "thermal_stop", "no_space": "disk_full"}.get(item.new)
         return (kind, f) if kind else None

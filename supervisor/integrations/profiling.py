@@ -82,6 +82,7 @@ class MachineSampler:
         self.nvml, self.pids_fn, self.gpus, self.interval = nvml, pids_fn, gpus, interval_s
         self.next_at = float("-inf")
         self.procs: dict[int, psutil.Process] = {}
+        self.trainer_pid: int | None = None
         self.last: tuple | None = None  # (now, machine busy s, iowait s, total s)
         self.prev_cpu: dict[int, float] = {}  # pid -> CPU seconds at the previous sample
         self._reset()
@@ -119,6 +120,7 @@ class MachineSampler:
             return False
         self.next_at = now + self.interval
         trainer, workers = self.pids_fn()
+        self.trainer_pid = trainer
         workers = [pid for pid in workers if pid != trainer]
         cpu = {pid: self._cpu(pid) for pid in ([trainer] if trainer else []) + workers}
         self.procs = {pid: p for pid, p in self.procs.items() if pid in cpu}
@@ -167,6 +169,19 @@ class MachineSampler:
                 except nv.NVMLError:  # NotSupported & co: unknown, never 0
                     pass
 
+    def _memory(self) -> dict:
+        """Once an epoch (not every sample: the budget): available RAM, the largest worker's resident size."""
+        rss = []
+        for pid, p in self.procs.items():
+            if pid == self.trainer_pid:
+                continue
+            try:
+                rss.append(p.memory_info().rss / 2**20)
+            except psutil.Error:
+                continue
+        return {"mem_available_mib": round(psutil.virtual_memory().available / 2**20, 1),
+                "worker_rss_mib": round(max(rss), 1) if rss else None}
+
     def epoch_summary(self) -> dict:
         """Means since the previous call (None where nothing was measured); starts a new window."""
         w, span = self.w, self.w["span"]
@@ -177,7 +192,8 @@ class MachineSampler:
                "iowait_fraction": w["iowait"] / w["total"] if w["total"] else None,
                "gpu_util_mean": sum(w["util"]) / len(w["util"]) if w["util"] else None,
                "gpu_mem_mib": round(max(w["mem"]), 1) if w["mem"] else None,
-               "clock_event_reasons": list(w["reasons"]), "processes": w["nprocs"]}
+               "clock_event_reasons": list(w["reasons"]), "processes": w["nprocs"],
+               **self._memory()}
         self._reset()
         return out
 
@@ -204,7 +220,8 @@ def make_profile(line: dict, summary: dict | None, cfg=None) -> EpochProfile:
         n_workers=n if isinstance(n, int) and not isinstance(n, bool) else s.get("processes"),
         cores=s.get("cores"), iowait_fraction=_num(s, "iowait_fraction"), cpu_machine=_num(s, "cpu_machine"),
         device=device, torch_cuda_available=cuda if isinstance(cuda, bool) else None,
-        samples=int(s.get("samples") or 0))
+        samples=int(s.get("samples") or 0), mem_available_mib=_num(s, "mem_available_mib"),
+        worker_rss_mib=_num(s, "worker_rss_mib"))
 
 
 def _unescape(field: str) -> str:
