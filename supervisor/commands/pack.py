@@ -94,20 +94,12 @@ def parse_folds(text: str) -> list:
 
 def configuration(plans_path: Path, name: str) -> dict:
     """The plans' configuration `name` with its `inherits_from` chain merged (as nnU-Net's PlansManager)."""
+    from supervisor.integrations.plans import PlansError, configuration as merged
+
     try:
-        doc = json.loads(plans_path.read_text())
-        confs = doc["configurations"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PackError(f"{plans_path}: expected an nnU-Net plans file with 'configurations' ({e})") from None
-    merged, seen = {}, []
-    while name is not None:
-        conf = confs.get(name)
-        if not isinstance(conf, dict) or name in seen:
-            raise PackError(f"{plans_path}: configuration {name!r} not found (has: {', '.join(confs)})")
-        seen.append(name)
-        merged = {**conf, **merged}
-        name = conf.get("inherits_from")
-    return merged
+        return merged(plans_path, name)
+    except PlansError as e:
+        raise PackError(str(e)) from None
 
 
 def _within(path: Path, allowed: tuple[str, ...]) -> bool:
@@ -257,7 +249,7 @@ def pack_to(dest: str, spec: Spec, wait_seconds: float = WAIT_SECONDS, quiet: bo
     return {**report, "folds": folds}
 
 
-def check_findings(cfg, job_cfgs: list | None = None) -> list[tuple[str, str]]:
+def check_findings(cfg, job_cfgs: list | None = None, version_rules: bool = True) -> list[tuple[str, str]]:
     """For `check`: (level, text) about the configured fold's resume checkpoint (each of a queue's jobs',
     `job_cfgs`, in one probe) loaded here with this torch/numpy, compared with the manifest unpack left
     beside the fold folders (if any)."""
@@ -280,7 +272,7 @@ def check_findings(cfg, job_cfgs: list | None = None) -> list[tuple[str, str]]:
     if not checkpoints:
         return out
     info, why = run_probe(cfg.training.trainer, checkpoints, job.build_env(cfg))
-    return out + findings(info, why, source, cfg.training.trainer, cfg.training.device)
+    return out + findings(info, why, source, cfg.training.trainer, cfg.training.device, version_rules)
 
 
 def cli(args, cfg) -> int:

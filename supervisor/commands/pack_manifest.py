@@ -18,26 +18,21 @@ How it works
   one per ~20 bytes (a file entry: ~190 bytes, 9 values), so more than one per MIN_BYTES_PER_VALUE is
   refused (`check_density`). Without it 32 MB of `{},{},...` become 10 million dicts (~850 MB); with it
   parsing costs at most ~8 times the manifest's size (measured), and such a bomb is refused at its first MiB.
-- `read_checkpoint(file)` reads a torch checkpoint's data.pkl without torch, with the project's one inert
-  unpickler (integrations/checkpoints.InertUnpickler: numpy scalars come out as numbers, so the epoch and
-  the EMA can be read). It also tells whether the pickle names `numpy._core` (written under numpy 2: numpy 1
-  cannot load it).
+- `read_checkpoint(file)` (integrations/checkpoints.py, where `run`'s start-up reads it too) reads a torch
+  checkpoint's epoch and EMA without torch, and whether it was pickled under numpy 2.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import pickle
 import platform
 import re
 import sys
 import time
-import zipfile
 from importlib import metadata
 
-from supervisor.integrations.checkpoints import InertUnpickler
+from supervisor.integrations.checkpoints import read_checkpoint  # noqa: F401  (pack, unpack and tests read it here)
 
 FORMAT = "cardiacseg-pack/1"
 MANIFEST = "MANIFEST.json"
@@ -161,36 +156,6 @@ def parse(data: bytes) -> dict:
         if (why := safe_relpath(f.get("path"))) is not None:
             raise BadArchive(f"{MANIFEST}: folds[{i}].path {f.get('path')!r} is {why}")
     return doc
-
-
-# ---- a checkpoint's epoch and EMA without torch ------------------------------------------------------
-def _num(v):
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def read_checkpoint(fileobj) -> dict:
-    """{epoch, ema, best_ema, trainer, device, numpy2_pickle} from a torch checkpoint (path or open
-    binary file, positioned anywhere); raises ValueError when it is not one."""
-    try:
-        with zipfile.ZipFile(fileobj) as z:
-            pkls = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-            if not pkls:
-                raise ValueError("no data.pkl (not a torch checkpoint)")
-            reader = InertUnpickler(io.BytesIO(z.read(pkls[0])))
-            doc = reader.load()
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError, KeyError) as e:
-        raise ValueError(str(e)) from None
-    if not isinstance(doc, dict):
-        raise ValueError("its pickle is not a dict (not an nnU-Net checkpoint)")
-    logging = doc.get("logging") if isinstance(doc.get("logging"), dict) else {}
-    emas = logging.get("ema_fg_dice") if isinstance(logging.get("ema_fg_dice"), list) else []
-    init = doc.get("init_args") if isinstance(doc.get("init_args"), dict) else {}
-    epoch = doc.get("current_epoch")
-    return {"epoch": epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
-            "ema": _num(emas[-1]) if emas else None, "best_ema": _num(doc.get("_best_ema")),
-            "trainer": doc.get("trainer_name") if isinstance(doc.get("trainer_name"), str) else None,
-            "device": init.get("device") if isinstance(init.get("device"), str) else None,
-            "numpy2_pickle": any(m == "numpy._core" or m.startswith("numpy._core.") for m in reader.modules)}
 
 
 def describe_resume(fold, name: str | None, info: dict | None) -> str:

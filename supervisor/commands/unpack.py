@@ -43,6 +43,7 @@ from supervisor.commands import archive_stream
 from supervisor.commands import pack_manifest as mf
 from supervisor.commands import unpack_checks as checks
 from supervisor.config.loader import ConfigError
+from supervisor.core import known_bad
 from supervisor.integrations import probes
 from supervisor.config.job import CHECKPOINT_ORDER
 from supervisor.integrations.store import fsync_dir, move_aside, temp_beside
@@ -260,18 +261,24 @@ def run_probe(trainer: str | None, checkpoints: list, env: dict | None = None) -
 
 
 def _fix(error: str, here: dict) -> str:
-    if "numpy._core" in error:
-        return ("it was pickled under numpy 2, numpy here is " + str(here.get("numpy")) +
-                ": install numpy>=2 in the trainer's environment (pip install 'numpy>=2')")
+    """The fix for a load error, in the words of the known-bad rule it is (core/known_bad.py)."""
+    if known_bad.NUMPY2_MODULE in error:
+        return f"it was pickled under numpy 2, numpy here is {here.get('numpy')}: {known_bad.FIX_NUMPY2}"
     if "weights_only" in error or "Weights only load failed" in error:
         return (f"nnunetv2 {here.get('nnunetv2')} loads checkpoints with torch {here.get('torch')}'s default "
-                "weights_only=True: upgrade nnunetv2 (pip install 'nnunetv2>=2.6') or install torch<2.6")
+                f"weights_only=True: {known_bad.FIX_WEIGHTS_ONLY}")
     return "--c would fail to start with this error"
 
 
+def _here(here: dict, numpy2: bool | None = None, checkpoint: str | None = None) -> known_bad.Versions:
+    return known_bad.Versions(nnunetv2=here.get("nnunetv2"), torch=here.get("torch"), numpy=here.get("numpy"),
+                              checkpoint=checkpoint, checkpoint_numpy2=numpy2)
+
+
 def findings(info: dict | None, why: str, source: dict | None, trainer: str | None, device: str | None,
-             ) -> list[tuple[str, str]]:
-    """(level, text) pairs: level "ok" | "warning" | "fatal", as check.Finding."""
+             version_rules: bool = True) -> list[tuple[str, str]]:
+    """(level, text) pairs: level "ok" | "warning" | "fatal", as check.Finding. `version_rules`: also judge
+    the versions here (and the source's numpy) by the known-bad table; `check` does that itself, once."""
     if info is None:
         return [("warning", f"could not load the resume checkpoints to test them ({why})")]
     if info.get("import_error"):
@@ -287,12 +294,13 @@ def findings(info: dict | None, why: str, source: dict | None, trainer: str | No
         out.append(("fatal", f"trainer class {trainer!r} is not importable here ({info['trainer_error']}): install "
                              "the package that defines it, or point nnUNet_extTrainer at its folder"))
     src = source or {}
-    if mf.version_tuple(src.get("numpy"))[:1] == (2,) and mf.version_tuple(here.get("numpy"))[:1] == (1,):
-        out.append(("fatal", f"packed under numpy {src['numpy']}, numpy here is {here['numpy']}: checkpoints "
-                             "fail with No module named 'numpy._core'; pip install 'numpy>=2'"))
-    if mf.version_tuple(here.get("torch")) >= (2, 6) and info.get("weights_only") is None:
-        out.append(("fatal", f"nnunetv2 {here.get('nnunetv2')} with torch {here.get('torch')}: its load_checkpoint "
-                             "uses weights_only=True and fails on nnU-Net checkpoints; pip install 'nnunetv2>=2.6'"))
+    if version_rules:
+        numpy2 = known_bad.release(src.get("numpy")) is not None and known_bad.release(src.get("numpy"))[0] >= 2
+        v = _here(here, numpy2, f"each checkpoint packed under numpy {src.get('numpy')}")
+        for f in known_bad.judge(v, "cpu"):  # the device's own rules (the driver) are check's
+            if f.rule == "weights_only" and info.get("weights_only") is False:
+                continue  # the installed load_checkpoint passes weights_only=False whatever its version says
+            out.append((f.level, f.text))
     for k in ("nnunetv2", "torch", "numpy", "python"):
         if src.get(k) and here.get(k) and src[k] != here.get(k):
             out.append(("ok", f"{k} {src[k]} on the source, {here[k]} here"))

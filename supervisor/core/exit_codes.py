@@ -20,7 +20,9 @@ class ExitCode(enum.IntEnum):
     OK = (0, "done: target reached, training completed, or stopped on request", "no restart", False)
     INTERNAL = (1, "internal error: a bug in the supervisor (the only case with a traceback)", "restart", False)
     CONFIG = (2, "configuration error: config.toml, the plans file, a folder that cannot be written, another "
-                 "trainer on the same fold, or the trainer reported a missing dataset/trainer/plans",
+                 "trainer on the same fold, a known-bad torch/nnunetv2/numpy combination, a cascade stage "
+                 "without the previous stage's predictions, or the trainer reported a missing "
+                 "dataset/trainer/plans",
               "no restart", True)
     GAVE_UP = (3, "gave up: restart budget spent, CUDA OOM at the minimum batch size, training diverged, "
                   "no readable checkpoint left, or the disk stayed full", "no restart", True)

@@ -19,6 +19,7 @@ policy has removed.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import struct
@@ -27,6 +28,7 @@ import zlib
 from pathlib import Path
 
 from supervisor.config.job import CHECKPOINT_TEMP
+from supervisor.core.known_bad import pickled_under_numpy2
 
 
 # torch's storage classes as named in a checkpoint's pickle -> bytes per element (torch 2.x's
@@ -169,6 +171,39 @@ def verify(path: Path) -> str | None:
         return f"not a complete zip archive ({e})"
     except (OSError, EOFError, ValueError, RuntimeError, KeyError, NotImplementedError, zlib.error) as e:
         return f"unreadable ({e})"  # zipfile on a hostile archive: bad compression method, bad deflate data, ...
+
+
+def _num(v):
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def read_checkpoint(fileobj) -> dict:
+    """{epoch, ema, best_ema, trainer, device, numpy2_pickle} from a torch checkpoint (path or open binary
+    file, positioned anywhere), read with InertUnpickler (numpy scalars come out as numbers); raises
+    ValueError when it is not one. numpy2_pickle: the pickle names numpy._core (core/known_bad.py: written
+    under numpy 2, which numpy 1 cannot load). pack records it per fold, `run` and `check` judge it."""
+    try:
+        with zipfile.ZipFile(fileobj) as z:
+            pkls = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if not pkls:
+                raise ValueError("no data.pkl (not a torch checkpoint)")
+            if z.getinfo(pkls[0]).file_size > MAX_PICKLE_BYTES:
+                raise ValueError(f"{pkls[0]} is larger than a checkpoint's pickle")
+            reader = InertUnpickler(io.BytesIO(z.read(pkls[0])))
+            doc = reader.load()
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError, KeyError, zlib.error) as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(doc, dict):
+        raise ValueError("its pickle is not a dict (not an nnU-Net checkpoint)")
+    logging = doc.get("logging") if isinstance(doc.get("logging"), dict) else {}
+    emas = logging.get("ema_fg_dice") if isinstance(logging.get("ema_fg_dice"), list) else []
+    init = doc.get("init_args") if isinstance(doc.get("init_args"), dict) else {}
+    epoch = doc.get("current_epoch")
+    return {"epoch": epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
+            "ema": _num(emas[-1]) if emas else None, "best_ema": _num(doc.get("_best_ema")),
+            "trainer": doc.get("trainer_name") if isinstance(doc.get("trainer_name"), str) else None,
+            "device": init.get("device") if isinstance(init.get("device"), str) else None,
+            "numpy2_pickle": pickled_under_numpy2(reader.modules)}
 
 
 def stale_temp_files(fold: Path) -> list[str]:

@@ -78,6 +78,21 @@ def read_batch_size(path: Path, configuration: str) -> int:
         name = parent
 
 
+def configuration(path: Path, name: str) -> dict:
+    """The plans' configuration `name` with its `inherits_from` chain merged, as nnU-Net's PlansManager
+    does (data_identifier, patch_size, previous_stage, ...); PlansError names what is missing."""
+    confs = _load(path)["configurations"]
+    merged, seen = {}, []
+    while name is not None:
+        conf = confs.get(name)
+        if not isinstance(conf, dict) or name in seen:
+            raise PlansError(f"{path}: configuration {name!r} not found (has: {', '.join(confs)})")
+        seen.append(name)
+        merged = {**conf, **merged}
+        name = conf.get("inherits_from")
+    return merged
+
+
 def set_batch_size(path: Path, configuration: str, new: int) -> tuple[int, Path]:
     """Write `new` for `configuration`; returns (old value, backup path). Atomic; backs up once."""
     path = Path(path)
