@@ -37,6 +37,8 @@ Faults on cue, from the environment (each fires once per results folder, tracked
                          (a real torch.OutOfMemoryError when it does not fit; GPU checks only)
   FAKE_FAULT_FOLDS="1,3" - inject FAKE_FAULT only in these folds
   FAKE_EPOCHS (10), FAKE_EPOCH_S (0.2), FAKE_SAVE_EVERY (1), FAKE_DICE_STEP (0.05): pace and curve.
+  FAKE_UNPACK_UNTIL=path - "unpacking dataset..." before epoch 0 (nnunetv2 before 2.6) lasts until path
+                         exists (at most 300 s); FAKE_UNPACK_FOLDS="0" limits it to these folds
   FAKE_SAVE_S (0)      - seconds one checkpoint write takes (written in pieces, NOT atomically: stock
                          nnU-Net's torch.save; a SIGINT in the middle leaves a truncated file)
   --val                - nnU-Net's "only run the validation": needs checkpoint_final.pth, writes
@@ -264,6 +266,16 @@ def main():
             "capacity of 23.65 GiB of which 1.12 GiB is free. Including non-PyTorch memory, this process "
             "has 22.51 GiB memory in use.\n")
         sys.stderr.flush()
+
+    until = os.environ.get("FAKE_UNPACK_UNTIL")
+    if until and fold in os.environ.get("FAKE_UNPACK_FOLDS", fold).split(","):
+        # nnunetv2 before 2.6's on_train_start: npz -> npy in the shared preprocessed folder, here until the
+        # test says it is done (the file appears), bounded
+        log("unpacking dataset...")
+        deadline = time.monotonic() + 300
+        while not os.path.exists(until) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log("unpacking done...")
 
     nan = enospc = False
     for epoch in range(start, num_epochs):

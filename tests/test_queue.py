@@ -11,17 +11,19 @@ from supervisor.core.queue_policy import Job, schedule
 from supervisor.integrations.store import StateStore
 
 
-def test_schedule_fills_free_slots_in_order_and_a_cascade_waits_for_its_lowres_fold():
+def test_schedule_fills_free_slots_in_order_and_a_cascade_waits_for_every_lowres_fold():
+    """A cascade fold trains on the 3d_lowres prediction of every case, and each lowres fold's validation
+    writes only its own validation cases: cascade fold 0 waits for every queued lowres fold, not fold 0."""
     pending = [Job("3d_lowres", 0), Job("3d_lowres", 1), Job("3d_cascade_fullres", 0)]
     assert schedule(pending, set(), ["0", "1"], False) == [(pending[0], "0"), (pending[1], "1")]
     assert schedule(pending[2:], set(), ["0"], False) == [(pending[2], "0")]  # lowres trained on disk
     assert schedule(pending, set(), ["0", "1", "2"], False)[-1][0] != pending[2]
-    assert schedule(pending[1:], {"3d_lowres/0"}, ["0", "1"], False) == [(pending[1], "0"), (pending[2], "1")]
-    assert schedule(pending, set(), ["0"], True) == []
+    assert schedule(pending[1:], {"3d_lowres/0"}, ["0", "1"], False) == [(pending[1], "0")]  # fold 1 still to come
     # regression (review): the lowres fold is running (no longer pending): its cascade fold still waits
     everything = {j.key for j in pending}
     assert schedule(pending[2:], set(), ["1"], False, everything) == []
-    assert schedule(pending[2:], {"3d_lowres/0"}, ["1"], False, everything) == [(pending[2], "1")]
+    assert schedule(pending[2:], {"3d_lowres/0"}, ["1"], False, everything) == []
+    assert schedule(pending[2:], {"3d_lowres/0", "3d_lowres/1"}, ["1"], False, everything) == [(pending[2], "1")]
 
 
 def status(cfg, *extra):

@@ -17,7 +17,7 @@ import structlog
 from supervisor.config import loader as config_mod
 from supervisor.core import queue_policy
 from supervisor.daemon import queue_master
-from supervisor.integrations import log_setup
+from supervisor.integrations import environment, log_setup
 from supervisor.core.exit_codes import ExitCode, exit_code_help
 
 
@@ -62,6 +62,7 @@ def cmd_run(args) -> int:
         return Daemon(cfg, take_over=args.take_over, shape=shape).run()
     except config_mod.ConfigError as e:  # found at start-up (e.g. the plans file), before training
         print(f"cardiacseg-train: {e}", file=sys.stderr)
+        environment.record_refused(cfg.paths.state_dir, str(e))  # for `status`
         return ExitCode.CONFIG
     except LockedError as e:
         print(f"cardiacseg-train: {e}", file=sys.stderr)
@@ -91,13 +92,14 @@ def _job_shape(args):
 
 
 def _run_queue(cfg, quiet_trainer: bool = False) -> int:
-    from supervisor.integrations.plans import dataset_problems
     from supervisor.integrations.sdnotify import Notifier
     from supervisor.integrations.store import Lock, LockedError, safe_mkdir
 
-    problems = dataset_problems(cfg) + queue_master.problems(cfg)
+    problems, versions = queue_master.start_problems(cfg, log_setup.get())
     if problems:
-        print(f"cardiacseg-train: {config_mod.ConfigError(cfg.path, problems)}", file=sys.stderr)
+        err = config_mod.ConfigError(cfg.path, problems)
+        print(f"cardiacseg-train: {err}", file=sys.stderr)
+        environment.record_refused(cfg.paths.state_dir, str(err))  # for `status`
         return ExitCode.CONFIG
     safe_mkdir(cfg.paths.state_dir, follow_symlink=True)
     lock = Lock(cfg.paths.state_dir)
@@ -106,14 +108,17 @@ def _run_queue(cfg, quiet_trainer: bool = False) -> int:
     except LockedError as e:
         print(f"cardiacseg-train: {e}", file=sys.stderr)
         return ExitCode.LOCKED
+    environment.clear_refused(cfg.paths.state_dir)
     try:
-        return queue_master.QueueRunner(cfg, log_setup.get(), Notifier(), quiet_trainer=quiet_trainer).run()
+        return queue_master.QueueRunner(cfg, log_setup.get(), Notifier(), quiet_trainer=quiet_trainer,
+                                        nnunetv2=versions.nnunetv2 if versions else None).run()
     finally:
         lock.release()
 
 
 def cmd_status(args) -> int:
-    from supervisor.commands.status import gather, gather_queue, render, render_queue
+    from supervisor.commands.status import gather, render
+    from supervisor.commands.status_queue import gather_queue, render_queue
 
     cfg = _load(args.config)
     many = queue_policy.is_queue(cfg)

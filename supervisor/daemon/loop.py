@@ -91,6 +91,7 @@ class Daemon(Executor):
         safe_mkdir(self.cfg.paths.state_dir, follow_symlink=True)  # a linked state_dir is the admin's choice
         safe_mkdir(self.cfg.paths.state_dir / "attempts")         # a link planted inside it is refused
         self.lock.acquire()
+        environment.clear_refused(self.cfg.paths.state_dir)  # this start got past its checks
         try:
             data = self.store.load(job.job_identity(self.cfg), lambda ev, **kw: self.log.warning(ev, **kw))
         except OSError as e:  # e.g. a directory named state.json: not ours to read, never deleted

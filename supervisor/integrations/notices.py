@@ -41,6 +41,8 @@ def notice_for(item) -> tuple[str, dict] | None:
         return "started", {"resume_from": item.resume_from}
     if name == "EpochDone":
         return "epoch", {"epoch": item.record.epoch}
+    if name == "QNotice":  # the queue's own decisions (core/queue_policy.py): a retired GPU slot, the end
+        return item.kind, dict(item.fields)
     return None
 
 
