@@ -266,6 +266,9 @@ def run_checks(cfg: Config, quick: bool = False, say=lambda text: None) -> list[
     _check_writable(cfg, out)
     _per_job(jobs, out, _check_results)
     _check_command(cfg, env, out)
+    from supervisor.commands.install import executable
+    from supervisor.integrations import service_user  # a service's config: what its user can reach
+    out += [Finding(*f) for f in service_user.check_findings(cfg.path, executable())]
     if quick:
         out.append(Finding(*trainer_class.scan(cfg.training.trainer, env)))
         out.append(Finding("ok", "--quick: torch's CUDA build and the resume checkpoint's load were not tested"))

@@ -26,8 +26,9 @@ class Start:
     leftover_pgid: int | None = None      # a trainer a killed supervisor of ours left behind (-1: find by marker)
     best_checkpoint_ok: bool = False      # checkpoint_best.pth exists and is a complete archive
     slurm_restarts: int | None = None     # SLURM_RESTART_COUNT inside a SLURM job (None outside)
-    others: tuple = ()                    # ((pid, command, supervisor), ...): another trainer on this fold, not
-    #                                       ours; supervisor: who supervises it ("pid N, state directory D") or ""
+    others: tuple = ()                    # ((pid, command, supervisor, owner), ...): another trainer on this fold,
+    #                                       not ours; supervisor: who supervises it ("pid N, state directory D") or
+    #                                       ""; owner: its user when we may not signal it, else ""
     take_over: bool = False               # `run --take-over`: stop that trainer at its safe point, continue
 
 

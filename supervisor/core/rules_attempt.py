@@ -66,6 +66,12 @@ def other_trainers_advice(others: tuple) -> str:
     """What to do about other trainers on the fold (`run` refusing, `check`, `status`): `--take-over` only for
     a trainer no other supervisor runs; a supervised one would be restarted by its supervisor (a fight)."""
     owners = sorted({o[2] for o in others if len(o) > 2 and o[2]})
+    users = sorted({o[3] for o in others if len(o) > 3 and o[3]})
+    if users and not owners:
+        return (f"it runs as {', '.join(users)}, whose processes this supervisor may not signal (a service runs as "
+                "its own user, without CAP_KILL), so `--take-over` cannot stop it either. Let it finish, or have "
+                f"{', '.join(users)} or root stop it (Ctrl-C in its terminal: stock nnU-Net keeps what its last "
+                "checkpoint_latest.pth holds), then start this one again: it continues from there with --c")
     if owners:
         return (f"it is supervised by another cardiacseg-train ({'; '.join(owners)}): stop that supervisor "
                 "(Ctrl-C, `systemctl stop` for a service, or SIGTERM to its pid) and start this one again, or "
@@ -77,11 +83,13 @@ def other_trainers_advice(others: tuple) -> str:
 def _other_trainer(s: Sup, ev: Start, now, cfg, acts):
     """Another trainer runs on this fold: refuse (exit 2), or adopt it and stop it at its next safe point
     through the ordinary STOP_PENDING path; our own attempt then continues with --c. One that another
-    supervisor runs is always refused: that supervisor would restart it."""
+    supervisor runs is always refused: that supervisor would restart it; so is one of a user whose processes
+    we may not signal: we could not stop it."""
     pids = tuple(o[0] for o in ev.others)
-    named = "; ".join(f"pid {o[0]}: {o[1]}" for o in ev.others)
+    named = "; ".join(f"pid {o[0]}{f' (user {o[3]})' if len(o) > 3 and o[3] else ''}: {o[1]}" for o in ev.others)
     supervised = any(len(o) > 2 and o[2] for o in ev.others)
-    if not ev.take_over or supervised:
+    out_of_reach = any(len(o) > 3 and o[3] for o in ev.others)  # another user's: no signal of ours reaches it
+    if not ev.take_over or supervised or out_of_reach:
         s, more = finish(s, State.FAILED, "config_error", ExitCode.CONFIG,
                          f"another trainer is already training this fold ({named}): refusing to start a second "
                          f"one on the same checkpoints; {other_trainers_advice(ev.others)}", "error")

@@ -10,7 +10,10 @@ How it works
   they are our own leftovers, which the daemon stops itself. A marker of ANOTHER state directory whose
   lock is held names the supervisor running that trainer (`Other.supervisor`): taking over from it would
   start a fight, so the policy refuses. Forked workers of a trainer share its argv: only the topmost
-  matching process of a tree is reported.
+  matching process of a tree is reported. A trainer this process may not signal (another user's, seen from
+  a service without CAP_KILL) carries its user's name (`Other.owner`): --take-over could not stop it, so
+  the policy refuses it too. Seeing other users' processes needs /proc without hidepid (the unit's
+  ProtectProc=default).
 - Whether such a trainer is refused or taken over is the policy's decision (Start.others): `run
   --take-over` adopts it as the current attempt and stops it at its next safe point through the one
   STOP_PENDING path, then continues with --c.
@@ -36,6 +39,7 @@ class Other:
     pid: int
     command: str
     supervisor: str = ""  # "pid N, state directory D": the live supervisor that started it, if any
+    owner: str = ""       # the user it runs as, when this process may not signal it ("" when it may)
 
 
 def _supervisor(marker: str) -> str:
@@ -90,7 +94,7 @@ def find(cfg) -> list[Other]:
             theirs = env.get("nnUNet_results")
             if theirs and str(Path(theirs).resolve()) != results:
                 continue
-            hits[p.pid] = Other(p.pid, " ".join(argv), _supervisor(marker))
+            hits[p.pid] = Other(p.pid, " ".join(argv), _supervisor(marker), _owner_out_of_reach(p))
         except psutil.Error:
             continue
     # forked augmentation workers share the trainer's argv: report the top of each tree only
@@ -104,10 +108,24 @@ def find(cfg) -> list[Other]:
     return sorted(top, key=lambda o: o.pid)
 
 
+def _owner_out_of_reach(p: psutil.Process) -> str:
+    """The user `p` runs as when this process may not signal it (kill(pid, 0): EPERM), else ""."""
+    try:
+        os.kill(p.pid, 0)
+        return ""
+    except PermissionError:
+        try:
+            return p.username()
+        except psutil.Error:
+            return "another user"
+    except OSError:
+        return ""
+
+
 def describe(found: list[Other]) -> str:
-    return "; ".join(f"pid {o.pid}: {o.command}" for o in found)
+    return "; ".join(f"pid {o.pid}{f' (user {o.owner})' if o.owner else ''}: {o.command}" for o in found)
 
 
 def as_event(found: list[Other]) -> tuple:
-    """Start.others: ((pid, command, supervisor), ...), what the policy decides on."""
-    return tuple((o.pid, o.command, o.supervisor) for o in found)
+    """Start.others: ((pid, command, supervisor, owner), ...), what the policy decides on."""
+    return tuple((o.pid, o.command, o.supervisor, o.owner) for o in found)
