@@ -12,7 +12,10 @@ so a new user fixes everything in one pass. What `run` would do is what `check` 
   nnUNet_results it will be created in), the state directory;
 - free space on the fold folder's filesystem must hold three checkpoints (the launcher writes a
   temporary copy beside checkpoint_latest and checkpoint_best);
-- with device = "cuda", the driver's CUDA version (NVML) is compared with the one torch was built for.
+- with device = "cuda", the driver's CUDA version (NVML) is compared with the one torch was built for;
+- the known-bad versions (core/known_bad.py: torch nnU-Net excludes, nnunetv2 < 2.6 with torch >= 2.6, a
+  numpy-2 checkpoint under numpy 1, the driver) from integrations/environment.py's measurement, also
+  with --quick (metadata only), and a cascade stage's input (integrations/cascade.py);
 """
 from __future__ import annotations
 
@@ -23,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.config import job
-from supervisor.core import criteria
+from supervisor.core import criteria, known_bad
 from supervisor.config.loader import Config
-from supervisor.integrations import probes, trainer_class
+from supervisor.integrations import environment, probes, trainer_class
+from supervisor.integrations.environment import driver_cuda_version  # noqa: F401  (check's own name for it)
 from supervisor.integrations.plans import dataset_problems, plan_batch_size
 
 MIN_FREE_GB_WARN = 10.0
@@ -159,44 +163,9 @@ def _check_trainer(cfg: Config, info: dict | None, why: str, out: list[Finding])
 
 
 def cuda_mismatch(driver: int | None, built: str | None) -> Finding | None:
-    """Compare the driver's CUDA version (NVML's integer: 12020 = 12.2) with the one torch was built for
-    (torch.version.cuda: "12.1"; None for a CPU-only build). None when there is nothing to report."""
-    if driver is None or not built:
-        return None
-    d = (driver // 1000, driver % 1000 // 10)
-    b = tuple(int(x) for x in built.split(".")[:2])
-    if d >= b:
-        return None
-    fix = (f"install a torch built for CUDA {d[0]}.{d[1]} or older: pip install --force-reinstall torch "
-           f"--index-url https://download.pytorch.org/whl/cuXYZ (XYZ = a CUDA version <= {d[0]}{d[1]}, e.g. "
-           f"cu{d[0]}{min(d[1], 8)}; the indexes that exist are listed at pytorch.org/get-started/previous-versions), "
-           "or update the NVIDIA driver")
-    if d[0] < b[0]:
-        return Finding("fatal", f"torch was built for CUDA {built} but the driver supports CUDA {d[0]}.{d[1]}: "
-                                f"torch cannot use the GPU; {fix}")
-    return Finding("warning", f"torch was built for CUDA {built}, the driver supports CUDA {d[0]}.{d[1]}: it usually "
-                              f"runs (minor-version compatibility) but JIT-compiled kernels may fail; {fix}")
-
-
-def driver_cuda_version() -> tuple[int | None, str]:
-    """NVML's CUDA driver version (e.g. 12020), or (None, why) without an NVIDIA driver."""
-    try:
-        import pynvml
-    except ImportError:
-        return None, "nvidia-ml-py is not installed"
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as e:
-        return None, f"NVML: {e}"
-    try:
-        return int(pynvml.nvmlSystemGetCudaDriverVersion_v2()), ""
-    except pynvml.NVMLError as e:
-        return None, f"NVML: {e}"
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
+    """The driver's CUDA version against torch's build: core/known_bad.py's rule, as a Finding."""
+    f = known_bad.cuda_mismatch(driver, built)
+    return None if f is None else Finding(f.level, f.text)
 
 
 def _check_cuda(cfg: Config, info: dict | None, out: list[Finding]) -> None:
@@ -206,13 +175,11 @@ def _check_cuda(cfg: Config, info: dict | None, out: list[Finding]) -> None:
         out.append(Finding("fatal", f"training.device = \"cuda\" but torch {info['torch']} is a CPU-only build"))
         return
     driver, why = driver_cuda_version()
-    mismatch = cuda_mismatch(driver, info["torch_cuda"])
+    mismatch = cuda_mismatch(driver, info["torch_cuda"])  # reported with the other known-bad versions
     if driver is None:
         out.append(Finding("warning", f"driver CUDA version unknown ({why}): not compared with torch's "
                                       f"CUDA {info['torch_cuda']}"))
-    elif mismatch is not None:
-        out.append(mismatch)
-    else:
+    elif mismatch is None:
         out.append(Finding("ok", f"driver supports CUDA {driver // 1000}.{driver % 1000 // 10}, torch built for "
                                  f"CUDA {info['torch_cuda']}"))
     if info.get("cuda_available"):
@@ -278,6 +245,8 @@ def run_checks(cfg: Config, quick: bool = False, say=lambda text: None) -> list[
         info, why = run_probe(cfg, env)
         _check_trainer(cfg, info, why, out)
         _check_cuda(cfg, info, out)
+    _check_versions(cfg, jobs, out)
+    _check_cascades(cfg, out)
     _check_thermal(cfg, out)
     _per_job(jobs, out, _check_others)
     out += [Finding("fatal", p) for p in queue_master.problems(cfg)]
@@ -287,10 +256,33 @@ def run_checks(cfg: Config, quick: bool = False, say=lambda text: None) -> list[
     from supervisor.integrations import profiling
     if not quick and any(job.resume_checkpoint(c) for _label, c in jobs):
         say("loading the checkpoint `--c` will resume from, as nnU-Net will (a child process imports torch)")
-    resume = [] if quick else pack.check_findings(cfg, [c for _label, c in jobs])
+    resume = [] if quick else pack.check_findings(cfg, [c for _label, c in jobs], version_rules=False)
     out += [Finding(level, text) for level, text in notify.check_findings(cfg) + metrics.check_findings(cfg)
             + resume + profiling.check_findings(cfg)]
     return out
+
+
+def _check_versions(cfg: Config, jobs: list, out: list[Finding]) -> None:
+    """The known-bad table (core/known_bad.py) over the trainer environment's versions, measured once
+    (metadata only: fast, so --quick does it too); a finding every job shares is said once, others per job."""
+    v, why = environment.measure(cfg)
+    if v is None:
+        out.append(Finding("warning", f"versions of the trainer's environment unknown ({why}): known-bad "
+                                      "combinations not checked"))
+        return
+    per_job = [(label, [Finding(f.level, f.text) for f in environment.findings(jcfg, v)]) for label, jcfg in jobs]
+    common = [f for f in per_job[0][1] if all(f in found for _label, found in per_job)]
+    out += common
+    for label, found in per_job:
+        out += [Finding(f.level, label + f.what) for f in found if f not in common]
+    if not any(found for _label, found in per_job):
+        out.append(Finding("ok", f"versions: {known_bad.describe(v)}: no known-bad combination"))
+
+
+def _check_cascades(cfg: Config, out: list[Finding]) -> None:
+    """A cascade job's input: the previous stage's prediction of every training case (core/cascade.py)."""
+    from supervisor.daemon import queue_master
+    out += [Finding(level, text) for level, text in queue_master.cascade_findings(cfg)]
 
 
 def _per_job(jobs: list, out: list[Finding], check) -> None:
