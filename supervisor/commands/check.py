@@ -16,6 +16,8 @@ so a new user fixes everything in one pass. What `run` would do is what `check` 
 - the known-bad versions (core/known_bad.py: torch nnU-Net excludes, nnunetv2 < 2.6 with torch >= 2.6, a
   numpy-2 checkpoint under numpy 1, the driver) from integrations/environment.py's measurement, also
   with --quick (metadata only), and a cascade stage's input (integrations/cascade.py);
+- RAM and /dev/shm for the augmentation workers (integrations/worker_memory.py) and, on CUDA, each GPU's
+  uncorrectable ECC errors and pending page retirements or row remaps (integrations/gpu_health.py).
 """
 from __future__ import annotations
 
@@ -257,8 +259,10 @@ def run_checks(cfg: Config, quick: bool = False, say=lambda text: None) -> list[
     if not quick and any(job.resume_checkpoint(c) for _label, c in jobs):
         say("loading the checkpoint `--c` will resume from, as nnU-Net will (a child process imports torch)")
     resume = [] if quick else pack.check_findings(cfg, [c for _label, c in jobs], version_rules=False)
+    from supervisor.integrations import gpu_health, worker_memory
     out += [Finding(level, text) for level, text in notify.check_findings(cfg) + metrics.check_findings(cfg)
-            + resume + profiling.check_findings(cfg)]
+            + resume + profiling.check_findings(cfg) + worker_memory.check_findings(cfg)
+            + gpu_health.config_findings(cfg)]
     return out
 
 

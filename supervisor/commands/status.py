@@ -82,6 +82,16 @@ def _compile(setting: str, turned_off: bool) -> str:
             "off": "off (training.compile)"}[setting]
 
 
+def _tuning(t: dict | None) -> str:
+    """The worker trial ([tune] workers), on the DA workers line."""
+    if not t:
+        return ""
+    def s(x):
+        return "?" if not isinstance(x, (int, float)) else f"{x:.0f} s"
+    return (f"  (tried {t.get('from')} -> {t.get('to')}: median epoch {s(t.get('before_s'))} -> "
+            f"{s(t.get('after_s'))}, {t.get('phase')})")
+
+
 def _thermal(cfg: Config) -> dict | None:
     if not cfg.thermal.enabled:
         return None
@@ -205,6 +215,7 @@ def gather(cfg: Config) -> dict:
         "n_proc_da": sup.get("n_proc_da"),
         "compile": _compile(cfg.training.compile, sup.get("compile_off") is True),
         "gpu_faults": sup.get("gpu_faults") if isinstance(sup.get("gpu_faults"), dict) else {},
+        "tuning": sup.get("tuning") if isinstance(sup.get("tuning"), dict) else None,
         "changes": data.get("changes", []),
         "restart_at": sup.get("restart_at"),
         "restarts": n_restarts,
@@ -327,7 +338,7 @@ def render(i: dict) -> str:
                             if i.get("target_reached_at") is not None else _dur(i["eta_last_epoch_s"])),
         f"batch size:   {i['batch_size'] if i['batch_size'] is not None else 'unknown'}"
         f"  (original {_d(i['original_batch_size'])}, minimum {i['min_batch_size']})",
-        f"DA workers:   {i['n_proc_da'] or 'default'}",
+        f"DA workers:   {i['n_proc_da'] or 'default'}" + _tuning(i.get("tuning")),
         f"compile:      {i['compile']}",
         *(f"GPU {g}:        UNHEALTHY: {what}" for g, what in sorted(i["gpu_faults"].items())),
         *_bottleneck_lines(i.get("bottleneck_detail")),
