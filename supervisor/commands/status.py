@@ -291,8 +291,10 @@ def _eta_target(i: dict) -> str:
 def _epochs(a: dict) -> str:
     if a.get("epoch_start") is None and a.get("epoch_reached") is None:
         return ""
-    if a.get("epoch_reached") is None:
-        return f"from epoch {_d(a.get('epoch_start'))}" + (", none finished  " if a.get("ended_at") else "  ")
+    start, reached = a.get("epoch_start"), a.get("epoch_reached")
+    if reached is None or (isinstance(start, int) and isinstance(reached, int) and reached < start):
+        # none of its own: what the history held before it started is not this attempt's
+        return f"from epoch {_d(start)}" + (", none finished  " if a.get("ended_at") else "  ")
     return f"epochs {_d(a.get('epoch_start'))}..{a['epoch_reached']}  "
 
 
