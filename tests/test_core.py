@@ -13,7 +13,8 @@ import structlog
 from conftest import wait_for
 from supervisor.core.classify import Exit, Reason
 from supervisor.core.actions import Finish, SetBatchSize, SignalGroup, StateChanged
-from supervisor.core.events import (EVENTS, GpuFaults, ActionFailed, Activity, BatchSizeSet, CheckpointsInspected, ChildExited,
+from supervisor.core.events import (EVENTS, GpuFaults, ActionFailed, Activity, BatchSizeFitted, BatchSizeSet,
+                                    CheckpointsInspected, ChildExited,
                                     DiskSpace, EpochDone, EpochProfiled, EpochStarted, Readings, Reconfigured,
                                     Remnants, Requeued, Signalled, SlurmJobState, Start, Tick, TrainerExited,
                                     TrainingDone)
@@ -33,7 +34,8 @@ SAMPLES = {Start: Start(), Reconfigured: Reconfigured(), EpochStarted: EpochStar
            Remnants: Remnants(), ChildExited: ChildExited(Exit(1, "RuntimeError")), Signalled: Signalled(),
            SlurmJobState: SlurmJobState("RUNNING"), Tick: Tick(), Requeued: Requeued("requeued"),
            EpochProfiled: EpochProfiled(EpochProfile(epoch=3, epoch_s=10.0)),
-           GpuFaults: GpuFaults((("0", "uncorrectable ECC errors: 2 since the run began"),))}
+           GpuFaults: GpuFaults((("0", "uncorrectable ECC errors: 2 since the run began"),)),
+           BatchSizeFitted: BatchSizeFitted(((2, 2**30, 1.0),), total_bytes=2**34, upper=8)}
 
 
 def test_every_state_event_pair_is_a_rule_or_explicitly_ignored():

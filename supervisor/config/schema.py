@@ -195,6 +195,17 @@ class Tune:
                               "is left out: start-up, compile)", types=int)
     min_gain: float = key(0.05, unit_interval_or_zero, "kept only when the median epoch is at least this fraction "
                           "shorter")
+    batch_size_fit: bool = key(False, None, "before the first attempt on a GPU (again on another GPU): probe the "
+                               "training step at increasing batch sizes in a child process and write the largest "
+                               "that keeps fit_headroom free to the plans (backed up, like the OOM step-down)",
+                               types=bool)
+    fit_headroom: float = key(0.10, lambda v: None if _finite(v) and 0 <= v < 1 else "a number in [0, 1)",
+                              "fraction of the GPU's memory kept free: a batch size fits when its peak "
+                              "(torch.cuda.max_memory_allocated) is at most total x (1 - fit_headroom)")
+    fit_max_seconds: float = key(300, positive, "time bound of the whole fit (start-up and every probe); what it "
+                                 "measured by then counts, else the plans' batch size is used")
+    fit_iterations: int = key(3, at_least_one, "training iterations per batch size probed (the peak over all)",
+                              types=int)
 
 
 @dataclass(frozen=True)

@@ -107,9 +107,27 @@ class Finish:
 
 @dataclass(frozen=True)
 class SetBatchSize:
-    """Write the plans file; reports BatchSizeSet or ActionFailed."""
+    """Write the plans file; reports BatchSizeSet or ActionFailed. The OOM step-down only lowers; the fit
+    (`fit`) writes its choice up or down, but only while the file still says `old`."""
     old: int
     new: int
+    fit: bool = False
+
+
+@dataclass(frozen=True)
+class FitBatchSize:
+    """Probe the training step at increasing batch sizes in a child (trainer/fit_probe.py), bounded by
+    max_seconds; reports BatchSizeFitted when the child exits."""
+    batch_size: int                       # the plans' size: where the search starts
+    headroom: float
+    iterations: int
+    max_seconds: float
+
+
+@dataclass(frozen=True)
+class CancelFit:
+    """End the fit's probe child; `report`: post BatchSizeFitted with what it measured so far."""
+    report: bool = False
 
 
 @dataclass(frozen=True)

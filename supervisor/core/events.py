@@ -2,9 +2,9 @@
 
 Events are built by adapters from what they measured (a log line, a signal, a process that ended, a
 temperature poll, an activity sample, the files in the fold folder) or by the executor as the result of
-an action (BatchSizeSet, ActionFailed, CheckpointsInspected, DiskSpace, SlurmJobState, Requeued). Each is
-queued and handed to policy.decide in order; nothing here decides anything. EVENTS lists them all: the
-transition table has an entry for every State x event type.
+an action (BatchSizeSet, BatchSizeFitted, ActionFailed, CheckpointsInspected, DiskSpace, SlurmJobState,
+Requeued). Each is queued and handed to policy.decide in order; nothing here decides anything. EVENTS lists
+them all: the transition table has an entry for every State x event type.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class Start:
     #                                       not ours; supervisor: who supervises it ("pid N, state directory D") or
     #                                       ""; owner: its user when we may not signal it, else ""
     take_over: bool = False               # `run --take-over`: stop that trainer at its safe point, continue
+    gpu: tuple | None = None              # (uuid, name, total bytes) of the training's GPU from NVML (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,22 @@ class BatchSizeSet:
 
 
 @dataclass(frozen=True)
+class BatchSizeFitted:
+    """FitBatchSize's result (the probe child exited, or CancelFit ended it): the probes in order as
+    ((batch size, peak bytes or None for a CUDA OOM, seconds), ...), the GPU they ran on, the largest batch
+    size the plans can use and why, why the search stopped early, or why there is no answer (error)."""
+    table: tuple = ()
+    total_bytes: int | None = None
+    gpu: str | None = None
+    uuid: str | None = None
+    upper: int | None = None
+    upper_why: str = ""
+    stopped: str | None = None
+    error: str | None = None
+    model: bool = False                   # measured on the memory model (the tests' hook), not on CUDA
+
+
+@dataclass(frozen=True)
 class ActionFailed:
     """Carrying out an action failed in a way that restarting cannot fix (e.g. plans not writable)."""
     action: str
@@ -167,5 +184,6 @@ class Tick:
 
 EVENTS = (Start, Reconfigured, EpochStarted, EpochDone, TrainingDone, Activity, Readings, GpuFaults, DiskSpace,
           EpochProfiled,
-          CheckpointsInspected, BatchSizeSet, ActionFailed, TrainerExited, Remnants, ChildExited, Signalled,
+          CheckpointsInspected, BatchSizeSet, BatchSizeFitted, ActionFailed, TrainerExited, Remnants, ChildExited,
+          Signalled,
           SlurmJobState, Requeued, Tick)

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from supervisor.core import rules_attempt as a
+from supervisor.core import rules_fit as fit
 from supervisor.core import rules_remedy as rm
 from supervisor.core import rules_stop as st
 from supervisor.core import rules_watch as w
 from supervisor.core.actions import StateChanged
-from supervisor.core.events import (EVENTS, ActionFailed, Activity, BatchSizeSet, CheckpointsInspected, ChildExited,
+from supervisor.core.events import (EVENTS, ActionFailed, Activity, BatchSizeFitted, BatchSizeSet, CheckpointsInspected,
+                                    ChildExited,
                                     GpuFaults,
                                     DiskSpace, EpochDone, EpochProfiled, EpochStarted, Readings, Reconfigured,
                                     Remnants, Requeued, Signalled, SlurmJobState, Start, Tick, TrainerExited,
@@ -84,7 +86,7 @@ NO_TRAINER = (*WAITING, S.REQUEUING)
 ENDINGS = (S.DONE, S.FAILED, S.BACKOFF, S.COOLING, S.NO_SPACE, S.REQUEUING, S.RUNNING)
 
 # ---- rules -----------------------------------------------------------------------------------------------
-rule(ALL, (Start,), a.on_start, to=(S.RUNNING, S.STOP_PENDING, S.DONE, S.FAILED))
+rule(ALL, (Start,), a.on_start, to=(S.RUNNING, S.STOP_PENDING, S.DONE, S.FAILED, S.IDLE))  # IDLE: the fit
 rule((S.RUNNING,), (CheckpointsInspected,), a.on_checkpoints, to=(S.FAILED,))
 rule((S.PAUSED,), (CheckpointsInspected,), a.on_checkpoints_paused, to=(S.FAILED,))
 rule((S.STOPPING,), (CheckpointsInspected,), a.on_checkpoints_stopping, to=ENDINGS)
@@ -103,7 +105,8 @@ rule((S.STOPPING,), (Tick,), st.on_tick_stopping, to=(S.FAILED,))
 rule((S.RUNNING, S.PAUSED), (Signalled,), st.on_signal_running, to=(S.STOP_PENDING, S.STOPPING))
 rule((S.STOP_PENDING,), (Signalled,), st.on_signal_pending, to=(S.STOPPING,))
 rule((S.STOPPING,), (Signalled,), st.on_signal_stopping)
-rule(WAITING, (Signalled,), st.on_signal_waiting, to=(S.DONE, S.REQUEUING))
+rule((S.BACKOFF, S.COOLING, S.NO_SPACE), (Signalled,), st.on_signal_waiting, to=(S.DONE, S.REQUEUING))
+rule((S.IDLE,), (Signalled,), fit.cancels_fit(st.on_signal_waiting), to=(S.DONE, S.REQUEUING))
 rule((S.REQUEUING,), (Signalled,), st.on_signal_requeuing)
 rule((S.REQUEUING,), (SlurmJobState,), st.on_slurm_job_state, to=(S.DONE,))
 rule((S.REQUEUING,), (Requeued,), st.on_requeued, to=(S.DONE, S.FAILED))
@@ -116,9 +119,14 @@ rule(ACTIVE, (EpochProfiled,), w.on_profiled, to=(S.STOP_PENDING, S.STOPPING))
 rule((S.RUNNING, S.PAUSED, S.STOP_PENDING, S.COOLING), (Readings,), w.on_readings,
      to=(S.PAUSED, S.RUNNING, S.STOP_PENDING, S.STOPPING, S.FAILED))
 rule((S.STOPPING, S.IDLE, S.BACKOFF, S.NO_SPACE, S.REQUEUING), (Readings,), w.on_temps_only)
-rule(LIVE, (GpuFaults,), rm.on_gpu_faults, to=(S.STOP_PENDING, S.STOPPING, S.FAILED))
+rule([x for x in LIVE if x != S.IDLE], (GpuFaults,), rm.on_gpu_faults, to=(S.STOP_PENDING, S.STOPPING, S.FAILED))
+rule((S.IDLE,), (GpuFaults,), fit.cancels_fit(rm.on_gpu_faults), to=(S.STOP_PENDING, S.STOPPING, S.FAILED))
 rule((S.NO_SPACE,), (DiskSpace,), w.on_disk_space, to=(S.RUNNING,))
 rule((S.NO_SPACE,), (Tick,), w.on_tick_no_space, to=(S.FAILED,))
+
+rule((S.IDLE,), (BatchSizeFitted,), fit.on_fitted, to=(S.RUNNING,))
+rule((S.IDLE,), (BatchSizeSet,), fit.on_written, to=(S.RUNNING,))
+rule((S.IDLE,), (Tick,), fit.on_tick)
 
 # ---- ignored on purpose, with the reason ---------------------------------------------------------------------
 ignore(TERMINAL, [e for e in EVENTS if e is not Start],
@@ -133,14 +141,17 @@ ignore((S.RUNNING, S.PAUSED, S.STOP_PENDING, S.STOPPING, S.IDLE, S.BACKOFF, S.CO
        "space is measured only while waiting for it; a late answer changes nothing")
 ignore((S.STOP_PENDING, *NO_TRAINER), (CheckpointsInspected,),
        "no attempt is being started (a take-over waits for the other trainer, not for a choice)")
-ignore((S.IDLE, S.RUNNING, S.PAUSED, S.STOP_PENDING, S.STOPPING, S.COOLING, S.NO_SPACE, S.REQUEUING), (BatchSizeSet,),
-       "a step-down is asked for only in BACKOFF; a late result changes nothing")
+ignore((S.RUNNING, S.PAUSED, S.STOP_PENDING, S.STOPPING, S.COOLING, S.NO_SPACE, S.REQUEUING), (BatchSizeSet,),
+       "a step-down is asked for only in BACKOFF, the fit's write only in IDLE; a late result changes nothing")
+ignore((S.RUNNING, S.PAUSED, S.STOP_PENDING, S.STOPPING, S.BACKOFF, S.COOLING, S.NO_SPACE, S.REQUEUING),
+       (BatchSizeFitted,), "the fit runs only in IDLE, before the first attempt; the answer of a probe that was "
+                           "ended (a stop, its time bound) changes nothing")
 ignore(NO_TRAINER, (TrainerExited, Remnants, ChildExited), "no attempt runs")
 ignore((S.IDLE, S.RUNNING, S.PAUSED, S.STOP_PENDING, S.STOPPING, S.BACKOFF, S.COOLING, S.NO_SPACE),
        (SlurmJobState, Requeued), "SLURM is asked only while requeuing")
 ignore((S.RUNNING, S.PAUSED), (Tick,), "no deadline: a running attempt is judged on its lines and samples, "
                                         "a pause on its readings")
-ignore((S.IDLE, S.COOLING, S.REQUEUING), (Tick,),
+ignore((S.COOLING, S.REQUEUING), (Tick,),
        "no deadline: cooling ends on a reading, requeuing on SLURM's answer (bounded by the adapter)")
 
 

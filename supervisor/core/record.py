@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from supervisor.core.classify import Reason
 
 class State(str, enum.Enum):
-    IDLE = "idle"
+    IDLE = "idle"                  # no attempt (yet): the batch-size fit runs here, before the first one
     RUNNING = "running"            # an attempt: its checkpoint being chosen, then its trainer running
     PAUSED = "paused"              # SIGSTOPped for heat
     STOP_PENDING = "stop_pending"  # a stop is decided; waiting for the safe point
@@ -34,7 +34,7 @@ class State(str, enum.Enum):
 TERMINAL = frozenset({State.DONE, State.FAILED})
 ACTIVE = frozenset({State.RUNNING, State.PAUSED, State.STOP_PENDING, State.STOPPING})
 DEADLINES = ("safe_deadline", "stop_deadline", "restart_at", "paused_at", "last_progress", "disk_deadline",
-             "next_disk_check", "reap_deadline", "gpu_deadline", "kill_deadline", "cool_deadline")
+             "next_disk_check", "reap_deadline", "gpu_deadline", "kill_deadline", "cool_deadline", "fit_deadline")
 DICTS = ("temps", "restart_reasons", "gpu_faults")
 # Fields that change every few seconds and matter only to the running process: a change of these alone is
 # not worth a state.json write (the next durable change carries them along).
@@ -100,6 +100,8 @@ class Sup:
     diverged_from: int | None = None       # the first epoch of the non-finite streak (diverged)
     gpu_faults: dict = field(default_factory=dict)  # NVML index -> hardware errors it reported (unhealthy)
     tuning: dict | None = None             # the worker trial (rules_tune): phase, from, to, before_s, after_s
+    fit: dict | None = None                # the batch-size fit (rules_fit): phase, GPU, probe table, choice
+    fit_deadline: float | None = None      # IDLE, fit probing: end the probe then ([tune] fit_max_seconds)
 
     def durably_differs(self, other: "Sup") -> bool:
         """True when a field other than the VOLATILE ones differs (state.json must be written)."""
@@ -112,6 +114,7 @@ class Sup:
         d.update(temps=dict(self.temps), restart_reasons=dict(self.restart_reasons), gpu_faults=dict(self.gpu_faults),
                  bottleneck=dict(self.bottleneck) if self.bottleneck else None,
                  tuning=dict(self.tuning) if self.tuning else None)
+        d["fit"] = dict(self.fit) if self.fit else None
         d["state"] = self.state.value
         for k in ("last_reason", "stop_reason"):
             d[k] = getattr(self, k).value if getattr(self, k) else None
@@ -145,8 +148,8 @@ class Sup:
                 if not isinstance(v, list) or not all(_num(x) for x in v):
                     raise ValueError(f"sup.{k}: expected a list of numbers")
                 v = tuple(x - wall + now for x in v) if k == "restart_times" else tuple(v)
-            elif k in (*DICTS, "bottleneck", "tuning"):
-                if not isinstance(v, dict) and not (k in ("bottleneck", "tuning") and v is None):
+            elif k in (*DICTS, "bottleneck", "tuning", "fit"):
+                if not isinstance(v, dict) and not (k in ("bottleneck", "tuning", "fit") and v is None):
                     raise ValueError(f"sup.{k}: expected an object")
                 if k == "restart_reasons" and not all(isinstance(n, int) and n >= 0 for n in v.values()):
                     raise ValueError(f"sup.{k}: expected counts")

@@ -10,6 +10,7 @@ import dataclasses
 import signal
 
 from supervisor.core import criteria
+from supervisor.core import rules_fit
 from supervisor.core import rules_remedy as remedies
 from supervisor.core.actions import (Adopt, AttemptEnded, CollectExit, KillRemnants, Log, MoveAside, QuerySlurmJob,
                                      RemoveStaleTemps, SetBatchSize, SignalGroup, Spawn, StopLeftover)
@@ -24,7 +25,8 @@ MAX_SAID = 400  # characters of the trainer's final error line in the run's last
 
 
 def on_start(s: Sup, ev: Start, now, cfg):
-    """fresh decision: done, refuse or take over another trainer, --val, wait (backoff/cooling/disk), start"""
+    """fresh decision: done, refuse or take over another trainer, --val, wait (backoff/cooling/disk), fit, start"""
+    fitted = s.fit  # measured once per GPU, whatever the last run's end
     if s.state in TERMINAL or s.state in ACTIVE:
         # A new run of the supervisor decides afresh; the budget and what it changed carry over.
         s = Sup(state=s.state, attempt=s.attempt, restart_times=s.restart_times,
@@ -37,6 +39,7 @@ def on_start(s: Sup, ev: Start, now, cfg):
     s = dataclasses.replace(s, slurm_restarts=ev.slurm_restarts, batch_size=ev.batch_size,
                             original_batch_size=s.original_batch_size or ev.batch_size,
                             n_proc_da=min(workers) if workers else None)  # an earlier reduction stays
+    s = dataclasses.replace(s, fit=fitted, fit_deadline=None)  # a probe of a killed run is not ours to wait for
     if ev.others:
         return _other_trainer(s, ev, now, cfg, acts)
     if ev.final_checkpoint and ev.validation_done:
@@ -58,6 +61,11 @@ def on_start(s: Sup, ev: Start, now, cfg):
         return s, acts + [Log("still_waiting_for_disk_space", "warning", {"needed_bytes": s.disk_needed})]
     if s.state == State.BACKOFF and s.restart_at is not None:
         return s, acts + [Log("resuming_backoff", fields={"restart_in_s": round(max(0, s.restart_at - now), 1)})]
+    fit, why_not = rules_fit.wanted(s, ev, cfg)
+    if fit:
+        return rules_fit.begin(s, ev, now, cfg, acts)
+    if cfg.tune.batch_size_fit:
+        acts.append(Log("batch_size_fit_skipped", fields={"why": why_not}))
     s, more = start_attempt(s, now, cfg, restart=False)
     return s, acts + more
 

@@ -17,6 +17,8 @@ def summary_line(sup, last, cfg, now: float) -> str:
                   else "; not counted")
         return (f"waiting {max(0, sup.restart_at - now):.0f} s before restart {sup.restarts + 1} "
                 f"after {sup.last_reason.value if sup.last_reason else 'exit'}{budget}")
+    if st == "idle" and (sup.fit or {}).get("phase") in ("probing", "writing"):
+        return f"fitting the batch size (the plans say {sup.fit.get('from')}) before attempt {sup.attempt + 1}"
     if st in ("done", "failed"):
         return f"{st}: {sup.outcome}" + (f" ({sup.message})" if sup.message else "")
     if st == "paused":
