@@ -19,7 +19,7 @@ import math
 import statistics
 import time
 
-from supervisor.core import criteria, diagnose
+from supervisor.core import batch_fit, criteria, diagnose
 from supervisor.core.exit_codes import process_exit
 from supervisor.config import job
 from supervisor.integrations import environment, other_trainers, slurm
@@ -213,9 +213,10 @@ def gather(cfg: Config) -> dict:
         "original_batch_size": sup.get("original_batch_size") or bs,
         "min_batch_size": cfg.oom.min_batch_size,
         "n_proc_da": sup.get("n_proc_da"),
+        "batch_fit": sup.get("fit") if isinstance(sup.get("fit"), dict) else None,
         "compile": _compile(cfg.training.compile, sup.get("compile_off") is True),
-        "gpu_faults": sup.get("gpu_faults") if isinstance(sup.get("gpu_faults"), dict) else {},
         "tuning": sup.get("tuning") if isinstance(sup.get("tuning"), dict) else None,
+        "gpu_faults": sup.get("gpu_faults") if isinstance(sup.get("gpu_faults"), dict) else {},
         "changes": data.get("changes", []),
         "restart_at": sup.get("restart_at"),
         "restarts": n_restarts,
@@ -340,6 +341,7 @@ def render(i: dict) -> str:
                             if i.get("target_reached_at") is not None else _dur(i["eta_last_epoch_s"])),
         f"batch size:   {i['batch_size'] if i['batch_size'] is not None else 'unknown'}"
         f"  (original {_d(i['original_batch_size'])}, minimum {i['min_batch_size']})",
+        *([f"batch fit:    {fit}"] if (fit := batch_fit.describe(i.get("batch_fit"))) else []),
         f"DA workers:   {i['n_proc_da'] or 'default'}" + _tuning(i.get("tuning")),
         f"compile:      {i['compile']}",
         *(f"GPU {g}:        UNHEALTHY: {what}" for g, what in sorted(i["gpu_faults"].items())),

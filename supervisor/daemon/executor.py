@@ -3,7 +3,8 @@
 How it works: `Executor` is the half of the Daemon that acts (loop.py is the half that waits and
 reports). `execute` looks the action's type up in HANDLERS and carries it out: start or adopt an
 attempt (the attempt is recorded durably before the fork), signal it, kill its remnants and collect its
-exit, inspect the fold's checkpoints and move bad ones aside, lower the batch size in the plans file,
+exit, inspect the fold's checkpoints and move bad ones aside, write the batch size in the plans file (the
+OOM step-down, the batch-size fit), run the fit's probe child (integrations/fit.py; the loop polls it),
 stop a leftover trainer, measure the disk, ask SLURM, re-read the config, log, and hand the policy's
 decisions (StateChanged, Diagnosed, a started attempt) to the sinks. An action whose result matters
 reports a follow-up event with `self.post`; nothing here decides. Each effect is logged after it
@@ -23,15 +24,17 @@ from supervisor.config.loader import ConfigError, load
 from supervisor.config.reload import plan_reload
 from supervisor.core import actions as A
 from supervisor.core.classify import Exit
-from supervisor.core.events import (ActionFailed, BatchSizeSet, CheckpointsInspected, ChildExited, DiskSpace,
-                                    Reconfigured, Requeued, SlurmJobState)
+from supervisor.core.events import (ActionFailed, BatchSizeFitted, BatchSizeSet, CheckpointsInspected, ChildExited,
+                                    DiskSpace, Reconfigured, Requeued, SlurmJobState)
 from supervisor.daemon.attempt import Attempt
 from supervisor.daemon.trainer_output import TrainerOutput
-from supervisor.integrations import checkpoints, epoch_log, log_setup, plans, proc, slurm
+from supervisor.integrations import checkpoints, epoch_log, fit, log_setup, plans, proc, slurm
 from supervisor.integrations.store import StateSaveError, UnsafePathError, move_aside
 
 
 class Executor:
+    fit_child: fit.FitChild | None = None  # the batch-size fit's probe while it runs
+
     def execute(self, act) -> None:
         HANDLERS[type(act)](self, act)
 
@@ -209,15 +212,50 @@ class Executor:
             self.log.info("removed_stale_temp_file", file=name)
 
     def _set_batch_size(self, act: A.SetBatchSize) -> None:
-        path = job.plans_file(self.cfg)
+        path, conf = job.plans_file(self.cfg), self.cfg.training.configuration
         try:
-            old, new, backup = plans.lower_batch_size(path, self.cfg.training.configuration, act.new)
+            if act.fit:
+                old, new, backup = plans.fit_batch_size(path, conf, act.old, act.new)
+            else:
+                old, new, backup = plans.lower_batch_size(path, conf, act.new)
         except (plans.PlansError, OSError) as e:
-            self.post(ActionFailed("SetBatchSize", f"could not lower the batch size in {path}: {e}"))
+            self.post(ActionFailed("SetBatchSize", f"could not {'write the fitted' if act.fit else 'lower the'} "
+                                                   f"batch size in {path}: {e}"))
             return
-        if new < old:
-            self._record_change("batch_size", old, new, file=str(path), backup=str(backup))
+        if new != old:
+            self._record_change("batch_size", old, new, file=str(path), backup=str(backup),
+                                **({"reason": "batch_size_fit"} if act.fit else {}))
         self.post(BatchSizeSet(act.old, new))
+
+    # ---- the batch-size fit's probe child (integrations/fit.py) ------------------------------------
+    def _fit_batch_size(self, act: A.FitBatchSize) -> None:
+        try:
+            self.fit_child = fit.FitChild.start(self.cfg, act)
+        except (OSError, ValueError) as e:
+            self.post(BatchSizeFitted(error=f"could not start the probe: {getattr(e, 'strerror', None) or e}"))
+            return
+        self.log.info("batch_size_fit_probe", pid=self.fit_child.pid, output=str(self.fit_child.log_path))
+
+    def _cancel_fit(self, act: A.CancelFit) -> None:
+        child, self.fit_child = self.fit_child, None
+        if child is None and not act.report:
+            return
+        # no child: its answer is already queued, and this one is ignored as a second answer
+        ev = child.kill() if child is not None else BatchSizeFitted(error="the probe had already ended")
+        if act.report:
+            self.post(ev)
+
+    def watch_fit(self) -> None:
+        """Once per loop turn: the probe's answer once it has exited."""
+        if self.fit_child is not None and (ev := self.fit_child.poll()) is not None:
+            self.fit_child = None
+            self.post(ev)
+
+    def end_fit(self) -> None:
+        """Teardown: a probe still running ends with the supervisor (it would hold the GPU)."""
+        if self.fit_child is not None:
+            self.fit_child.kill()
+            self.fit_child = None
 
     def _set_workers(self, act: A.SetWorkers) -> None:
         self._record_change("nnUNet_n_proc_DA", act.old, act.new)
@@ -334,6 +372,7 @@ HANDLERS = {
     A.Adopt: Executor._adopt, A.CollectExit: Executor._collect_exit,
     A.InspectCheckpoints: Executor._inspect_checkpoints, A.MoveAside: Executor._move_aside,
     A.RemoveStaleTemps: Executor._remove_stale_temps, A.SetBatchSize: Executor._set_batch_size,
+    A.FitBatchSize: Executor._fit_batch_size, A.CancelFit: Executor._cancel_fit,
     A.SetWorkers: Executor._set_workers, A.SetCompile: Executor._set_compile, A.MeasureDisk: Executor._measure_disk, A.Reload: Executor._reload,
     A.QuerySlurmJob: Executor._query_slurm, A.Requeue: Executor._requeue,
 }

@@ -37,7 +37,7 @@ from supervisor.core.training_log import EpochAssembler, History, parse_line, re
 from supervisor.daemon import early_signals
 from supervisor.daemon.attempt import Attempt
 from supervisor.daemon.executor import Executor
-from supervisor.integrations import (cascade, checkpoints, environment, gpu_health, log_setup, other_trainers,
+from supervisor.integrations import (cascade, checkpoints, environment, fit, gpu_health, log_setup, other_trainers,
                                     proc, slurm, thermal, trainer_class)
 from supervisor.integrations.log_follower import LogFollower
 from supervisor.integrations.nvml import Nvml
@@ -148,7 +148,7 @@ class Daemon(Executor):
                      n_proc_da=job.configured_workers(self.cfg), leftover_pgid=leftover,
                      slurm_restarts=slurm.restart_count(),
                      others=other_trainers.as_event(other_trainers.find(self.cfg)),
-                     take_over=self.take_over)
+                     take_over=self.take_over, gpu=fit.gpu_identity(self.cfg, self.nvml))
 
     # ---- main loop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -209,6 +209,7 @@ class Daemon(Executor):
         """Close what run() opened, newest first. A signal arriving now is still only recorded (a reload
         during teardown is ignored); the wake-up socket is detached from the signal machinery before it
         is closed, so no handler ever writes to a closed (or reused) descriptor."""
+        self.end_fit()
         if self.guard is not None:
             self.guard.close()
         if self.health is not None:
@@ -245,6 +246,7 @@ class Daemon(Executor):
             if s != signal.SIGCHLD:
                 self.post(Signalled(signal.Signals(s).name, in_slurm=slurm.in_job()))
         self._watch_child()
+        self.watch_fit()
         self._poll_log()
         for ev in (self.guard and self.guard.poll(self.mono(), self.cfg.paths.state_dir),
                    self.health and self.health.poll(self.mono())):

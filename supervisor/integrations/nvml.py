@@ -117,6 +117,16 @@ class Nvml:
                 return [], f"CUDA_VISIBLE_DEVICES entry {item!r} is neither an index nor a GPU-<uuid>"
         return chosen[:max(1, num_gpus)] if chosen else [], None
 
+    def identity(self, index: int) -> tuple[str, str | None, int | None] | None:
+        """(UUID, name, total memory in bytes) of one device; None when NVML cannot name it."""
+        h = self._get(self.nv.nvmlDeviceGetHandleByIndex, index)
+        uuid = self._get(self.nv.nvmlDeviceGetUUID, h) if h is not None else None
+        if not uuid:
+            return None
+        name = self._get(self.nv.nvmlDeviceGetName, h)
+        mem = self._get(self.nv.nvmlDeviceGetMemoryInfo, h)
+        return _s(uuid), _s(name) if name else None, int(mem.total) if mem is not None else None
+
     def read(self, index: int) -> Reading:
         nv = self.nv
         r = Reading(gpu=str(index))

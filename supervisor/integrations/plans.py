@@ -16,11 +16,14 @@ How it works
   the link's target, atomically in the target's folder. The backup lies next to the configured path and
   is made complete under a temp name, then hard-linked into place, so it is never half a file and never
   replaces one already there.
+- `fit_batch_size` writes the batch-size fit's choice (up or down) under the same lock, only while the
+  file still says what the fit started from.
 - `next_batch_size` is the pure step function: subtract N or multiply by a factor (rounded down), never
   below the minimum; None when already at the minimum.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -148,17 +151,36 @@ def lower_batch_size(path: Path, configuration: str, new: int) -> tuple[int, int
     The folds of a queue share one plans file: under an flock on `<plans>.json.cardiacseg-lock`, the file
     is re-read and only a smaller value is written, so a job that saw an older, larger size cannot undo
     another job's step-down, and two step-downs at once cannot lose one."""
+    with _plans_lock(path):
+        current = read_batch_size(path, configuration)
+        if current <= new:
+            return current, current, None
+        old, backup = set_batch_size(path, configuration, new)
+        return old, new, backup
+
+
+def fit_batch_size(path: Path, configuration: str, expected: int, new: int) -> tuple[int, int, Path | None]:
+    """Write the fit's choice, up or down: (value found, value now in force, backup). Under the same lock as
+    the step-down, and only while the file still says `expected` (the size the fit started from): a
+    step-down or another job's fit that changed the shared plans meanwhile stands."""
+    with _plans_lock(path):
+        current = read_batch_size(path, configuration)
+        if current != expected or current == new:
+            return current, current, None
+        old, backup = set_batch_size(path, configuration, new)
+        return old, new, backup
+
+
+@contextlib.contextmanager
+def _plans_lock(path: Path):
+    """flock on `<plans>.json.cardiacseg-lock`: the folds of a queue share one plans file."""
     import fcntl
 
     lock = Path(path).with_name(Path(path).name + ".cardiacseg-lock")
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        current = read_batch_size(path, configuration)
-        if current <= new:
-            return current, current, None
-        old, backup = set_batch_size(path, configuration, new)
-        return old, new, backup
+        yield
     finally:
         os.close(fd)
 
@@ -197,14 +219,15 @@ def startup_batch_size(cfg) -> int | None:
     problems = dataset_problems(cfg)
     if problems:
         raise ConfigError(cfg.path, problems)
-    if not cfg.oom.enabled:
+    if not cfg.oom.enabled and not cfg.tune.batch_size_fit:
         return None
     path = job.plans_file(cfg)
     try:
         bs = read_batch_size(path, cfg.training.configuration)
     except PlansError as e:
-        raise ConfigError(cfg.path, [f"[oom] needs the batch size from the plans file: {e}"]) from None
-    if cfg.oom.min_batch_size > bs:
+        needs = "[oom]" if cfg.oom.enabled else "[tune] batch_size_fit"
+        raise ConfigError(cfg.path, [f"{needs} needs the batch size from the plans file: {e}"]) from None
+    if cfg.oom.enabled and cfg.oom.min_batch_size > bs:
         raise ConfigError(cfg.path, [
             f"oom.min_batch_size: expected <= the plan's batch size {bs} ({path}: "
             f"configurations.{cfg.training.configuration}.batch_size), got {cfg.oom.min_batch_size}"])
