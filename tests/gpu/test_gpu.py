@@ -126,3 +126,33 @@ def test_real_nnunet_to_the_target_on_the_gpu_with_the_thermal_guard(tmp_path, s
     assert r.returncode == 0
     assert st["sup"]["outcome"] in ("target_reached", "completed")
     assert th["readings"] and th["readings"][0]["celsius"] is not None
+
+
+def test_real_batch_size_fit_on_the_gpu(tmp_path):
+    """The fit's probe (issue 25 item 1) with nnU-Net's real training step on this GPU: the demo dataset's
+    3d_fullres network on a 128^3 patch, the dataset cap raised so that the GPU's memory is the limit.
+    Prints the chosen batch size and the probe table in one JSON line."""
+    from supervisor.core import batch_fit
+    from supervisor.integrations import fit
+
+    demo.make_dataset(tmp_path / "raw")
+    plans = demo.preprocess(tmp_path)
+    doc = json.loads(plans.read_text())
+    doc["configurations"]["3d_fullres"].update(patch_size=[128, 128, 128], median_image_size_in_voxels=[256, 256, 256])
+    plans.write_text(json.dumps(doc, indent=4))
+    ds = json.loads((plans.parent / "dataset.json").read_text())
+    (plans.parent / "dataset.json").write_text(json.dumps({**ds, "numTraining": 1000}))  # cap 400: memory binds
+    req = {"plans": str(plans), "dataset_json": str(plans.parent / "dataset.json"), "dataset": demo.DEMO_NAME,
+           "configuration": "3d_fullres", "trainer": "nnUNetTrainer", "plans_name": "nnUNetPlans", "fold": "0",
+           "batch_size": 2, "headroom": 0.1, "iterations": 3, "max_seconds": 240}
+    env = {**demo.nnunet_env(tmp_path), "nnUNet_results": str(tmp_path / "scratch"), "nnUNet_compile": "f"}
+    env.pop(fit.MODEL_ENV, None)
+    r = subprocess.run([sys.executable, "-m", "supervisor.trainer.fit_probe", json.dumps(req)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env=env)
+    ev = fit.to_event(fit.read_answer_text(r.stdout), tmp_path / "log")
+    chosen, why = batch_fit.choose([list(x) for x in ev.table], ev.total_bytes, 0.1, ev.upper)
+    print("FIT " + json.dumps({"chosen": chosen, "why": why, "gpu": ev.gpu,
+                               "total_gib": round((ev.total_bytes or 0) / 2**30, 1), "upper": ev.upper, "stopped": ev.stopped, "error": ev.error,
+                               "table": [[b, None if p is None else round(p / 2**30, 2), s] for b, p, s in ev.table]}))
+    assert ev.error is None, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not ev.model and ev.uuid and ev.table[0][1] is not None and chosen is not None and chosen >= 2
