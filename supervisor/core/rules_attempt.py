@@ -33,7 +33,7 @@ def on_start(s: Sup, ev: Start, now, cfg):
                 consecutive_failures=s.consecutive_failures, original_batch_size=s.original_batch_size,
                 n_proc_da=s.n_proc_da, oom_steps=s.oom_steps, paused_total=s.paused_total, restarts=s.restarts,
                 restart_reasons=s.restart_reasons, export_procs=s.export_procs,
-                compile_off=s.compile_off, workers_died=s.workers_died)
+                compile_off=s.compile_off, workers_died=s.workers_died, tuning=s.tuning)
     acts = [StopLeftover(ev.leftover_pgid)] if ev.leftover_pgid else []
     workers = [x for x in (s.n_proc_da, ev.n_proc_da) if x is not None]
     s = dataclasses.replace(s, slurm_restarts=ev.slurm_restarts, batch_size=ev.batch_size,
