@@ -16,11 +16,14 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/cardiacseg-train demo
 
+# Two workers (pytest-xdist), each test file on one of them: most tests wait on real processes, so two
+# files at a time take about half the time on 2 cores (measured: docs/development.md). The slowest 15 are listed.
+PYTEST_WORKERS ?= 2
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -ra -m "not e2e"
+	$(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile -m "not e2e"
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/run.py
