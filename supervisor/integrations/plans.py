@@ -83,17 +83,14 @@ def read_batch_size(path: Path, configuration: str) -> int:
 
 def configuration(path: Path, name: str) -> dict:
     """The plans' configuration `name` with its `inherits_from` chain merged, as nnU-Net's PlansManager
-    does (data_identifier, patch_size, previous_stage, ...); PlansError names what is missing."""
-    confs = _load(path)["configurations"]
-    merged, seen = {}, []
-    while name is not None:
-        conf = confs.get(name)
-        if not isinstance(conf, dict) or name in seen:
-            raise PlansError(f"{path}: configuration {name!r} not found (has: {', '.join(confs)})")
-        seen.append(name)
-        merged = {**conf, **merged}
-        name = conf.get("inherits_from")
-    return merged
+    does (data_identifier, patch_size, previous_stage, ...); PlansError names what is missing. The merge is
+    core/batch_fit.configuration's (one declaration of how nnU-Net reads a configuration)."""
+    from supervisor.core import batch_fit
+
+    try:
+        return batch_fit.configuration(_load(path), name)
+    except batch_fit.FitInputError as e:
+        raise PlansError(f"{path}: {e}") from None
 
 
 def set_batch_size(path: Path, configuration: str, new: int) -> tuple[int, Path]:
