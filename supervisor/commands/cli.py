@@ -248,12 +248,12 @@ SUBCOMMANDS = {  # name: (one-line help, description for `name --help`)
     "check": ("preflight: list every problem at once",
               "Test what `run` needs before it starts: the folders and what must be writable, the dataset "
               "and plans, the training command and the trainer class (looked up as nnU-Net does), free space "
-              "for checkpoints, torch's CUDA build against the driver, and the thermal guard. Prints one line "
-              "per finding; exits 2 when anything is fatal, else 0."),
+              "for checkpoints, known-bad versions, RAM and /dev/shm for the workers, the GPUs' health and "
+              "the thermal guard. Prints one line per finding; exits 2 when anything is fatal, else 0."),
     "install-unit": ("install the systemd units, user and /etc config",
                      "Write cardiacseg-train.service and cardiacseg-train@.service pointing at this install, "
-                     "create the service user (as root), and copy the example config to "
-                     "/etc/cardiacseg-train/config.toml unless one is there."),
+                     "create the service user (as root), test as that user that it can run this install (else "
+                     "exit 2, nothing written), and copy the example config to /etc/cardiacseg-train/config.toml."),
     "uninstall-unit": ("move the unit files aside (config and state are kept)",
                        "Move the installed unit files aside; the config and the state directory are kept."),
     "plot": ("draw the progress plot (EMA, per-class Dice, restarts, OOM steps, heat, the stop)",
