@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from supervisor.commands import demo  # noqa: E402
+from supervisor.integrations.store import StateStore  # noqa: E402
 
 
 def one(root: Path, data: Path, device: str, cache: bool) -> dict:
@@ -44,7 +45,7 @@ def one(root: Path, data: Path, device: str, cache: bool) -> dict:
     r = subprocess.run([sys.executable, "-m", "supervisor", "run", "--config", str(cfg)], cwd=REPO,
                        capture_output=True, text=True, timeout=1800)
     wall = time.monotonic() - t0
-    st = json.loads((root / "state" / "state.json").read_text())
+    st = StateStore(root / "state").read() or {}
     times = {e["epoch"]: e.get("epoch_time") for e in st.get("epochs", [])}
     reasons = [a.get("reason") for a in st.get("attempts", [])]
     if r.returncode != 0 or reasons[:1] != ["crash"]:

@@ -8,6 +8,12 @@ real gain on (its own CPU train step takes one).
 """
 import dataclasses
 import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, slowdown
 
 from supervisor.core.actions import SetWorkers
 from supervisor.core.classify import Exit, Reason
@@ -15,6 +21,7 @@ from supervisor.core.diagnose import EpochProfile
 from supervisor.core.events import ChildExited, EpochDone, EpochProfiled, EpochStarted, Start, Tick
 from supervisor.core.policy import decide
 from supervisor.core.record import State, Sup
+from supervisor.integrations.store import StateStore
 from test_policy import cfg, rec
 
 ITERS, STEP_S, MAKE_S = 250, 0.4, 2.4  # a 3d_fullres-like epoch: 250 iterations, one batch takes 2.4 s to make
@@ -129,3 +136,36 @@ def test_the_trial_is_remembered_by_a_new_run_of_the_supervisor():
     s = dataclasses.replace(s, tuning={**s.tuning, "phase": "kept"})
     s2, _ = decide(s, Start(batch_size=2, n_proc_da=4), 99, c)
     assert s2.tuning == s.tuning
+
+
+# ---- real nnU-Net on the CPU: a loader slowed by waits (not by CPU), so two workers overlap them ------------
+@pytest.mark.e2e
+def test_real_nnunet_slowed_loader_gets_a_second_worker_and_keeps_it(tmp_path):
+    """nnUNetTrainerDemoSlowData's augmentation worker sleeps 4 s per sample (a latency, like a network
+    filesystem): one worker keeps the loop waiting most of the epoch (8 s a batch; a CPU train step takes
+    well under that, even on a loaded machine). The daemon's own profiling names it
+    data_loading with idle workers, the policy tries 2 workers at a safe point and keeps them once the
+    median epoch got shorter. A printed line gives the epoch times before and after."""
+    from supervisor.commands import demo
+    from supervisor.commands.status import gather, render
+    from supervisor.config import loader
+
+    demo.make_dataset(tmp_path / "raw")
+    demo.preprocess(tmp_path)
+    cfg_path = demo.demo_config(tmp_path, trainer="nnUNetTrainerDemoSlowData", target=None, crash_at=None,
+                                epochs=6, extra_env={"CARDIACSEG_DEMO_SLOW_DATA_S": "4",
+                                                     "CARDIACSEG_DEMO_ITERS": "2"})
+    cfg_path.write_text(cfg_path.read_text() + "\n[tune]\nmeasure_epochs = 2\nmin_gain = 0.05\n")
+    r = subprocess.run([sys.executable, "-m", "supervisor", "run", "--config", str(cfg_path), "--quiet-trainer"],
+                       cwd=REPO, capture_output=True, text=True, timeout=900 * slowdown())
+    assert r.returncode == 0, r.stderr[-4000:]
+    st = StateStore(tmp_path / "state").read()
+    t = st["sup"]["tuning"]
+    times = [round(e["epoch_time"], 1) for e in st["epochs"]]
+    print(f"\n[tune] real nnU-Net, slowed loader: nnUNet_n_proc_DA {t['from']} -> {t['to']}, median epoch "
+          f"{t['before_s']} s -> {t['after_s']} s: {t['phase']}; epoch times {times}; attempts "
+          f"{[a['reason'] for a in st['attempts']]}")
+    assert (t["from"], t["to"], t["phase"]) == (1, 2, "kept") and t["after_s"] < t["before_s"]
+    assert [a["reason"] for a in st["attempts"]] == ["tuning", "completed"]
+    assert "--c" in st["attempts"][1]["argv"] and st["sup"]["n_proc_da"] == 2
+    assert "tried 1 -> 2" in render(gather(loader.load(cfg_path)))

@@ -10,7 +10,9 @@ augmentation workers, machine-wide CPU and I/O wait from psutil; built by profil
                  (< worker_idle cores each) and the CPUs waited on I/O (>= iowait_fraction);
 3. `data_loading` the loop waited for data for >= data_wait_fraction of the epoch otherwise: workers
                  saturated with free cores (knob: nnUNet_n_proc_DA, sized from the measured wait), or
-                 starved of CPU (every core busy), or idle for another reason. The measured wait decides
+                 starved of CPU (every core busy), or idle for another reason (knob: twice the workers,
+                 to overlap their waits: a suggestion the worker trial measures). Suggestions are capped
+                 by the RAM a worker takes. The measured wait decides
                  before the device: a CPU run whose batches arrive late is data_loading, the CPU device
                  is reported beside it;
 4. `cpu_device`  the trainer computes on the CPU (device cpu, or torch sees no CUDA);
@@ -167,6 +169,12 @@ def _data_verdict(p: EpochProfile, th: Thresholds, figs: dict) -> Verdict:
         free = None
     figs["free_cores"] = free
     saturated = n == 0 or (per_worker is not None and per_worker >= th.worker_busy)
+    ram_cap = None
+    if p.mem_available_mib is not None and p.worker_rss_mib:
+        # each added training worker brings half a validation worker along (nnU-Net starts n/2 of those),
+        # each a copy of its size; 1 GiB stays free for the trainer and the page cache
+        ram_cap = n + int(max(0.0, p.mem_available_mib - RAM_RESERVE_MIB) / (1.5 * p.worker_rss_mib))
+        figs["ram_cap_workers"] = ram_cap
     if saturated and free is not None and free >= 1 and step > 0:
         # batches are produced n/(wait+step) per second of loop; keeping up with the steps needs
         # n*(wait+step)/step workers (for n = 0, the loop itself augments: wait/step workers)
@@ -175,11 +183,8 @@ def _data_verdict(p: EpochProfile, th: Thresholds, figs: dict) -> Verdict:
         cap = n + int(free / max(per_worker or 1.0, 0.5))
         if cores:
             cap = min(cap, cores - max(1, math.ceil(p.cpu_trainer or 1.0)))
-        if p.mem_available_mib is not None and p.worker_rss_mib:
-            # each added training worker brings half a validation worker along (nnU-Net starts n/2 of
-            # those), each a copy of its size; 1 GiB stays free for the trainer and the page cache
-            cap = min(cap, n + int(max(0.0, p.mem_available_mib - RAM_RESERVE_MIB) / (1.5 * p.worker_rss_mib)))
-            figs["ram_cap_workers"] = cap
+        if ram_cap is not None:
+            cap = min(cap, ram_cap)
         if cap <= n:
             return Verdict("data_loading", figs, "more RAM, or fewer other processes", None,
                            f"{head}; {used}: more workers would help but the RAM for them is not free "
@@ -197,9 +202,17 @@ def _data_verdict(p: EpochProfile, th: Thresholds, figs: dict) -> Verdict:
         return Verdict("data_loading", figs, "free CPU cores (stop other jobs), or a machine with more cores",
                        None, f"{head}; {used}, machine {_c(p.cpu_machine)} of {cores} cores busy: the "
                        f"workers are starved of CPU, more workers cannot help{cpu_note}")
-    return Verdict("data_loading", figs, None, None,
-                   f"{head}; {used}: the workers are neither busy nor waiting on a local disk "
-                   f"(a network filesystem, a lock?){cpu_note}")
+    idle_text = (f"{head}; {used}: the workers are neither busy nor waiting on a local disk (a network "
+                 f"filesystem, a lock, a slow decoder?)")
+    # Idle workers wait on something else than a core: more of them overlap the waits, at little CPU. How much
+    # that helps cannot be told from here: it is a suggestion for the trial (core/rules_tune.py) to measure.
+    k = min(max(n + 1, 2 * n), 2 * cores if cores else 2 * n + 1, ram_cap if ram_cap is not None else 2 * n + 1)
+    if n and per_worker is not None and k > n:
+        figs["suggested_workers"] = k
+        return Verdict("data_loading", figs, f"nnUNet_n_proc_DA={k}", None,
+                       f"{idle_text}: more of them may overlap the waits: try nnUNet_n_proc_DA={k} (measured by "
+                       f"the worker trial, [tune] workers){cpu_note}")
+    return Verdict("data_loading", figs, None, None, f"{idle_text}{cpu_note}")
 
 
 def verdict(samples, cfg=None) -> Verdict:
