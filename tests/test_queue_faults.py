@@ -229,3 +229,11 @@ def test_a_real_queue_on_nnunetv2_2_5_starts_the_second_fold_once_the_first_is_p
     assert p.returncode == 0, out[-3000:]
     assert out.index("queue_data_loaded") < out.index("queue_job_started job=3d_fullres/1"), out[-3000:]
     assert "queue_finished summary='2/2 jobs done'" in out
+
+
+def test_npz_data_is_unpacked_by_2_6_and_later_too_so_they_stagger():
+    """nnunetv2 2.8.1's nnUNetDatasetNumpy.unpack_dataset converts .npz cases to .npy at every start: data
+    preprocessed by an older nnunetv2 races as before (the queue master measures the folder: npz_data)."""
+    c = cfg(queue__folds=[0, 1, 2], queue__gpus=["0", "1"])
+    q, acts = start(c, nnunetv2="2.8.1", data=SAME_DATA, npz_data=True)
+    assert q.stagger and launches(acts) == [(K0, "0")]

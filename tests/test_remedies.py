@@ -257,3 +257,26 @@ def test_fake_trainer_workers_dying_twice_get_fewer_workers(job):
     assert [a["reason"] for a in st["attempts"]] == ["workers_died", "workers_died", "completed"]
     assert [(c["old"], c["new"]) for c in st["changes"] if c["what"] == "nnUNet_n_proc_DA"] == [(2, 1)]
     assert st["sup"]["n_proc_da"] == 1
+
+
+def test_a_fault_seen_by_a_run_that_died_mid_stop_is_not_forgotten():
+    """A watchdog kill during the safe-point wait: the next run's health baseline already holds the fault
+    (never reported again), so the state's record decides: not restarted on that GPU."""
+    c = cfg()
+    s, _ = decide(running(c), EpochDone(rec(0, 0.1)), 1, c)
+    s, _ = decide(s, GpuFaults(ECC), 2, c)
+    assert s.state == State.STOP_PENDING
+    s, acts = decide(s, Start(), 3, c)  # the supervisor was SIGKILLed and systemd started it again
+    assert s.state == State.FAILED and s.outcome == "gpu_unhealthy"
+    # after the job ended gpu_unhealthy, a start is the operator's decision: it runs
+    s, _ = decide(s, Start(), 4, c)
+    assert s.state == State.RUNNING and s.gpu_faults == {}
+
+
+def test_a_fault_while_taking_over_another_trainer_ends_unhealthy_instead_of_starting_ours():
+    c = cfg()
+    s, _ = decide(Sup(), Start(others=((4242, "nnUNetv2_train D 3d_fullres 0", "", ""),), take_over=True), 0, c)
+    assert s.taking_over
+    s, _ = decide(s, GpuFaults(ECC), 1, c)
+    s, _ = decide(s, ChildExited(Exit(None)), 2, c)
+    assert s.state == State.FAILED and s.outcome == "gpu_unhealthy"

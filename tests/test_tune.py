@@ -6,7 +6,6 @@ profiles go through the real diagnose.verdict (saturated workers, free cores, th
 and the real policy; only the numbers are made up, since this 2-core machine has no free core to show a
 real gain on (its own CPU train step takes one).
 """
-import dataclasses
 import signal
 import subprocess
 import sys
@@ -130,12 +129,18 @@ def test_a_trial_ended_by_a_host_oom_is_abandoned_for_the_remedy():
     assert s.tuning["phase"] == "abandoned" and s.state == State.RUNNING
 
 
-def test_the_trial_is_remembered_by_a_new_run_of_the_supervisor():
+def test_a_kept_trial_and_its_count_survive_a_new_run_of_the_supervisor():
     c = cfg(tune__measure_epochs=2)
     s, epoch = run_epochs(started(c, 4), c, 10, 0)
-    s = dataclasses.replace(s, tuning={**s.tuning, "phase": "kept"})
-    s2, _ = decide(s, Start(batch_size=2, n_proc_da=4), 99, c)
-    assert s2.tuning == s.tuning
+    s, _ = restart_after_stop(s, c, epoch)
+    s, _ = run_epochs(s, c, 4, epoch)
+    assert s.tuning["phase"] == "kept" and s.n_proc_da == s.tuning["to"]
+    # systemd restarts the supervisor: the environment still says 4, the trial said more
+    s2, _ = decide(s, Start(batch_size=2, n_proc_da=4), 999, c)
+    assert s2.tuning == s.tuning and s2.n_proc_da == s.tuning["to"]
+    # the config changed the count since: the operator's number wins
+    s3, _ = decide(s, Start(batch_size=2, n_proc_da=3), 999, c)
+    assert s3.n_proc_da == 3
 
 
 # ---- real nnU-Net on the CPU: a loader slowed by waits (not by CPU), so two workers overlap them ------------

@@ -18,6 +18,7 @@ class QStart:
     data: tuple = ()              # (key, data group): jobs that read the same preprocessed folder
     past_data_loading: tuple = ()  # keys whose state shows a started epoch (their data is unpacked)
     slot_gpus: tuple = ()         # (slot, (NVML index, ...)) where NVML could tell
+    npz_data: bool = False        # a data group holds .npz cases: nnunetv2 2.6+ converts them to .npy at start too
 
 
 @dataclass(frozen=True)

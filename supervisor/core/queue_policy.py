@@ -154,7 +154,9 @@ def on_start(q: Queue, ev: QStart, now, cfg):
     """skip what is done; adopt the job supervisors still running on their slots; start what fits (one job
     per data group first with nnunetv2 before 2.6)"""
     group_of = {k: g for k, g in ev.data if g}
-    stagger = bool(group_of) and known_bad.unpacks_at_start(ev.nnunetv2)
+    # nnunetv2 2.6+ reads blosc2 in place, but data preprocessed as .npz (by an older nnunetv2) is still
+    # converted to .npy by every trainer at start (nnUNetDatasetNumpy.unpack_dataset): the same race
+    stagger = bool(group_of) and (known_bad.unpacks_at_start(ev.nnunetv2) or ev.npz_data)
     q = dataclasses.replace(q, stagger=stagger, group_of=group_of,
                             loaded=frozenset(group_of[k] for k in ev.past_data_loading if k in group_of),
                             slot_gpus={s: tuple(g) for s, g in ev.slot_gpus})

@@ -27,19 +27,28 @@ MAX_SAID = 400  # characters of the trainer's final error line in the run's last
 def on_start(s: Sup, ev: Start, now, cfg):
     """fresh decision: done, refuse or take over another trainer, --val, wait (backoff/cooling/disk), fit, start"""
     fitted = s.fit  # measured once per GPU, whatever the last run's end
+    # A GPU fault seen by a run that died before its stop finished (watchdog, kill -9) is not forgotten: the
+    # new run's health baseline already holds the fault, so it would never be reported again.
+    faults = s.gpu_faults if s.state in ACTIVE else {}
     if s.state in TERMINAL or s.state in ACTIVE:
         # A new run of the supervisor decides afresh; the budget and what it changed carry over.
         s = Sup(state=s.state, attempt=s.attempt, restart_times=s.restart_times,
                 consecutive_failures=s.consecutive_failures, original_batch_size=s.original_batch_size,
                 n_proc_da=s.n_proc_da, oom_steps=s.oom_steps, paused_total=s.paused_total, restarts=s.restarts,
                 restart_reasons=s.restart_reasons, export_procs=s.export_procs,
-                compile_off=s.compile_off, workers_died=s.workers_died, tuning=s.tuning)
+                compile_off=s.compile_off, workers_died=s.workers_died, tuning=s.tuning, gpu_faults=faults)
     acts = [StopLeftover(ev.leftover_pgid)] if ev.leftover_pgid else []
     workers = [x for x in (s.n_proc_da, ev.n_proc_da) if x is not None]
+    n = min(workers) if workers else None  # an earlier reduction stays
+    t = s.tuning or {}
+    if t.get("phase") == "kept" and s.n_proc_da and ev.n_proc_da == t.get("from"):
+        n = s.n_proc_da  # a kept worker trial stays too (or what a later halving left of it)
     s = dataclasses.replace(s, slurm_restarts=ev.slurm_restarts, batch_size=ev.batch_size,
-                            original_batch_size=s.original_batch_size or ev.batch_size,
-                            n_proc_da=min(workers) if workers else None)  # an earlier reduction stays
+                            original_batch_size=s.original_batch_size or ev.batch_size, n_proc_da=n)
     s = dataclasses.replace(s, fit=fitted, fit_deadline=None)  # a probe of a killed run is not ours to wait for
+    if s.gpu_faults:
+        s, more = remedies.unhealthy(s)
+        return s, acts + more
     if ev.others:
         return _other_trainer(s, ev, now, cfg, acts)
     if ev.final_checkpoint and ev.validation_done:
@@ -254,6 +263,9 @@ def _taken_over(s: Sup, ev: ChildExited, now, cfg):
     if s.stop_asked:  # the operator asked to stop meanwhile: stop, do not start our own
         s, acts = finish(s, State.DONE, "stopped", ExitCode.OK, "the other trainer was stopped; stopped on request")
         return s, [ended, Log("take_over_done", "warning", {"then": "stopped"}), *acts]
+    if s.gpu_faults:  # hardware errors seen while the other trainer was being stopped: not on that GPU
+        s, acts = remedies.unhealthy(s)
+        return s, [ended, Log("take_over_done", "warning", {"then": "gpu_unhealthy"}), *acts]
     s, acts = start_attempt(s, now, cfg, restart=False, cause="take_over")
     return s, [ended, Log("take_over_done", "warning", {"then": "continuing with --c"}), *acts]
 

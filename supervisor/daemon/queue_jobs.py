@@ -134,6 +134,20 @@ def data_group(cfg, j: Job) -> str | None:
     return ident if isinstance(ident, str) else None
 
 
+def npz_data(cfg, jobs) -> bool:
+    """Does a job's preprocessed folder hold .npz cases (written by nnunetv2 before 2.6)? Every trainer then
+    converts them to .npy at start, even nnunetv2 2.6+. Looks at one entry per folder: cheap, never fails."""
+    import itertools
+    for ident in {g for j in jobs if (g := data_group(cfg, j))}:
+        try:
+            folder = cfg.paths.preprocessed / jobmod.dataset_name(cfg) / ident
+            if any(p.suffix == ".npz" for p in itertools.islice(folder.iterdir(), 64)):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def slot_gpus(cfg, slots) -> tuple:
     """((slot, (NVML index, ...)), ...) as a job's supervisor maps its CUDA_VISIBLE_DEVICES (Nvml.select);
     () without NVML (then no job can report an unhealthy GPU either)."""

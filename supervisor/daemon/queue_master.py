@@ -37,7 +37,7 @@ from supervisor.core import queue_policy as qp
 from supervisor.core.actions import Log
 from supervisor.daemon import early_signals
 from supervisor.daemon.queue_jobs import (ENV, job_line, read_state, read_sup, already_done, cascade_findings,  # noqa: F401
-                                          concrete, data_group, exited, job_config, job_configs,
+                                          concrete, data_group, npz_data, exited, job_config, job_configs,
                                           past_data_loading, problems, slot_gpus, start_problems, state_dir,
                                           still_running, version_problems)
 from supervisor.integrations import proc, slurm
@@ -84,7 +84,8 @@ class QueueRunner:
                                            already_done(self.cfg, j)),
                                      tuple((k, slot) for k, (_pid, slot) in running.items()),
                                      self.nnunetv2, tuple((j.key, data_group(self.cfg, j)) for j in self.all),
-                                     tuple(sorted(self.loaded)), slot_gpus(self.cfg, self.q.slots)))
+                                     tuple(sorted(self.loaded)), slot_gpus(self.cfg, self.q.slots),
+                                     npz_data(self.cfg, self.all)))
         self.pump()
         self.notify.ready(self.summary())
         while self.code is None:

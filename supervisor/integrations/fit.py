@@ -99,9 +99,9 @@ class FitChild:
         except (ProcessLookupError, PermissionError):
             pass
         try:
-            self.p.wait(timeout=10)  # SIGKILL: gone at once unless stuck in the driver
+            self.p.wait(timeout=2)  # SIGKILL: gone at once unless stuck in the driver; the loop waits no longer
         except subprocess.TimeoutExpired:
-            pass
+            proc.release(self.p)  # no longer ours to wait for: the loop's zombie reaping collects it when it goes
         return self._finish(killed=self.p.returncode is None or self.p.returncode < 0)
 
     def _finish(self, killed: bool) -> BatchSizeFitted:

@@ -42,7 +42,7 @@ from supervisor.integrations.webhook import DeadlineExceeded, Webhook
 __all__ = ["Notifier", "Webhook", "AppriseTarget", "build", "check_findings", "load_urls", "redact"]
 
 QUEUE_MAX = 100  # messages waiting per target
-FINAL = frozenset({"gave_up", "config_error", "completed", "target_reached", "diverged"})
+FINAL = frozenset({"gave_up", "config_error", "completed", "target_reached", "diverged", "gpu_unhealthy"})
 _STOP = object()
 
 
