@@ -74,10 +74,12 @@ def restart_count(sup: dict) -> tuple[int, dict]:
     return (n if isinstance(n, int) else 0), dict(reasons)
 
 
-def _compile(setting: str, turned_off: bool) -> str:
-    """torch.compile as the next attempt gets it: the config's setting and the policy's remedy."""
+def _compile(setting: str, turned_off: bool, environment: str | None = None) -> str:
+    """torch.compile as the next attempt gets it: the config's setting, [environment], the policy's remedy."""
     if setting == "auto" and turned_off:
         return 'off: turned off after a torch.compile failure (training.compile = "on" compiles again)'
+    if setting == "auto" and environment is not None:
+        return f"nnUNet_compile={environment} ([environment])"
     return {"auto": "nnU-Net's default (on for CUDA since 2.4)", "on": "on (training.compile)",
             "off": "off (training.compile)"}[setting]
 
@@ -214,7 +216,8 @@ def gather(cfg: Config) -> dict:
         "min_batch_size": cfg.oom.min_batch_size,
         "n_proc_da": sup.get("n_proc_da"),
         "batch_fit": sup.get("fit") if isinstance(sup.get("fit"), dict) else None,
-        "compile": _compile(cfg.training.compile, sup.get("compile_off") is True),
+        "compile": _compile(cfg.training.compile, sup.get("compile_off") is True,
+                            cfg.environment.get("nnUNet_compile")),
         "tuning": sup.get("tuning") if isinstance(sup.get("tuning"), dict) else None,
         "gpu_faults": sup.get("gpu_faults") if isinstance(sup.get("gpu_faults"), dict) else {},
         "changes": data.get("changes", []),
