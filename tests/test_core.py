@@ -272,7 +272,10 @@ def test_deadlines_use_the_monotonic_clock(job):
 
 
 @pytest.mark.parametrize("bad", [{"sup": {"state": "exploded"}}, {"sup": {}, "attempts": "oops"},
-                                 {"sup": {"batch_size": "four"}}, {"sup": {"restart_times": [1, "x"]}}])
+                                 {"sup": {"batch_size": "four"}}, {"sup": {"restart_times": [1, "x"]}},
+                                 # records the rules compute with: a trial's times, a fit's headroom
+                                 {"sup": {"tuning": {"phase": "trial", "from": 1, "to": 2, "before_s": "x"}}},
+                                 {"sup": {"fit": {"phase": "probing", "from": 2, "headroom": "lots"}}}])
 def test_a_state_json_with_impossible_fields_is_moved_aside(job, bad):
     """Regression: state: "exploded" or attempts: "oops" made every start exit 1 with a traceback."""
     cfg_path = job.config(env={"FAKE_EPOCHS": "2"})

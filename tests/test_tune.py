@@ -174,3 +174,19 @@ def test_real_nnunet_slowed_loader_gets_a_second_worker_and_keeps_it(tmp_path):
     assert [a["reason"] for a in st["attempts"]] == ["tuning", "completed"]
     assert "--c" in st["attempts"][1]["argv"] and st["sup"]["n_proc_da"] == 2
     assert "tried 1 -> 2" in render(gather(loader.load(cfg_path)))
+
+
+@pytest.mark.parametrize("tuning", [
+    {"phase": "trial", "from": 4, "to": 6, "before_s": "170"},          # a text where seconds are computed with
+    {"phase": "trial", "from": 4, "to": 6, "before_s": float("inf")},
+    {"phase": "trial", "from": True, "to": 6, "before_s": 170.0},
+    {"phase": "trial", "to": 6, "before_s": 170.0},                      # `from` missing: restart() needs it
+    {"phase": "won", "from": 4, "to": 6, "before_s": 170.0},
+])
+def test_a_damaged_trial_record_is_refused_with_the_state_not_crashed_on(tuning):
+    """A hand-edited or damaged state.json: the rules would raise TypeError/KeyError mid-decision (a crash at
+    every start); from_json refuses it instead, and the daemon moves state.json aside (test_core)."""
+    d = Sup(tuning={"phase": "kept", "from": 4, "to": 6, "before_s": 170.0, "after_s": 120.0}).to_json(0, 100)
+    assert Sup.from_json(d, 0, 100).tuning["to"] == 6
+    with pytest.raises(ValueError, match="sup.tuning"):
+        Sup.from_json({**d, "tuning": tuning}, 0, 100)

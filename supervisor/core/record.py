@@ -155,6 +155,8 @@ class Sup:
                     raise ValueError(f"sup.{k}: expected counts")
                 if k == "gpu_faults" and not all(isinstance(t, str) for t in v.values()):
                     raise ValueError(f"sup.{k}: expected GPU -> text")
+                if v is not None and k in _RECORDS and (why := _RECORDS[k](v)):
+                    raise ValueError(f"sup.{k}: {why}")
             elif isinstance(default, bool):
                 if not isinstance(v, bool):
                     raise ValueError(f"sup.{k}: expected true/false, got {v!r}")
@@ -169,3 +171,34 @@ class Sup:
 
 def _num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _tuning_problem(t: dict) -> str | None:
+    """What rules_tune relies on in a worker trial's record (its arithmetic and comparisons)."""
+    if t.get("phase") not in ("trial", "reverting", "kept", "reverted", "abandoned"):
+        return f"phase {t.get('phase')!r} is not a worker trial's"
+    if not (_count(t.get("from")) and _count(t.get("to"))):
+        return "from/to: expected worker counts >= 1"
+    if not _num(t.get("before_s")) or not (t.get("after_s") is None or _num(t.get("after_s"))):
+        return "before_s/after_s: expected seconds"
+    return None
+
+
+def _fit_problem(f: dict) -> str | None:
+    """What rules_fit relies on in a batch-size fit's record (the rest is only shown, by batch_fit.describe)."""
+    if not isinstance(f.get("phase"), str):
+        return "phase: expected a text"
+    if "headroom" in f and not (_num(f["headroom"]) and 0 <= f["headroom"] < 1):
+        return "headroom: expected a fraction in [0, 1)"
+    if any(f.get(k) is not None and not _count(f.get(k)) for k in ("from", "chosen", "upper")):
+        return "from/chosen/upper: expected batch sizes >= 1"
+    if f.get("total_bytes") is not None and not _num(f.get("total_bytes")):
+        return "total_bytes: expected a number"
+    return None
+
+
+_RECORDS = {"tuning": _tuning_problem, "fit": _fit_problem}  # records whose fields the rules compute with
