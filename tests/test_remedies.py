@@ -280,3 +280,20 @@ def test_a_fault_while_taking_over_another_trainer_ends_unhealthy_instead_of_sta
     s, _ = decide(s, GpuFaults(ECC), 1, c)
     s, _ = decide(s, ChildExited(Exit(None)), 2, c)
     assert s.state == State.FAILED and s.outcome == "gpu_unhealthy"
+
+
+@pytest.mark.parametrize("name", ["repeated", "cut_off_tracebacks", "long_traceback", "huge_line", "nul_bytes"])
+def test_a_hostile_workers_died_tail_is_judged_in_bounded_time(name):
+    """The workers' message in tails built to make the traceback walk slow or confused: judged the same
+    (nothing else in them), in well under a second."""
+    import time
+    w = "RuntimeError: One or more background workers are no longer alive. Exiting."
+    tb = "Traceback (most recent call last):\n"
+    tail = {"repeated": (tb + "  x\n" + w + "\n") * 3000,
+            "cut_off_tracebacks": (tb + "  x\n") * 3000 + w + "\n",
+            "long_traceback": tb + "  x\n" * 60000 + w + "\n",
+            "huge_line": tb + "  " + "x" * 5_000_000 + "\n" + w + "\n",
+            "nul_bytes": (tb + "  \0\n" + w + "\0\n") * 2000}[name]
+    t = time.perf_counter()
+    assert classify(Exit(1, tail)) == Reason.WORKERS_DIED
+    assert time.perf_counter() - t < 2.0
