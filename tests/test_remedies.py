@@ -297,3 +297,12 @@ def test_a_hostile_workers_died_tail_is_judged_in_bounded_time(name):
     t = time.perf_counter()
     assert classify(Exit(1, tail)) == Reason.WORKERS_DIED
     assert time.perf_counter() - t < 2.0
+
+
+def test_the_next_trainers_environment_is_the_policys_decision():
+    from supervisor.core.criteria import trainer_overrides
+    s = Sup(n_proc_da=2, compile_off=True, export_procs=4)
+    assert trainer_overrides(s, cfg()) == {"nnUNet_n_proc_DA": "2", "nnUNet_compile": "f", "nnUNet_def_n_proc": "4"}
+    # compile forced on again in config.toml (the revert): the remedy no longer applies
+    assert "nnUNet_compile" not in trainer_overrides(s, cfg(training__compile="on"))
+    assert trainer_overrides(Sup(), cfg()) == {}

@@ -8,6 +8,7 @@ policy.decide calls these; nothing here does I/O or reads a clock (the caller pa
 - `thermal_verdict`: one temperature poll against [thermal] (hysteresis, stop, sensor loss, lost GPU);
 - `next_batch_size`, `step_sequence`: the CUDA OOM step-down;
 - `choose_resume`: which checkpoint `--c` resumes from, and which are moved aside;
+- `trainer_overrides`: what the policy changed in the next trainer's environment (workers, compile, export);
 - `space_needed`: the free space the next checkpoint save needs (check, the disk-full wait, the docs);
 - `signal_meaning`: what a signal to the supervisor asks for, inside or outside a SLURM job;
 - `slurm_job_ending`: whether SLURM already ends the job (a requeue would undo a user's scancel).
@@ -56,6 +57,20 @@ def stop_time_left(s, now: float, cfg) -> float | None:
 
 
 NNUNET_EXPORT_PROCS = 8  # nnunetv2.configuration.default_num_processes without nnUNet_def_n_proc
+
+
+def trainer_overrides(s, cfg) -> dict[str, str]:
+    """What the policy changed in the next trainer's environment: the augmentation workers (a host OOM, dead
+    workers, a worker trial), torch.compile (off after a compile failure, while training.compile is auto),
+    the export processes of the final validation (halved after a hang)."""
+    out = {}
+    if s.n_proc_da:
+        out["nnUNet_n_proc_DA"] = str(s.n_proc_da)
+    if s.compile_off and cfg.training.compile == "auto":
+        out["nnUNet_compile"] = "f"
+    if s.export_procs:
+        out["nnUNet_def_n_proc"] = str(s.export_procs)
+    return out
 
 
 def fewer_export_procs(current: int | None, cfg) -> int:

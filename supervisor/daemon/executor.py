@@ -23,6 +23,7 @@ from supervisor.config import job
 from supervisor.config.loader import ConfigError, load
 from supervisor.config.reload import plan_reload
 from supervisor.core import actions as A
+from supervisor.core import criteria
 from supervisor.core.classify import Exit
 from supervisor.core.events import (ActionFailed, BatchSizeFitted, BatchSizeSet, CheckpointsInspected, ChildExited,
                                     DiskSpace, Reconfigured, Requeued, SlurmJobState)
@@ -99,13 +100,8 @@ class Executor:
                "epoch_start": (last.epoch + 1) if last else 0, "epoch_reached": None, "log": None}
         self.attempts.append(rec)
         argv = job.build_argv(self.cfg, resume=act.resume) + (["--val"] if act.validate_only else [])
-        overrides = {proc.ATTEMPT_ENV: proc.attempt_marker(self.cfg.paths.state_dir, n)}
-        if self.sup.n_proc_da:
-            overrides["nnUNet_n_proc_DA"] = str(self.sup.n_proc_da)
-        if self.sup.compile_off and self.cfg.training.compile == "auto":  # turned off after a compile failure
-            overrides["nnUNet_compile"] = "f"
-        if self.sup.export_procs:  # lowered after a hung final validation
-            overrides["nnUNet_def_n_proc"] = str(self.sup.export_procs)
+        overrides = {proc.ATTEMPT_ENV: proc.attempt_marker(self.cfg.paths.state_dir, n),
+                     **criteria.trainer_overrides(self.sup, self.cfg)}
         log_path = job.attempt_log(self.cfg, n)
         profile_path = log_path.with_suffix(".profile.jsonl")  # the launcher's per-epoch timings
         overrides["CARDIACSEG_PROFILE_FILE"] = str(profile_path)
