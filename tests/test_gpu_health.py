@@ -157,3 +157,17 @@ def test_the_measurement_reads_this_machine_and_the_plans(job, plans_ok):
     assert m.workers == 4 and m.val_workers == 2 and m.available_bytes > 0
     # conftest's plans: batch size 2, patch 48^3, one channel (+ the target)
     assert m.batch_bytes == (2 * 2 * 48 ** 3 * 4 if plans_ok else None)
+
+
+@pytest.mark.parametrize("conf", [{"batch_size": 0, "patch_size": [48, 48, 48]},
+                                  {"batch_size": True, "patch_size": [48, 48, 48]},
+                                  {"batch_size": 2, "patch_size": [2 ** 40, 48, 48]},
+                                  {"batch_size": 2, "patch_size": ["48", 48, 48]}])
+def test_a_hostile_plans_file_gives_no_estimate_not_a_crash(job, conf):
+    import json
+    doc = json.loads(job.plans.read_text())
+    doc["configurations"]["3d_fullres"] = conf
+    job.plans.write_text(json.dumps(doc))
+    c = load(job.config(), env={})
+    assert worker_memory.batch_bytes(c) is None
+    assert [lvl for lvl, _ in worker_memory.check_findings(c)]  # RAM and /dev/shm are still reported

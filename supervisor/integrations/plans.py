@@ -58,6 +58,11 @@ def _load(path: Path) -> dict:
     return doc
 
 
+def load(path: Path) -> dict:
+    """The plans file as a document with a 'configurations' object; PlansError says what is wrong."""
+    return _load(path)
+
+
 def read_batch_size(path: Path, configuration: str) -> int:
     doc = _load(path)
     confs = doc["configurations"]

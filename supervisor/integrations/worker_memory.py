@@ -54,15 +54,17 @@ class Memory:
 
 def batch_bytes(cfg) -> int | None:
     """One training batch of the configuration, data and target, as float32."""
-    from supervisor.integrations.plans import PlansError, configuration
+    from supervisor.core import batch_fit  # the plans' batch and patch size, checked once for every reader
+    from supervisor.integrations.plans import PlansError, load
+
     try:
-        conf = configuration(job.plans_file(cfg), cfg.training.configuration)
+        plans, name = load(job.plans_file(cfg)), cfg.training.configuration
+        bs, voxels = batch_fit.batch_size(plans, name), math.prod(batch_fit.patch_size(plans, name))
         channels = len(json.loads((job.plans_file(cfg).parent / "dataset.json").read_text())
                        .get("channel_names") or {"0": ""})
-        voxels = math.prod(int(x) for x in conf["patch_size"])
-        return int(conf["batch_size"]) * (channels + 1) * voxels * 4
-    except (PlansError, OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (PlansError, OSError, ValueError, AttributeError):  # FitInputError is a ValueError
         return None
+    return bs * (channels + 1) * voxels * 4
 
 
 def measure(cfg) -> Memory:
