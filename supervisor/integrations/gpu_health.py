@@ -166,17 +166,12 @@ def check_findings(nvml, indices: list[int]) -> list[tuple[str, str]]:
 
 
 def open_for(cfg, nvml) -> GpuHealth | None:
-    """The health watch of the GPUs the training uses ([thermal] gpus, else as CUDA will number them), or
-    None without NVML or off CUDA."""
-    from supervisor.config import job
-
+    """The health watch of the GPUs the training uses (the thermal guard's: Nvml.training_gpus), or None
+    without NVML, off CUDA, or when they cannot be told (the thermal guard, if on, says why)."""
     if nvml is None or cfg.training.device != "cuda":
         return None
-    listed = [int(g) for g in cfg.thermal.gpus if g.isdigit() and int(g) < nvml.count]
-    if listed:
-        return GpuHealth(nvml, listed)
-    idx, why = nvml.select(job.build_env(cfg).get("CUDA_VISIBLE_DEVICES"), cfg.training.num_gpus)
-    return GpuHealth(nvml, idx) if idx and not why else None
+    idx, why = nvml.training_gpus(cfg)
+    return GpuHealth(nvml, idx) if not why else None
 
 
 def config_findings(cfg) -> list[tuple[str, str]]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from supervisor.config import job
+
 # Clock-event (throttle) reason bits, from nvml.h.
 THROTTLE_BITS = {0x1: "gpu_idle", 0x2: "applications_clocks", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
                  0x10: "sync_boost", 0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake",
@@ -126,6 +128,20 @@ class Nvml:
         name = self._get(self.nv.nvmlDeviceGetName, h)
         mem = self._get(self.nv.nvmlDeviceGetMemoryInfo, h)
         return _s(uuid), _s(name) if name else None, int(mem.total) if mem is not None else None
+
+    def training_gpus(self, cfg) -> tuple[list[int], str | None]:
+        """NVML indices of the GPUs this job trains on, for the watchers (thermal guard, health): [thermal]
+        gpus when listed, else CUDA_VISIBLE_DEVICES as CUDA will number them; ([], the problem) when that
+        cannot be told."""
+        if cfg.thermal.gpus:
+            bad = [g for g in cfg.thermal.gpus if not g.isdigit() or int(g) >= self.count]
+            if bad:
+                return [], f"thermal.gpus: {bad} are not NVML indices 0..{self.count - 1}"
+            return [int(g) for g in cfg.thermal.gpus], None
+        idx, why = self.select(job.build_env(cfg).get("CUDA_VISIBLE_DEVICES"), cfg.training.num_gpus)
+        if why or not idx:
+            return [], f"thermal.gpus: {why or 'no GPU found'}; list them explicitly"
+        return idx, None
 
     def read(self, index: int) -> Reading:
         nv = self.nv

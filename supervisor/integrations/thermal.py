@@ -19,7 +19,6 @@ import subprocess
 import time
 from pathlib import Path
 
-from supervisor.config import job
 from supervisor.config.loader import Config, ConfigError
 from supervisor.core.events import Readings
 from supervisor.integrations import proc
@@ -142,15 +141,9 @@ class ThermalGuard:
             raise ConfigError(cfg.path, [f"thermal.enabled: NVML is not available ({Nvml.open_error()}); "
                                          "install the NVIDIA driver, or set [thermal] enabled = false, "
                                          'or source = "command"'])
-        if cfg.thermal.gpus:
-            bad = [g for g in cfg.thermal.gpus if not g.isdigit() or int(g) >= nvml.count]
-            if bad:
-                raise ConfigError(cfg.path, [f"thermal.gpus: {bad} are not NVML indices 0..{nvml.count - 1}"])
-            idx = [int(g) for g in cfg.thermal.gpus]
-        else:
-            idx, why = nvml.select(job.build_env(cfg).get("CUDA_VISIBLE_DEVICES"), cfg.training.num_gpus)
-            if why or not idx:
-                raise ConfigError(cfg.path, [f"thermal.gpus: {why or 'no GPU found'}; list them explicitly"])
+        idx, why = nvml.training_gpus(cfg)
+        if why:
+            raise ConfigError(cfg.path, [why])
         return cls(cfg, NvmlSource(nvml, idx, cfg.thermal.poll_seconds), log)
 
     def configure(self, cfg: Config) -> None:
