@@ -171,3 +171,16 @@ def test_a_hostile_plans_file_gives_no_estimate_not_a_crash(job, conf):
     c = load(job.config(), env={})
     assert worker_memory.batch_bytes(c) is None
     assert [lvl for lvl, _ in worker_memory.check_findings(c)]  # RAM and /dev/shm are still reported
+
+
+def test_the_watched_gpus_are_the_listed_ones_or_cudas_and_a_bad_list_is_named():
+    """Nvml.training_gpus: one choice for the thermal guard and the health watch."""
+    nv = Nvml.open(HealthNvml([healthy(bus=b"00000000:02:00.0"), healthy(bus=b"00000000:01:00.0")]))
+    assert nv.training_gpus(cfg(thermal__gpus=["1"])) == ([1], None)
+    idx, why = nv.training_gpus(cfg(thermal__gpus=["0", "7"]))
+    assert idx == [] and why == "thermal.gpus: ['7'] are not NVML indices 0..1"
+    # not listed: CUDA's numbering (PCI bus order): CUDA device 0 is NVML index 1 here
+    assert nv.training_gpus(cfg(environment__CUDA_VISIBLE_DEVICES="0")) == ([1], None)
+    assert nv.training_gpus(cfg(environment__CUDA_VISIBLE_DEVICES="5"))[1].startswith("thermal.gpus: CUDA_VISIBLE")
+    assert gpu_health.open_for(cfg(training__device="cuda", thermal__gpus=["0", "7"]), nv) is None
+    assert gpu_health.open_for(cfg(training__device="cuda", thermal__gpus=["1"]), nv).indices == [1]
