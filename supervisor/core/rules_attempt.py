@@ -296,11 +296,9 @@ def _after(s: Sup, reason: Reason, now, cfg, said: str = "", log: str | None = N
         return finish(s, State.FAILED, "config_error", ExitCode.CONFIG,
                       "the trainer reported a configuration error" + (f": {said}" if said else "")
                       + (f"; its whole output is in {log}" if log else "") + "; restarting cannot help", "error")
-    found = remedies.remedy(s, reason, now, cfg, said)
-    if found is not None:
-        s, acts = found
-        if acts is not None:
-            return s, acts
+    s, acts = remedies.remedy(s, reason, now, cfg, said)
+    if acts is not None:
+        return s, acts
     if reason in (Reason.THERMAL_STOP, Reason.SENSOR_LOST):
         s, ch = transition(s, State.COOLING, reason, {"resume_below": cfg.thermal.resume_celsius, "temps": s.temps},
                            cool_deadline=now + cfg.thermal.max_pause_minutes * 60)

@@ -2,7 +2,7 @@
 a plain restart cannot fix, and what a GPU's hardware errors mean.
 
 Each function is pure, like every rule: (sup, ..., monotonic now, config in force) -> (sup', actions), and
-moves the job only through transition.py. rules_attempt._after calls `remedy()` first; None means "no
+moves the job only through transition.py. rules_attempt._after calls `remedy()` first; no actions mean "no
 remedy applies: restart or give up as for any crash".
 
 - torch.compile failed (Reason.COMPILE_ERROR: inductor, dynamo, Triton, no C compiler; nnU-Net compiles
@@ -49,9 +49,10 @@ ADVICE = {
 
 
 def remedy(s: Sup, reason: Reason, now, cfg, said: str):
-    """(sup', actions) when a remedy applies to an attempt that ended for `reason`; (sup', None) when none
-    does but the record changed; None when none does. Called once the outcomes that end the job anyway
-    (done, diverged, a configuration error, preempted) are out of the way."""
+    """(sup', actions) when a remedy applies to an attempt that ended for `reason`, else (sup', None): no
+    remedy, restart or give up as for any crash (sup' may count what the remedy watches for). Called once
+    the outcomes that end the job anyway (done, diverged, a configuration error, preempted) are out of the
+    way."""
     if s.gpu_faults:
         return unhealthy(s)  # whatever ended the attempt, it is not restarted on a GPU with hardware errors
     if reason == Reason.TUNING:
@@ -65,7 +66,7 @@ def remedy(s: Sup, reason: Reason, now, cfg, said: str):
         if s.workers_died >= 2 and (s.n_proc_da or 1) > 1:
             return _fewer_workers(s, reason, now, cfg)
         return s, None  # the first time: a plain (counted) restart
-    return None
+    return s, None
 
 
 def _compile_off(s: Sup, now, cfg, said: str):
