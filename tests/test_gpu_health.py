@@ -184,3 +184,17 @@ def test_the_watched_gpus_are_the_listed_ones_or_cudas_and_a_bad_list_is_named()
     assert nv.training_gpus(cfg(environment__CUDA_VISIBLE_DEVICES="5"))[1].startswith("thermal.gpus: CUDA_VISIBLE")
     assert gpu_health.open_for(cfg(training__device="cuda", thermal__gpus=["0", "7"]), nv) is None
     assert gpu_health.open_for(cfg(training__device="cuda", thermal__gpus=["1"]), nv).indices == [1]
+
+
+def test_a_flood_of_xid_events_is_drained_in_bounded_steps_per_poll():
+    fake = HealthNvml([healthy()])
+    watch = gpu_health.GpuHealth(Nvml.open(fake), [0])
+    fake.queued = [(31, 0)] * 1000 + [(79, 0)]  # a program's Xids flooding, then the hardware's
+    polls, t = 0, 0.0
+    while True:
+        ev = watch.poll(t)
+        polls, t = polls + 1, t + gpu_health.POLL_S
+        if ev is not None:
+            break
+    assert len(fake.queued) == 0 and polls == 1000 // 64 + 1  # at most 64 a poll: the loop is never held
+    assert ev.faults == (("0", "Xid 79 (GPU fell off the bus)"),)

@@ -306,3 +306,11 @@ def test_the_next_trainers_environment_is_the_policys_decision():
     # compile forced on again in config.toml (the revert): the remedy no longer applies
     assert "nnUNet_compile" not in trainer_overrides(s, cfg(training__compile="on"))
     assert trainer_overrides(Sup(), cfg()) == {}
+
+
+def test_a_compile_that_fails_on_a_full_disk_is_a_full_disk_not_compile_off():
+    """The inductor/Triton caches live in the state dir: ENOSPC while compiling waits for room (disk_full)
+    instead of turning compile off for good."""
+    tail = ("torch._inductor.exc.InductorError: OSError: [Errno 28] No space left on device: "
+            "'/var/lib/cardiacseg-train/compile-cache/inductor/fxgraph/ab/tmp'\n")
+    assert classify(Exit(1, tail)) == Reason.DISK_FULL

@@ -190,3 +190,18 @@ def test_a_damaged_trial_record_is_refused_with_the_state_not_crashed_on(tuning)
     assert Sup.from_json(d, 0, 100).tuning["to"] == 6
     with pytest.raises(ValueError, match="sup.tuning"):
         Sup.from_json({**d, "tuning": tuning}, 0, 100)
+
+
+def test_a_stop_asked_while_the_trial_waits_for_its_safe_point_stops_instead_of_restarting():
+    from supervisor.core.events import Signalled
+    c = cfg(tune__measure_epochs=2)
+    s, epoch = started(c, 4), 0
+    while s.state == State.RUNNING and epoch < 10:
+        r, prof = slowed_epoch(epoch, s.n_proc_da)
+        s, _ = decide(s, EpochDone(r), epoch, c)
+        s, _ = decide(s, EpochProfiled(prof), epoch, c)
+        epoch += 1
+    assert s.state == State.STOP_PENDING and s.stop_reason == Reason.TUNING
+    s, _ = decide(s, Signalled("SIGTERM"), epoch, c)  # systemctl stop, at the worst moment
+    s, acts = decide(s, ChildExited(Exit(-signal.SIGINT)), epoch + 1, c)
+    assert s.state == State.DONE and s.outcome == "stopped" and not any(isinstance(a, SetWorkers) for a in acts)
